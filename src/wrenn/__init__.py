@@ -1,0 +1,1 @@
+"""Wrenn Python SDK."""

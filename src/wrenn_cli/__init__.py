@@ -1,0 +1,1 @@
+"""The `wrenn` command line."""

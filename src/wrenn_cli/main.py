@@ -1,0 +1,17 @@
+"""`wrenn` command: runs the platform (server, images) and drives it (capsule, snapshot)."""
+
+from __future__ import annotations
+
+import typer
+
+from wrenn_cli.client import capsule_app, snapshot_app
+from wrenn_cli.platform import images_app, server
+
+app = typer.Typer(help="Wrenn: self-hosted microVM sandboxes (capsules).", no_args_is_help=True)
+app.command("server")(server)
+app.add_typer(images_app, name="images")
+app.add_typer(capsule_app, name="capsule")
+app.add_typer(snapshot_app, name="snapshot")
+
+if __name__ == "__main__":
+    app()

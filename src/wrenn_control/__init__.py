@@ -1,0 +1,1 @@
+"""Control plane: the Wrenn REST API, auth, database, lifecycle and reaper."""

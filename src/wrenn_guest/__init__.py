@@ -1,0 +1,1 @@
+"""Guest agent: runs inside every capsule on the guest's own python3 (standard library only)."""

@@ -1,0 +1,1 @@
+"""Host agent: drives the VMM, disks and snapshots on one machine."""

@@ -1,0 +1,206 @@
+"""The host agent's interface, as the control plane sees it.
+
+The control plane never touches a VM: it calls these methods. In single-machine mode the
+implementation is `wrenn_host.agent.LocalHostAgent`, in the same process; a remote agent would
+implement the same class over RPC.
+
+Capsule and template records (teams, names, statuses) belong to the control plane; the host agent
+only knows ids and the files/processes behind them. Template ids are opaque strings chosen by the
+control plane (built-in templates use their name: ``minimal``, ``base-python``).
+
+Errors: every method raises a subclass of `HostAgentError`.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import AsyncIterator
+from typing import Any
+
+
+class HostAgentError(Exception):
+    """Base of every host agent failure. `code` follows the guest protocol's codes where it can."""
+
+    code = "agent_error"
+
+    def __init__(self, message: str, *, code: str | None = None):
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+
+class CapsuleNotFound(HostAgentError):
+    code = "not_found"
+
+
+class TemplateNotFound(HostAgentError):
+    code = "not_found"
+
+
+class InvalidShape(HostAgentError):
+    """vcpus/memory_mb outside what this host can give."""
+
+    code = "invalid"
+
+
+class GuestError(HostAgentError):
+    """The guest agent answered with an error (code as in the guest protocol: not_found,
+    is_directory, not_directory, exists, permission_denied, invalid, no_such_process, ...)."""
+
+
+class VMMError(HostAgentError):
+    """The VMM failed (start, restore, pause): the capsule may be unusable."""
+
+    code = "vmm_error"
+
+
+@dataclasses.dataclass(frozen=True)
+class CapsuleRuntime:
+    """What the host agent knows of one capsule."""
+
+    capsule_id: str
+    state: str  # "running" | "paused"
+    template_id: str
+    vcpus: int
+    memory_mb: int
+    metadata: dict[str, str] = dataclasses.field(default_factory=dict)  # kernel_version, vmm_version, agent_version
+
+
+@dataclasses.dataclass(frozen=True)
+class TemplateRuntime:
+    template_id: str
+    vcpus: int
+    memory_mb: int
+    size_bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecResult:
+    stdout: bytes
+    stderr: bytes
+    exit_code: int
+    duration_ms: int
+    timed_out: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessInfo:
+    pid: int
+    tag: str
+    cmd: str
+    args: list[str]
+    running: bool
+    exit_code: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamEvent:
+    """One event of an attached process: kind is "stdout", "stderr" or "exit"."""
+
+    kind: str
+    data: bytes = b""
+    exit_code: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ReconcileReport:
+    running: list[str]  # capsule ids whose VM is alive and answering
+    paused: list[str]  # capsule ids with a complete paused state on disk
+    lost: list[str]  # capsule ids found on disk that could not be recovered (files removed)
+
+
+class HostAgent(abc.ABC):
+    @abc.abstractmethod
+    async def start(self, known: dict[str, str]) -> ReconcileReport:
+        """Start the agent and reconcile. `known` maps capsule id -> status the control plane
+        believes. Capsules on disk that `known` does not list are cleaned up."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Stop background work. Running capsules keep running (they survive a server restart)."""
+
+    @abc.abstractmethod
+    def health(self) -> dict[str, Any]:
+        """{"accelerator": "kvm"|"tcg", "vmm": "qemu 7.2", "capsules": n, ...}"""
+
+    @abc.abstractmethod
+    def limits(self) -> dict[str, int]:
+        """{"max_vcpus": n, "max_memory_mb": n, "min_memory_mb": n}"""
+
+    # lifecycle
+    @abc.abstractmethod
+    async def create(self, capsule_id: str, template_id: str, vcpus: int | None, memory_mb: int | None) -> CapsuleRuntime:
+        """Create and start a capsule from a template; returns once the guest agent answers.
+        For a snapshot template, vcpus/memory_mb must be None or equal to the template's."""
+
+    @abc.abstractmethod
+    async def pause(self, capsule_id: str) -> None: ...
+
+    @abc.abstractmethod
+    async def resume(self, capsule_id: str) -> CapsuleRuntime: ...
+
+    @abc.abstractmethod
+    async def destroy(self, capsule_id: str) -> None:
+        """Remove everything the capsule owns. Unknown id: no error (idempotent)."""
+
+    @abc.abstractmethod
+    async def get(self, capsule_id: str) -> CapsuleRuntime: ...
+
+    # templates
+    @abc.abstractmethod
+    async def snapshot(self, capsule_id: str, template_id: str) -> TemplateRuntime:
+        """Make a template from a running or paused capsule; the capsule is left paused."""
+
+    @abc.abstractmethod
+    async def delete_template(self, template_id: str) -> None: ...
+
+    @abc.abstractmethod
+    def builtin_templates(self) -> list[TemplateRuntime]: ...
+
+    # commands and processes
+    @abc.abstractmethod
+    async def exec(self, capsule_id: str, cmd: str, args: list[str], *, envs: dict[str, str] | None = None,
+                   cwd: str | None = None, timeout_sec: float = 30) -> ExecResult: ...
+
+    @abc.abstractmethod
+    async def spawn(self, capsule_id: str, cmd: str, args: list[str], *, envs: dict[str, str] | None = None,
+                    cwd: str | None = None, tag: str | None = None) -> ProcessInfo: ...
+
+    @abc.abstractmethod
+    async def processes(self, capsule_id: str) -> list[ProcessInfo]: ...
+
+    @abc.abstractmethod
+    async def kill(self, capsule_id: str, target: int | str, signal: str = "SIGKILL") -> None: ...
+
+    @abc.abstractmethod
+    def attach(self, capsule_id: str, target: int | str) -> AsyncIterator[StreamEvent]: ...
+
+    # files
+    @abc.abstractmethod
+    async def read_file(self, capsule_id: str, path: str) -> bytes: ...
+
+    @abc.abstractmethod
+    def read_file_stream(self, capsule_id: str, path: str) -> AsyncIterator[bytes]: ...
+
+    @abc.abstractmethod
+    async def write_file(self, capsule_id: str, path: str, data: bytes | AsyncIterator[bytes]) -> int: ...
+
+    @abc.abstractmethod
+    async def list_dir(self, capsule_id: str, path: str, depth: int = 1) -> list[dict[str, Any]]: ...
+
+    @abc.abstractmethod
+    async def stat(self, capsule_id: str, path: str) -> dict[str, Any]: ...
+
+    @abc.abstractmethod
+    async def mkdir(self, capsule_id: str, path: str) -> dict[str, Any]: ...
+
+    @abc.abstractmethod
+    async def remove(self, capsule_id: str, path: str) -> None: ...
+
+    @abc.abstractmethod
+    async def metrics(self, capsule_id: str) -> dict[str, Any]: ...

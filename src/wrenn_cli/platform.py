@@ -1,0 +1,85 @@
+"""`wrenn server` and `wrenn images`: run the platform on this machine."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+console = Console(stderr=True)
+images_app = typer.Typer(help="Build the guest kernel and template images.", no_args_is_help=True)
+
+REQUIRED_TOOLS = ("qemu-system-x86_64", "qemu-img", "debootstrap", "mkfs.ext4", "lz4", "cpio", "busybox")
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("WRENN_DATA_DIR") or Path.home() / ".local" / "share" / "wrenn")
+
+
+def _check_tools() -> None:
+    missing = [t for t in REQUIRED_TOOLS if shutil.which(t) is None]
+    if missing:
+        console.print(f"[red]missing host tools:[/] {', '.join(missing)}\n"
+                      "install them with: apt-get install -y qemu-system-x86 qemu-utils debootstrap "
+                      "e2fsprogs lz4 cpio busybox-static file")
+        raise typer.Exit(1)
+
+
+def _build_images(force: bool) -> None:
+    from wrenn_images import builder
+
+    _check_tools()
+    if not force and builder.is_built():
+        console.print(f"images are up to date in {builder.cache_dir()} (nothing to do)")
+        return
+    with console.status("building images") as status:
+        def progress(msg: str) -> None:
+            status.update(msg)
+            console.log(msg)
+
+        try:
+            kernel, roots = builder.build_all(force=force, progress=progress)
+        except builder.BuildError as e:
+            console.print(f"[red]image build failed:[/] {e}")
+            raise typer.Exit(1) from e
+    console.print(f"kernel {kernel.version}; templates: {', '.join(roots)} in {builder.cache_dir()}")
+
+
+@images_app.command("build")
+def images_build(
+    force: Annotated[bool, typer.Option("--force", help="Rebuild even if the cache is up to date.")] = False,
+) -> None:
+    """Build the guest kernel and the `minimal` and `base-python` root filesystems.
+
+    Artifacts go to $WRENN_CACHE_DIR (default ~/.cache/wrenn), keyed by a hash of their recipe:
+    a second run is a no-op. Template snapshots are made from them when the server starts."""
+    _build_images(force)
+
+
+def server(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+    data_dir: Annotated[Path | None, typer.Option(
+        help="Where the database, capsules and snapshots live [default: $WRENN_DATA_DIR or ~/.local/share/wrenn].")] = None,
+) -> None:
+    """Run the whole platform on this machine: REST API + host agent, SQLite in the data directory.
+
+    On first start it creates a default team and prints an API key once (or registers
+    $WRENN_BOOTSTRAP_API_KEY). Missing images are built first."""
+    from wrenn_control.config import Settings
+    from wrenn_control.server import run
+    from wrenn_host.agent import LocalHostAgent
+
+    data_dir = (data_dir or default_data_dir()).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    _build_images(force=False)
+    agent = LocalHostAgent(data_dir)
+    with console.status("preparing template snapshots (first start boots each template once)"):
+        asyncio.run(agent.prepare())
+    console.print(f"accelerator: {agent.accel}; data: {data_dir}")
+    run(host, port, Settings(data_dir=data_dir), agent)

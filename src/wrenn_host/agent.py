@@ -1,0 +1,449 @@
+"""The local host agent: capsules as QEMU microVMs restored from template snapshots.
+
+A capsule directory holds everything the capsule owns on disk (disk overlay, memory file, device
+state while paused, logs, meta.json); its sockets live in a short run directory. The presence of the
+`state` file means "paused, restorable"; a live QEMU found by pidfile means "running".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import signal as _signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from wrenn_host import api
+from wrenn_host.api import CapsuleNotFound, GuestError, HostAgentError, InvalidShape, TemplateNotFound, VMMError
+from wrenn_host.guest import GuestClient
+from wrenn_host.paths import HostPaths
+from wrenn_host.templates import BuiltinTemplates, TemplateSnapshot, make_overlay_seed, qemu_img, sparse_copy
+from wrenn_host.vmm.accel import choose_accelerator
+from wrenn_host.vmm.qemu import QemuMachine, qemu_version
+from wrenn_images import builder
+
+log = logging.getLogger(__name__)
+
+AGENT_CONNECT_TIMEOUT_S = 30.0
+
+
+@dataclasses.dataclass
+class CapsuleMeta:
+    """What describes a capsule on this host (persisted as meta.json)."""
+
+    capsule_id: str
+    template_id: str
+    template_dir: str
+    vcpus: int
+    memory_mb: int
+    kernel_version: str
+    agent_version: str = ""
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(dataclasses.asdict(self)))
+        tmp.rename(path)
+
+    @classmethod
+    def load(cls, path: Path) -> CapsuleMeta:
+        return cls(**json.loads(path.read_text()))
+
+
+class Capsule:
+    """What a capsule holds while this process knows it: its machine and guest connection."""
+
+    def __init__(self, meta: CapsuleMeta, snapshot: TemplateSnapshot):
+        self.meta = meta
+        self.snapshot = snapshot  # fixes the machine spec for every restore
+        self.machine: QemuMachine | None = None
+        self.guest: GuestClient | None = None
+        self.lock = asyncio.Lock()  # one lifecycle operation at a time
+
+    @property
+    def id(self) -> str:
+        return self.meta.capsule_id
+
+
+class LocalHostAgent(api.HostAgent):
+    def __init__(self, data_dir: Path):
+        self.paths = HostPaths(Path(data_dir) / "host")
+        self._capsules: dict[str, Capsule] = {}
+        self._accel: str | None = None
+        self._builtin: BuiltinTemplates | None = None
+        self._vmm_version = ""
+
+    # ------------------------------------------------------------------ setup
+
+    @property
+    def accel(self) -> str:
+        if self._accel is None:
+            kernel = builder.build_kernel()
+            self._accel = choose_accelerator(kernel.vmlinux, kernel.initrd, builder.cache_dir() / "accel.json")
+        return self._accel
+
+    @property
+    def builtin(self) -> BuiltinTemplates:
+        if self._builtin is None:
+            self._builtin = BuiltinTemplates(self.accel, self.paths.run)
+        return self._builtin
+
+    async def prepare(self, shapes: list[tuple[str, int, int]] | None = None) -> None:
+        """Build what capsules need before serving: images and the default-shape snapshots."""
+        await asyncio.to_thread(builder.build_all)
+        for name, vcpus, mem in shapes or [(n, 1, 512) for n in self.builtin.names]:
+            await self.builtin.get(name, vcpus, mem)
+
+    async def start(self, known: dict[str, str]) -> api.ReconcileReport:
+        self._vmm_version = await asyncio.to_thread(qemu_version)
+        return await self._reconcile(known)
+
+    async def close(self) -> None:
+        # Capsules keep running across a server restart; only our connections go.
+        for cap in list(self._capsules.values()):
+            if cap.guest is not None:
+                await cap.guest.close()
+                cap.guest = None
+
+    def health(self) -> dict[str, Any]:
+        running = sum(1 for c in self._capsules.values() if c.machine is not None and c.machine.is_alive())
+        return {"accelerator": self.accel, "vmm": f"qemu {self._vmm_version}".strip(),
+                "capsules_running": running, "capsules_known": len(self._capsules)}
+
+    def limits(self) -> dict[str, int]:
+        total_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024)
+        return {"max_vcpus": os.cpu_count() or 1, "min_memory_mb": 128,
+                "max_memory_mb": max(128, (total_mb * 3 // 4) // 64 * 64)}
+
+    # ------------------------------------------------------------------ reconcile
+
+    async def _reconcile(self, known: dict[str, str]) -> api.ReconcileReport:
+        """Match capsule directories with what the control plane believes; nothing is dropped
+        silently: unknown leftovers are removed and reported lost."""
+        running, paused, lost = [], [], []
+        for d in sorted(self.paths.capsules.iterdir()):
+            cid = d.name
+            cap = self._load_capsule(cid)
+            if cap is None or cid not in known:
+                await self._kill_leftover(cid)
+                self._remove_files(cid)
+                lost.append(cid)
+                continue
+            machine = QemuMachine.adopt(cap.snapshot.spec, self.paths.machine_files(cid))
+            if machine is not None:
+                cap.machine = machine
+                try:
+                    cap.guest = await GuestClient.connect_unix(str(machine.files.agent), timeout=5)
+                    await cap.guest.wait_ready(timeout=10)
+                    self._capsules[cid] = cap
+                    running.append(cid)
+                    continue
+                except Exception as e:  # alive but unreachable: it cannot serve anything
+                    log.warning("capsule %s: agent unreachable after restart: %s", cid, e)
+                    await machine.kill()
+            if self.paths.capsule_state(cid).exists():
+                self._capsules[cid] = cap
+                paused.append(cid)
+            else:
+                self._remove_files(cid)
+                lost.append(cid)
+        for d in self.paths.templates.iterdir():
+            if d.name.startswith("."):  # an interrupted snapshot
+                shutil.rmtree(d, ignore_errors=True)
+            else:
+                self._sweep_template(d)
+        # Stray socket directories from builds or capsules that are gone.
+        for d in self.paths.run.iterdir():
+            if d.name not in self._capsules:
+                shutil.rmtree(d, ignore_errors=True)
+        return api.ReconcileReport(running=running, paused=paused, lost=lost)
+
+    def _load_capsule(self, cid: str) -> Capsule | None:
+        try:
+            meta = CapsuleMeta.load(self.paths.capsule_meta(cid))
+            return Capsule(meta, TemplateSnapshot.load(Path(meta.template_dir)))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    async def _kill_leftover(self, cid: str) -> None:
+        files = self.paths.machine_files(cid)
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(files.pidfile.read_text().strip())
+            if str(files.memory).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, _signal.SIGKILL)
+                for _ in range(200):
+                    if not Path(f"/proc/{pid}").exists():
+                        break
+                    await asyncio.sleep(0.01)
+
+    def _remove_files(self, cid: str) -> None:
+        shutil.rmtree(self.paths.capsule_dir(cid), ignore_errors=True)
+        shutil.rmtree(self.paths.capsule_run_dir(cid), ignore_errors=True)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def _template(self, template_id: str, vcpus: int | None, memory_mb: int | None) -> TemplateSnapshot:
+        if template_id in self.builtin.names:
+            vcpus, memory_mb = vcpus or 1, memory_mb or 512
+            self._check_shape(vcpus, memory_mb)
+            return await self.builtin.get(template_id, vcpus, memory_mb)
+        d = self.paths.template_dir(template_id)
+        if not (d / "meta.json").exists() or (d / "deleted").exists():
+            raise TemplateNotFound(f"template {template_id} not found")
+        snap = TemplateSnapshot.load(d)
+        if (vcpus not in (None, snap.spec.vcpus)) or (memory_mb not in (None, snap.spec.memory_mb)):
+            raise InvalidShape(f"template {template_id} is a snapshot with {snap.spec.vcpus} vCPU and "
+                               f"{snap.spec.memory_mb} MiB; it cannot be started with another shape")
+        return snap
+
+    def _check_shape(self, vcpus: int, memory_mb: int) -> None:
+        lim = self.limits()
+        if not 1 <= vcpus <= lim["max_vcpus"]:
+            raise InvalidShape(f"vcpus must be between 1 and {lim['max_vcpus']} on this host")
+        if not lim["min_memory_mb"] <= memory_mb <= lim["max_memory_mb"]:
+            raise InvalidShape(f"memory_mb must be between {lim['min_memory_mb']} and {lim['max_memory_mb']}")
+
+    async def create(self, capsule_id: str, template_id: str, vcpus: int | None = None,
+                     memory_mb: int | None = None) -> api.CapsuleRuntime:
+        if capsule_id in self._capsules or self.paths.capsule_dir(capsule_id).exists():
+            raise HostAgentError(f"capsule {capsule_id} already exists", code="exists")
+        snap = await self._template(template_id, vcpus, memory_mb)
+        meta = CapsuleMeta(capsule_id, template_id, str(snap.dir), snap.spec.vcpus, snap.spec.memory_mb,
+                           snap.kernel_version)
+        cap = Capsule(meta, snap)
+        self._capsules[capsule_id] = cap
+        async with cap.lock:
+            try:
+                files = self.paths.machine_files(capsule_id)
+                files.disk.parent.mkdir(parents=True)
+                files.agent.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(snap.overlay_seed, files.disk)
+                await asyncio.to_thread(sparse_copy, snap.memory, files.memory)
+                meta.save(self.paths.capsule_meta(capsule_id))
+                await self._restore(cap, snap.state)
+            except BaseException:
+                await self._teardown(cap)
+                raise
+        return self._runtime(cap)
+
+    async def _restore(self, cap: Capsule, state: Path) -> None:
+        """Start the machine from `state`, reconnect the guest agent, push identity + clock."""
+        machine = QemuMachine(cap.snapshot.spec, self.paths.machine_files(cap.id))
+        cap.machine = machine
+        await machine.restore(state)
+        try:
+            cap.guest = await GuestClient.connect_unix(str(machine.files.agent), timeout=AGENT_CONNECT_TIMEOUT_S)
+            info, _ = await cap.guest.call(
+                "identity", capsule_id=cap.id, hostname=cap.id,
+                seed=base64.b64encode(os.urandom(64)).decode(), time_ns=time.time_ns())
+            if not cap.meta.agent_version:
+                pong, _ = await cap.guest.call("ping")
+                cap.meta.agent_version = str(pong.get("version", ""))
+                cap.meta.save(self.paths.capsule_meta(cap.id))
+        except Exception as e:
+            raise VMMError(f"guest agent did not answer after restore: {e}: {machine.log_tail()}") from e
+
+    async def pause(self, capsule_id: str) -> None:
+        cap = self._get(capsule_id)
+        async with cap.lock:
+            await self._pause_locked(cap)
+
+    async def _pause_locked(self, cap: Capsule) -> None:
+        if cap.machine is None or not cap.machine.is_alive():
+            if self.paths.capsule_state(cap.id).exists():
+                return  # already paused
+            raise VMMError(f"capsule {cap.id} has no running VM")
+        if cap.guest is not None:
+            await cap.guest.close()
+            cap.guest = None
+        await cap.machine.save(self.paths.capsule_state(cap.id))
+        cap.machine = None
+
+    async def resume(self, capsule_id: str) -> api.CapsuleRuntime:
+        cap = self._get(capsule_id)
+        async with cap.lock:
+            state = self.paths.capsule_state(capsule_id)
+            if cap.machine is not None and cap.machine.is_alive():
+                return self._runtime(cap)
+            if not state.exists():
+                raise VMMError(f"capsule {capsule_id} has no paused state to resume")
+            try:
+                await self._restore(cap, state)
+            except BaseException:
+                if cap.machine is not None:
+                    await cap.machine.kill()
+                    cap.machine = None
+                raise
+            # The guest now runs on and changes the memory file: the old state no longer matches it.
+            state.unlink()
+        return self._runtime(cap)
+
+    async def destroy(self, capsule_id: str) -> None:
+        cap = self._capsules.get(capsule_id)
+        if cap is None:
+            await self._kill_leftover(capsule_id)
+            self._remove_files(capsule_id)
+            return
+        async with cap.lock:
+            await self._teardown(cap)
+
+    async def _teardown(self, cap: Capsule) -> None:
+        """Release everything, in order: guest connection, VMM process, files, sockets."""
+        if cap.guest is not None:
+            with contextlib.suppress(Exception):
+                await cap.guest.close()
+            cap.guest = None
+        if cap.machine is not None:
+            await cap.machine.kill()
+            cap.machine = None
+        else:
+            await self._kill_leftover(cap.id)
+        self._remove_files(cap.id)
+        self._capsules.pop(cap.id, None)
+        self._sweep_template(Path(cap.meta.template_dir))
+
+    async def get(self, capsule_id: str) -> api.CapsuleRuntime:
+        return self._runtime(self._get(capsule_id))
+
+    def _get(self, capsule_id: str) -> Capsule:
+        cap = self._capsules.get(capsule_id)
+        if cap is None:
+            raise CapsuleNotFound(f"capsule {capsule_id} not found on this host")
+        return cap
+
+    def _runtime(self, cap: Capsule) -> api.CapsuleRuntime:
+        running = cap.machine is not None and cap.machine.is_alive()
+        metadata = {"kernel_version": cap.meta.kernel_version, "vmm_version": f"qemu {self._vmm_version}".strip(),
+                    "agent_version": cap.meta.agent_version, "accelerator": cap.snapshot.spec.accel}
+        return api.CapsuleRuntime(cap.id, "running" if running else "paused", cap.meta.template_id,
+                                  cap.meta.vcpus, cap.meta.memory_mb, metadata)
+
+    def _guest(self, capsule_id: str) -> GuestClient:
+        cap = self._get(capsule_id)
+        if cap.guest is None or cap.machine is None:
+            raise HostAgentError(f"capsule {capsule_id} is not running", code="invalid_state")
+        return cap.guest
+
+    def rss_bytes(self, capsule_id: str) -> int:
+        cap = self._get(capsule_id)
+        return cap.machine.rss_bytes() if cap.machine else 0
+
+    # ------------------------------------------------------------------ templates
+
+    async def snapshot(self, capsule_id: str, template_id: str) -> api.TemplateRuntime:
+        cap = self._get(capsule_id)
+        dest = self.paths.template_dir(template_id)
+        async with cap.lock:
+            await self._pause_locked(cap)
+            work = dest.with_name(f".{template_id}.tmp")
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir()
+            try:
+                files = self.paths.machine_files(capsule_id)
+                # Flatten the disk so the template does not depend on the capsule's backing chain.
+                await asyncio.to_thread(qemu_img, "convert", "-O", "qcow2", str(files.disk), str(work / "disk.qcow2"))
+                await asyncio.to_thread(sparse_copy, files.memory, work / "memory")
+                shutil.copyfile(self.paths.capsule_state(capsule_id), work / "state")
+                await asyncio.to_thread(make_overlay_seed, work / "disk.qcow2", dest / "disk.qcow2",
+                                        work / "overlay.qcow2")
+                TemplateSnapshot(template_id, work, cap.snapshot.spec, cap.meta.kernel_version).save_meta()
+                if dest.exists():  # overwrite: running capsules keep their own copies
+                    shutil.rmtree(dest)
+                work.rename(dest)
+            except BaseException:
+                shutil.rmtree(work, ignore_errors=True)
+                raise
+        snap = TemplateSnapshot.load(dest)
+        return api.TemplateRuntime(template_id, snap.spec.vcpus, snap.spec.memory_mb, snap.size_bytes())
+
+    async def delete_template(self, template_id: str) -> None:
+        if template_id in self.builtin.names:
+            raise HostAgentError("built-in templates cannot be deleted", code="forbidden")
+        d = self.paths.template_dir(template_id)
+        if not (d / "meta.json").exists() or (d / "deleted").exists():
+            raise TemplateNotFound(f"template {template_id} not found")
+        # Capsules made from it use its disk as their overlay's backing file: keep the files until
+        # the last of them is destroyed (the marker hides the template meanwhile).
+        (d / "deleted").touch()
+        self._sweep_template(d)
+
+    def _sweep_template(self, d: Path) -> None:
+        if (d / "deleted").exists() and not any(c.meta.template_dir == str(d) for c in self._capsules.values()):
+            shutil.rmtree(d, ignore_errors=True)
+
+    def builtin_templates(self) -> list[api.TemplateRuntime]:
+        return [api.TemplateRuntime(name, 1, 512, 0) for name in self.builtin.names]
+
+    # ------------------------------------------------------------------ commands
+
+    async def exec(self, capsule_id: str, cmd: str, args: list[str], *, envs: dict[str, str] | None = None,
+                   cwd: str | None = None, timeout_sec: float = 30) -> api.ExecResult:
+        res, payload = await self._guest(capsule_id).call(
+            "exec", cmd=cmd, args=list(args), envs=envs or {}, cwd=cwd, timeout_sec=timeout_sec)
+        n = res["stdout_len"]
+        return api.ExecResult(stdout=payload[:n], stderr=payload[n:n + res["stderr_len"]], exit_code=res["exit_code"],
+                              duration_ms=res["duration_ms"], timed_out=bool(res.get("timed_out")))
+
+    async def spawn(self, capsule_id: str, cmd: str, args: list[str], *, envs: dict[str, str] | None = None,
+                    cwd: str | None = None, tag: str | None = None) -> api.ProcessInfo:
+        res, _ = await self._guest(capsule_id).call("spawn", cmd=cmd, args=list(args), envs=envs or {}, cwd=cwd, tag=tag)
+        return api.ProcessInfo(pid=res["pid"], tag=res["tag"], cmd=cmd, args=list(args), running=True, exit_code=None)
+
+    async def processes(self, capsule_id: str) -> list[api.ProcessInfo]:
+        res, _ = await self._guest(capsule_id).call("ps")
+        return [api.ProcessInfo(pid=p["pid"], tag=p["tag"], cmd=p["cmd"], args=p.get("args", []),
+                                running=p.get("running", True), exit_code=p.get("exit_code"))
+                for p in res["processes"]]
+
+    async def kill(self, capsule_id: str, target: int | str, signal: str = "SIGKILL") -> None:
+        await self._guest(capsule_id).call("kill", target=target, signal=signal)
+
+    async def attach(self, capsule_id: str, target: int | str) -> AsyncIterator[api.StreamEvent]:
+        async for header, payload in self._guest(capsule_id).stream("attach", target=target):
+            if header.get("type") == "data":
+                yield api.StreamEvent(header.get("stream", "stdout"), payload)
+            elif header.get("type") == "result":
+                yield api.StreamEvent("exit", exit_code=header.get("exit_code"))
+
+    # ------------------------------------------------------------------ files
+
+    async def read_file(self, capsule_id: str, path: str) -> bytes:
+        return b"".join([chunk async for chunk in self.read_file_stream(capsule_id, path)])
+
+    async def read_file_stream(self, capsule_id: str, path: str) -> AsyncIterator[bytes]:
+        async for header, payload in self._guest(capsule_id).stream("file_read", path=path):
+            if header.get("type") == "data":
+                yield payload
+
+    async def write_file(self, capsule_id: str, path: str, data: bytes | AsyncIterator[bytes]) -> int:
+        res = await self._guest(capsule_id).upload("file_write", data, path=path)
+        return int(res.get("size", 0))
+
+    async def list_dir(self, capsule_id: str, path: str, depth: int = 1) -> list[dict[str, Any]]:
+        res, _ = await self._guest(capsule_id).call("list", path=path, depth=depth)
+        return res["entries"]
+
+    async def stat(self, capsule_id: str, path: str) -> dict[str, Any]:
+        res, _ = await self._guest(capsule_id).call("stat", path=path)
+        return res["entry"]
+
+    async def mkdir(self, capsule_id: str, path: str) -> dict[str, Any]:
+        res, _ = await self._guest(capsule_id).call("mkdir", path=path)
+        return res["entry"]
+
+    async def remove(self, capsule_id: str, path: str) -> None:
+        await self._guest(capsule_id).call("remove", path=path)
+
+    async def metrics(self, capsule_id: str) -> dict[str, Any]:
+        res, _ = await self._guest(capsule_id).call("metrics")
+        return res
+
+
+__all__ = ["LocalHostAgent", "GuestError"]

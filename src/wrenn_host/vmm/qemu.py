@@ -1,0 +1,274 @@
+"""QEMU `microvm` driver: cold boot, restore from files, pause to files, stop.
+
+The boundary is deliberately narrow (boot / restore / save / kill) so a Firecracker driver can sit
+beside it. Guest memory is always a file (`memory-backend-file,share=on`): pausing writes only the
+device state (~60 KB) because the memory is already on disk, and restoring maps the same file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+from qemu.qmp import QMPClient
+
+from wrenn_host.api import VMMError
+
+log = logging.getLogger(__name__)
+
+AGENT_PORT = "wrenn.agent"
+
+
+@dataclasses.dataclass(frozen=True)
+class MachineSpec:
+    """Everything that must be identical between a save and a restore of the same guest."""
+
+    vcpus: int
+    memory_mb: int
+    kernel: Path
+    initrd: Path
+    cmdline: str
+    accel: str  # "kvm" | "tcg"
+
+
+@dataclasses.dataclass(frozen=True)
+class MachineFiles:
+    """Per-machine files. Sockets live in a short run directory (unix socket paths max 107 bytes)."""
+
+    disk: Path  # qcow2 overlay
+    memory: Path  # guest RAM, sparse file
+    qmp: Path
+    agent: Path  # host end of the guest agent's virtio-serial port
+    serial_log: Path
+    qemu_log: Path
+    pidfile: Path
+
+
+def qemu_version() -> str:
+    import subprocess
+
+    out = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True).stdout
+    return out.split("\n", 1)[0].removeprefix("QEMU emulator version ").split(" ")[0]
+
+
+def build_argv(spec: MachineSpec, files: MachineFiles, *, incoming: bool) -> list[str]:
+    mem = f"{spec.memory_mb}M"
+    argv = [
+        "qemu-system-x86_64",
+        "-M", f"microvm,accel={spec.accel},acpi=on,pit=off,pic=off,rtc=on,isa-serial=on",
+        "-cpu", "host" if spec.accel == "kvm" else "max",
+        "-smp", str(spec.vcpus),
+        "-m", mem,
+        "-object", f"memory-backend-file,id=mem,size={mem},mem-path={files.memory},share=on",
+        "-machine", "memory-backend=mem",
+        "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+        "-kernel", str(spec.kernel), "-initrd", str(spec.initrd), "-append", spec.cmdline,
+        "-serial", f"file:{files.serial_log}",
+        "-drive", f"id=root,file={files.disk},format=qcow2,if=none,cache=unsafe,discard=unmap",
+        "-device", "virtio-blk-device,drive=root",
+        "-device", "virtio-serial-device",
+        "-chardev", f"socket,id=agent,path={files.agent},server=on,wait=off",
+        "-device", f"virtserialport,chardev=agent,name={AGENT_PORT}",
+        "-device", "virtio-rng-device",
+        "-qmp", f"unix:{files.qmp},server=on,wait=off",
+        "-pidfile", str(files.pidfile),
+    ]
+    if incoming:
+        # x-ignore-shared cannot be set on the command line in 7.2: defer, then set it over QMP.
+        argv += ["-incoming", "defer"]
+    return argv
+
+
+class QemuMachine:
+    """One QEMU process. `__init__` records; boot()/restore() spawn; save()/kill() end it."""
+
+    def __init__(self, spec: MachineSpec, files: MachineFiles, pid: int | None = None):
+        self.spec = spec
+        self.files = files
+        self.pid = pid
+        self._proc: asyncio.subprocess.Process | None = None
+
+    # -------------------------------------------------------------- start
+
+    async def _spawn(self, *, incoming: bool) -> None:
+        for sock in (self.files.qmp, self.files.agent):
+            with contextlib.suppress(FileNotFoundError):
+                sock.unlink()
+        argv = build_argv(self.spec, self.files, incoming=incoming)
+        logf = open(self.files.qemu_log, "ab")
+        try:
+            # Own session: QEMU must outlive a restart of the server (capsules keep running).
+            self._proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True
+            )
+        finally:
+            logf.close()
+        self.pid = self._proc.pid
+
+    async def _qmp(self, timeout: float = 10.0) -> QMPClient:
+        qmp = QMPClient(f"qemu-{self.pid}")
+        deadline = time.monotonic() + timeout
+        while True:
+            if not self.is_alive():
+                raise VMMError(f"QEMU exited during start: {self.log_tail()}")
+            try:
+                await qmp.connect(str(self.files.qmp))
+                return qmp
+            except (OSError, Exception) as e:  # the socket appears a few ms after spawn
+                if time.monotonic() > deadline:
+                    raise VMMError(f"QMP did not come up: {e}") from e
+                await asyncio.sleep(0.003)
+
+    async def boot(self) -> None:
+        """Cold boot (used only to build template snapshots)."""
+        await self._spawn(incoming=False)
+        qmp = await self._qmp()
+        await qmp.disconnect()
+
+    async def restore(self, state: Path, timeout: float = 30.0) -> None:
+        """Start QEMU and load device state from `state`; guest RAM comes from the memory file."""
+        await self._spawn(incoming=True)
+        qmp = await self._qmp()
+        try:
+            await qmp.execute("migrate-set-capabilities",
+                              {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
+            await qmp.execute("migrate-incoming", {"uri": f"exec:cat {_shell_quote(state)}"})
+            deadline = time.monotonic() + timeout
+            while (await qmp.execute("query-status"))["status"] == "inmigrate":
+                if time.monotonic() > deadline:
+                    raise VMMError("restore timed out")
+                await asyncio.sleep(0.002)
+            status = (await qmp.execute("query-status"))["status"]
+            if status not in ("paused", "postmigrate", "prelaunch", "running"):
+                raise VMMError(f"restore failed (status {status}): {self.log_tail()}")
+            await qmp.execute("cont")
+        except VMMError:
+            raise
+        except Exception as e:
+            raise VMMError(f"restore failed: {e}: {self.log_tail()}") from e
+        finally:
+            with contextlib.suppress(Exception):
+                await qmp.disconnect()
+
+    # -------------------------------------------------------------- stop
+
+    async def save(self, state: Path, timeout: float = 60.0) -> None:
+        """Pause: stop vCPUs, write device state to `state`, flush the disk, quit. Memory is
+        already in the memory file (shared mapping), so only ~60 KB are written here."""
+        tmp = state.with_suffix(".tmp")
+        qmp = await self._qmp()
+        try:
+            await qmp.execute("stop")
+            await qmp.execute("migrate-set-capabilities",
+                              {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
+            await qmp.execute("migrate", {"uri": f"exec:cat > {_shell_quote(tmp)}"})
+            deadline = time.monotonic() + timeout
+            while True:
+                info = await qmp.execute("query-migrate")
+                if info.get("status") == "completed":
+                    break
+                if info.get("status") in ("failed", "cancelled"):
+                    raise VMMError(f"pause failed: {info.get('error-desc', info)}")
+                if time.monotonic() > deadline:
+                    raise VMMError("pause timed out")
+                await asyncio.sleep(0.002)
+            with contextlib.suppress(Exception):
+                await qmp.execute("quit")
+        except VMMError:
+            # Leave the VM stopped but alive: the caller decides (resume it with cont, or kill).
+            with contextlib.suppress(Exception):
+                await qmp.execute("cont")
+            raise
+        finally:
+            with contextlib.suppress(Exception):
+                await qmp.disconnect()
+        await self._wait_exit(5.0)
+        # The memory file is written through the shared mapping; make it durable before we say
+        # "paused", then publish the state file (its presence means "a complete pause").
+        _fsync(self.files.memory)
+        _fsync(tmp)
+        tmp.rename(state)
+
+    async def kill(self) -> None:
+        """Forced stop; safe to call twice or on a dead machine."""
+        if self.pid is None:
+            return
+        if self.is_alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+        await self._wait_exit(5.0)
+
+    async def _wait_exit(self, timeout: float) -> None:
+        if self._proc is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._proc.wait(), timeout)
+        else:  # adopted after a restart: not our child, poll
+            deadline = time.monotonic() + timeout
+            while self.is_alive() and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+        if self.is_alive():
+            raise VMMError(f"QEMU pid {self.pid} did not exit")
+        with contextlib.suppress(FileNotFoundError):
+            self.files.pidfile.unlink()
+
+    # -------------------------------------------------------------- inspection
+
+    def is_alive(self) -> bool:
+        if self.pid is None:
+            return False
+        if self._proc is not None and self._proc.returncode is not None:
+            return False
+        try:
+            with open(f"/proc/{self.pid}/stat") as f:
+                return f.read().split(") ", 1)[1][0] != "Z"
+        except (FileNotFoundError, IndexError):
+            return False
+
+    @classmethod
+    def adopt(cls, spec: MachineSpec, files: MachineFiles) -> QemuMachine | None:
+        """Find a QEMU left running by an earlier server process (by pidfile + command line)."""
+        try:
+            pid = int(files.pidfile.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            return None
+        if str(files.memory).encode() not in cmdline:
+            return None
+        machine = cls(spec, files, pid=pid)
+        return machine if machine.is_alive() else None
+
+    def rss_bytes(self) -> int:
+        try:
+            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return 0
+
+    def log_tail(self, n: int = 1500) -> str:
+        parts = []
+        for f in (self.files.qemu_log, self.files.serial_log):
+            with contextlib.suppress(OSError):
+                parts.append(f.read_bytes()[-n:].decode(errors="replace").strip())
+        return " | ".join(p for p in parts if p) or "(no output)"
+
+
+def _shell_quote(p: Path) -> str:
+    import shlex
+
+    return shlex.quote(str(p))
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

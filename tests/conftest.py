@@ -1,0 +1,119 @@
+"""Shared fixtures. VM fixtures boot real microVMs (TCG here); they are session-scoped because a
+template snapshot is built once and every capsule restores from it."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import pytest_asyncio
+
+
+def qemu_pids(marker: str | Path) -> list[int]:
+    """QEMU processes whose command line mentions `marker` (a data dir or capsule id)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes()
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        if cmd.startswith(b"qemu-system") and str(marker).encode() in cmd and ") Z" not in stat:
+            pids.append(int(d.name))
+    return pids
+
+
+def kill_qemus(marker: str | Path) -> None:
+    for pid in qemu_pids(marker):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest_asyncio.fixture(scope="session")
+async def host_agent(tmp_path_factory):
+    from wrenn_host.agent import LocalHostAgent
+
+    data_dir = tmp_path_factory.mktemp("host")
+    agent = LocalHostAgent(data_dir)
+    await agent.prepare([("minimal", 1, 512)])
+    await agent.start({})
+    yield agent
+    for cid in list(agent._capsules):
+        try:
+            await agent.destroy(cid)
+        except Exception:
+            pass
+    await agent.close()
+    kill_qemus(data_dir)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclasses.dataclass
+class ServerHandle:
+    base_url: str
+    api_key: str
+    data_dir: Path
+    port: int
+    proc: subprocess.Popen | None = None
+    log: Path | None = None
+
+    def start(self) -> None:
+        env = dict(os.environ, WRENN_BOOTSTRAP_API_KEY=self.api_key)
+        self.log = self.data_dir / "server.log"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "wrenn_cli.main", "server", "--port", str(self.port),
+             "--data-dir", str(self.data_dir)],
+            env=env, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 900  # a first start builds images and template snapshots
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"wrenn server exited: {self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.base_url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("wrenn server did not come up")
+
+    def stop(self) -> None:
+        """Stop the server process only: capsules keep running, as after a real restart."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def client(self, api_key: str | None = None) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, headers={"X-API-Key": api_key or self.api_key}, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def wrenn_server(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("server")
+    port = _free_port()
+    handle = ServerHandle(f"http://127.0.0.1:{port}/api", "wrn_" + secrets.token_hex(16), data_dir, port)
+    handle.start()
+    yield handle
+    handle.stop()
+    kill_qemus(data_dir)

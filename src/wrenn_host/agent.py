@@ -237,10 +237,13 @@ class LocalHostAgent(api.HostAgent):
         """Start the machine from `state`, reconnect the guest agent, push identity + clock."""
         machine = QemuMachine(cap.snapshot.spec, self.paths.machine_files(cap.id))
         cap.machine = machine
-        await machine.restore(state)
-        try:
+
+        async def connect_agent() -> None:
             cap.guest = await GuestClient.connect_unix(str(machine.files.agent), timeout=AGENT_CONNECT_TIMEOUT_S)
-            info, _ = await cap.guest.call(
+
+        await machine.restore(state, before_cont=connect_agent)
+        try:
+            await cap.guest.call(
                 "identity", capsule_id=cap.id, hostname=cap.id,
                 seed=base64.b64encode(os.urandom(64)).decode(), time_ns=time.time_ns())
             if not cap.meta.agent_version:
@@ -260,11 +263,13 @@ class LocalHostAgent(api.HostAgent):
             if self.paths.capsule_state(cap.id).exists():
                 return  # already paused
             raise VMMError(f"capsule {cap.id} has no running VM")
+        # The agent channel stays connected through the save, so the snapshot holds a guest that
+        # believes its host is there: restore reconnects before the vCPUs run (see _restore).
+        await cap.machine.save(self.paths.capsule_state(cap.id))
+        cap.machine = None
         if cap.guest is not None:
             await cap.guest.close()
             cap.guest = None
-        await cap.machine.save(self.paths.capsule_state(cap.id))
-        cap.machine = None
 
     async def resume(self, capsule_id: str) -> api.CapsuleRuntime:
         cap = self._get(capsule_id)

@@ -154,9 +154,10 @@ async def boot_snapshot(template_id: str, dir: Path, spec: MachineSpec, base_dis
             await guest.wait_ready(timeout=BOOT_TIMEOUT_S)
             # Settle: let boot-time work finish so every clone starts from a quiet guest.
             await guest.call("exec", cmd="/bin/sync", args=[], timeout_sec=30)
+            # Saved while connected: clones reconnect before they run and never see a hang-up.
+            await machine.save(work / "state")
         finally:
             await guest.close()
-        await machine.save(work / "state")
         make_overlay_seed(files.disk, dir / "disk.qcow2", work / "overlay.qcow2")
         for f in (files.serial_log, files.qemu_log):
             f.unlink(missing_ok=True)

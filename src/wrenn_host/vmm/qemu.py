@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from qemu.qmp import QMPClient
@@ -131,8 +132,12 @@ class QemuMachine:
         qmp = await self._qmp()
         await qmp.disconnect()
 
-    async def restore(self, state: Path, timeout: float = 30.0) -> None:
-        """Start QEMU and load device state from `state`; guest RAM comes from the memory file."""
+    async def restore(self, state: Path, timeout: float = 30.0,
+                      before_cont: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Start QEMU and load device state from `state`; guest RAM comes from the memory file.
+
+        `before_cont` runs once the device state is loaded and before the vCPUs start: connecting
+        the guest agent channel there means the guest never sees its host side disconnected."""
         await self._spawn(incoming=True)
         qmp = await self._qmp()
         try:
@@ -147,6 +152,8 @@ class QemuMachine:
             status = (await qmp.execute("query-status"))["status"]
             if status not in ("paused", "postmigrate", "prelaunch", "running"):
                 raise VMMError(f"restore failed (status {status}): {self.log_tail()}")
+            if before_cont is not None:
+                await before_cont()
             await qmp.execute("cont")
         except VMMError:
             raise

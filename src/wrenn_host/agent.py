@@ -243,12 +243,11 @@ class LocalHostAgent(api.HostAgent):
 
         await machine.restore(state, before_cont=connect_agent)
         try:
-            await cap.guest.call(
+            ident, _ = await cap.guest.call(
                 "identity", capsule_id=cap.id, hostname=cap.id,
                 seed=base64.b64encode(os.urandom(64)).decode(), time_ns=time.time_ns())
             if not cap.meta.agent_version:
-                pong, _ = await cap.guest.call("ping")
-                cap.meta.agent_version = str(pong.get("version", ""))
+                cap.meta.agent_version = str(ident.get("version", ""))
                 cap.meta.save(self.paths.capsule_meta(cap.id))
         except Exception as e:
             raise VMMError(f"guest agent did not answer after restore: {e}: {machine.log_tail()}") from e

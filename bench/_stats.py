@@ -1,0 +1,15 @@
+"""Small helpers shared by the benchmarks."""
+
+from __future__ import annotations
+
+import statistics
+
+
+def pct(values: list[float], p: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
+
+
+def summary(name: str, values_ms: list[float]) -> str:
+    return (f"{name:<34} n={len(values_ms):<4} p50={statistics.median(values_ms):8.2f} ms  "
+            f"p95={pct(values_ms, 95):8.2f} ms  min={min(values_ms):8.2f} ms")

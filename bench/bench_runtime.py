@@ -1,0 +1,128 @@
+"""Host agent runtime benchmark: create, exec round trip, pause/resume, density.
+
+Prints: create->exec-ready from template (p50/p95), pause and resume times, state file size,
+exec round trips (guest ping, `true`), RSS per idle capsule, and how many idle 512 MiB capsules
+fit in this host's memory (measured on --density capsules, extrapolated to MemTotal).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import secrets
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _stats import summary  # noqa: E402
+
+from wrenn_host.agent import LocalHostAgent  # noqa: E402
+
+
+def meminfo() -> dict[str, int]:
+    out = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        k, v = line.split(":")
+        out[k] = int(v.split()[0]) * 1024
+    return out
+
+
+def new_id() -> str:
+    return "cl-" + secrets.token_hex(13)[:25]
+
+
+async def main(args: argparse.Namespace) -> None:
+    data = Path(tempfile.mkdtemp(prefix="wrenn-bench-"))
+    agent = LocalHostAgent(data)
+    await agent.prepare([("minimal", 1, 512)])
+    await agent.start({})
+    print(f"accelerator: {agent.accel}")
+    ids: list[str] = []
+    try:
+        # create -> exec-ready (create returns once the guest agent has answered)
+        create_ms, first_exec_ms = [], []
+        for _ in range(args.n):
+            cid = new_id()
+            t = time.perf_counter()
+            await agent.create(cid, "minimal", None, None)
+            create_ms.append((time.perf_counter() - t) * 1000)
+            t = time.perf_counter()
+            await agent.exec(cid, "/bin/true", [])
+            first_exec_ms.append((time.perf_counter() - t) * 1000)
+            ids.append(cid)
+        print(summary("create -> exec-ready", create_ms))
+        print(summary("first exec of /bin/true", first_exec_ms))
+
+        cid = ids[0]
+        guest = agent._guest(cid)
+        for _ in range(20):
+            await guest.call("ping")
+        ping = []
+        for _ in range(300):
+            t = time.perf_counter()
+            await guest.call("ping")
+            ping.append((time.perf_counter() - t) * 1000)
+        print(summary("host agent -> guest round trip", ping))
+        ex = []
+        for _ in range(30):
+            t = time.perf_counter()
+            await agent.exec(cid, "/bin/true", [])
+            ex.append((time.perf_counter() - t) * 1000)
+        print(summary("exec /bin/true (warm)", ex))
+
+        # pause / resume a 512 MiB capsule with 64 MiB touched
+        await agent.exec(cid, "/bin/sh", ["-c", "head -c 64M /dev/urandom > /dev/shm/touched"], timeout_sec=120)
+        pause_ms, resume_ms, resume_exec_ms, state_sizes = [], [], [], []
+        for _ in range(args.cycles):
+            t = time.perf_counter()
+            await agent.pause(cid)
+            pause_ms.append((time.perf_counter() - t) * 1000)
+            state_sizes.append(agent.paths.capsule_state(cid).stat().st_size)
+            t = time.perf_counter()
+            await agent.resume(cid)
+            resume_ms.append((time.perf_counter() - t) * 1000)
+            await agent.exec(cid, "/bin/true", [])
+            resume_exec_ms.append((time.perf_counter() - t) * 1000)
+        print(summary("pause (512 MiB, 64 MiB touched)", pause_ms))
+        print(summary("resume -> agent answering", resume_ms))
+        print(summary("resume -> first exec done", resume_exec_ms))
+        print(f"{'state file size':<34} {max(state_sizes) / 1024:.0f} KiB (memory stays in the memory file)")
+
+        # density: idle capsules' cost in host memory
+        for extra in ids[1:]:
+            await agent.destroy(extra)
+        ids = ids[:1]
+        await asyncio.sleep(2)
+        before = meminfo()
+        batch = []
+        for _ in range(args.density):
+            c = new_id()
+            await agent.create(c, "minimal", None, None)
+            batch.append(c)
+        ids += batch
+        await asyncio.sleep(5)  # let them go idle
+        after = meminfo()
+        rss = [agent.rss_bytes(c) for c in batch]
+        used = (before["MemAvailable"] - after["MemAvailable"]) / len(batch)
+        print(f"{'RSS per idle capsule':<34} p50={sorted(rss)[len(rss) // 2] / 2**20:.1f} MiB "
+              f"(QEMU RSS, incl. mapped guest pages)")
+        print(f"{'host memory per idle capsule':<34} {used / 2**20:.1f} MiB (MemAvailable drop / {len(batch)})")
+        fit = int(after["MemTotal"] * 0.95 / used)
+        print(f"{'idle 512 MiB capsules that fit':<34} ~{fit} in {after['MemTotal'] / 2**30:.1f} GiB "
+              f"(extrapolated from {len(batch)})")
+    finally:
+        for c in ids:
+            await agent.destroy(c)
+        await agent.close()
+        shutil.rmtree(data, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("-n", type=int, default=20, help="capsules to create for the create latency")
+    p.add_argument("--cycles", type=int, default=10, help="pause/resume cycles")
+    p.add_argument("--density", type=int, default=20, help="idle capsules for the memory figure")
+    asyncio.run(main(p.parse_args()))

@@ -1,0 +1,253 @@
+"""Host side of the guest agent channel (wire protocol: src/wrenn_guest/PROTOCOL.md).
+
+One `GuestClient` per connection to a capsule's virtio-serial port. Requests are multiplexed by id:
+a background task reads frames and hands each to the queue of the request it belongs to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from typing import Any
+
+from wrenn_guest.protocol import MAX_PAYLOAD, FrameDecoder, encode_frame
+
+from .api import GuestError, HostAgentError
+
+log = logging.getLogger(__name__)
+
+READ_SIZE = 1 << 20
+STREAM_LIMIT = 4 << 20  # asyncio StreamReader buffer; the default 64 KiB makes big reads slow
+QUEUE_FRAMES = 64  # frames buffered per request before the reader waits for its consumer
+PING_ATTEMPT_SEC = 1.0
+LOST = "guest agent connection lost"
+_LOST = object()  # queue marker: the connection is gone
+
+Chunks = bytes | bytearray | memoryview | AsyncIterable[bytes] | Iterable[bytes]
+
+
+class GuestClient:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        """Use `connect_unix` or `from_streams` (inside a running event loop)."""
+        self._reader = reader
+        self._writer = writer
+        self._decoder = FrameDecoder()  # skips to the first magic: whatever an earlier host left half-read
+        self._pending: dict[int, asyncio.Queue] = {}
+        # Random first id: frames still queued in the port for an earlier connection cannot
+        # be mistaken for answers to this one.
+        self._next_id = random.randrange(1, 1 << 31)
+        self._lost: str | None = None  # set once the connection is gone (why)
+        self._reader_task = asyncio.get_running_loop().create_task(self._read_loop())
+
+    @classmethod
+    def from_streams(cls, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> GuestClient:
+        return cls(reader, writer)
+
+    @classmethod
+    async def connect_unix(cls, path: str, timeout: float = 10.0) -> GuestClient:
+        """Connect to the unix socket QEMU exposes for the port, retrying until it exists."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_unix_connection(str(path), limit=STREAM_LIMIT),
+                    max(deadline - loop.time(), 0.01))
+                return cls.from_streams(reader, writer)
+            except (FileNotFoundError, ConnectionRefusedError, asyncio.TimeoutError) as exc:
+                if loop.time() >= deadline:
+                    raise HostAgentError(f"cannot connect to guest agent at {path}: {exc!r}") from exc
+                await asyncio.sleep(0.05)
+
+    @property
+    def closed(self) -> bool:
+        return self._lost is not None
+
+    async def __aenter__(self) -> GuestClient:
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._lost is None:
+            self._lost = "guest agent connection closed"
+        self._reader_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self._reader_task
+        self._writer.close()
+        with contextlib.suppress(Exception):
+            await self._writer.wait_closed()
+
+    async def wait_ready(self, timeout: float = 30.0) -> dict[str, Any]:
+        """Ping until the agent answers; returns the ping result. Pings sent before the agent
+        opened its port are answered late or not at all, hence the short attempts."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise HostAgentError(f"guest agent did not answer within {timeout}s")
+            try:
+                header, _ = await asyncio.wait_for(self.call("ping"), min(PING_ATTEMPT_SEC, remaining))
+                return header
+            except asyncio.TimeoutError:
+                continue
+
+    async def call(self, op: str, payload: bytes = b"", **params: Any) -> tuple[dict[str, Any], bytes]:
+        """Run one request; returns (result header, payload). `data` frames the guest sent before
+        the result (exec output too big for one frame, file_read chunks) are joined in front of
+        the result's payload, so the payload is always the request's whole output."""
+        rid, queue = self._open()
+        finished = False
+        try:
+            await self._send({"id": rid, "op": op, **params}, payload)
+            chunks = []
+            while True:
+                header, data = await self._next(queue)
+                kind = header.get("type")
+                if kind == "data":
+                    chunks.append(data)
+                    continue
+                finished = kind in ("result", "error")
+                if kind == "error":
+                    raise _guest_error(header)
+                if kind == "result":
+                    chunks.append(data)
+                    return header, b"".join(chunks)
+        finally:
+            self._discard(rid, cancel=not finished)  # e.g. our caller timed out: tell the guest
+
+    async def stream(self, op: str, **params: Any) -> AsyncIterator[tuple[dict[str, Any], bytes]]:
+        """Yield every frame of a request, the final `result` included; raise GuestError on
+        `error`. Leaving the loop early sends `cancel` (use contextlib.aclosing to do it at once)."""
+        rid, queue = self._open()
+        finished = False
+        try:
+            await self._send({"id": rid, "op": op, **params})
+            while True:
+                header, data = await self._next(queue)
+                kind = header.get("type")
+                if kind == "error":
+                    finished = True
+                    raise _guest_error(header)
+                if kind == "result":
+                    finished = True
+                    yield header, data
+                    return
+                yield header, data
+        finally:
+            self._discard(rid, cancel=not finished)
+
+    async def upload(self, op: str, chunks: Chunks, **params: Any) -> dict[str, Any]:
+        """Start `op`, send `chunks` as `data` frames (≤ 1 MiB each) then `end`; return the result."""
+        rid, queue = self._open()
+        finished = False
+        try:
+            await self._send({"id": rid, "op": op, **params})
+            async for piece in _pieces(chunks):
+                if not queue.empty():
+                    break  # the guest answered already (an error): stop sending
+                await self._send({"id": rid, "type": "data"}, piece)
+            else:
+                await self._send({"id": rid, "type": "end"})
+            while True:
+                header, _ = await self._next(queue)
+                kind = header.get("type")
+                if kind == "error":
+                    finished = True
+                    raise _guest_error(header)
+                if kind == "result":
+                    finished = True
+                    return header
+        finally:
+            self._discard(rid, cancel=not finished)
+
+    # internals
+
+    def _open(self) -> tuple[int, asyncio.Queue]:
+        if self._lost is not None:
+            raise HostAgentError(self._lost)
+        rid = self._next_id
+        self._next_id += 1
+        queue: asyncio.Queue = asyncio.Queue(QUEUE_FRAMES)
+        self._pending[rid] = queue
+        return rid, queue
+
+    def _discard(self, rid: int, *, cancel: bool) -> None:
+        queue = self._pending.pop(rid, None)
+        if queue is not None:
+            while not queue.empty():  # the reader may be waiting to put into it
+                queue.get_nowait()
+        if cancel and self._lost is None and not self._writer.is_closing():
+            self._writer.write(encode_frame({"id": rid, "type": "cancel"}))
+
+    async def _send(self, header: dict[str, Any], payload: bytes = b"") -> None:
+        if self._lost is not None:
+            raise HostAgentError(self._lost)
+        try:
+            self._writer.write(encode_frame(header, payload))
+            await self._writer.drain()
+        except (ConnectionError, OSError) as exc:
+            raise HostAgentError(LOST) from exc
+
+    async def _next(self, queue: asyncio.Queue) -> tuple[dict[str, Any], bytes]:
+        if queue.empty() and self._lost is not None:
+            raise HostAgentError(self._lost)
+        item = await queue.get()
+        if item is _LOST:
+            raise HostAgentError(self._lost or LOST)
+        return item
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                data = await self._reader.read(READ_SIZE)
+                if not data:
+                    break
+                skipped = self._decoder.skipped
+                for header, payload in self._decoder.feed(data):
+                    queue = self._pending.get(header.get("id"))
+                    if queue is not None:  # else: a request we gave up on, or a stale frame
+                        await queue.put((header, payload))
+                if self._decoder.skipped != skipped:
+                    log.debug("guest channel: skipped %d bytes to resync", self._decoder.skipped - skipped)
+        except (ConnectionError, OSError) as exc:
+            log.debug("guest channel read failed: %r", exc)
+        finally:
+            if self._lost is None:
+                self._lost = LOST
+            for queue in self._pending.values():
+                if not queue.full():  # a full queue's consumer sees _lost once it has drained it
+                    queue.put_nowait(_LOST)
+
+
+def _guest_error(header: dict[str, Any]) -> GuestError:
+    code = header.get("code") or "internal"
+    return GuestError(header.get("message") or code, code=code)
+
+
+async def _pieces(chunks: Chunks) -> AsyncIterator[bytes]:
+    """Any accepted `chunks` as pieces of at most MAX_PAYLOAD bytes (empty ones dropped)."""
+    if isinstance(chunks, (bytes, bytearray, memoryview)):
+        source: Any = _one(chunks)
+    elif isinstance(chunks, AsyncIterable):
+        source = chunks
+    else:
+        source = _async(chunks)
+    async for chunk in source:
+        view = memoryview(chunk)
+        for i in range(0, len(view), MAX_PAYLOAD):
+            yield bytes(view[i:i + MAX_PAYLOAD])
+
+
+async def _one(data) -> AsyncIterator[bytes]:
+    yield data
+
+
+async def _async(items: Iterable[bytes]) -> AsyncIterator[bytes]:
+    for item in items:
+        yield item

@@ -1,1 +1,90 @@
-"""Wrenn Python SDK."""
+"""Wrenn Python SDK: create microVM sandboxes (capsules), run commands, move files.
+
+Quick start::
+
+    from wrenn import Capsule
+
+    with Capsule(template="minimal", wait=True) as capsule:  # reads WRENN_API_KEY
+        print(capsule.commands.run("echo hello").stdout)
+
+``WrennClient`` / ``AsyncWrennClient`` give direct access to every API call.
+"""
+
+from wrenn._client import AsyncWrennClient, WrennClient
+from wrenn._exceptions import (
+    WrennAgentError,
+    WrennAPIError,
+    WrennAuthenticationError,
+    WrennCapsuleStateError,
+    WrennConflictError,
+    WrennConnectionError,
+    WrennError,
+    WrennForbiddenError,
+    WrennHostHasCapsulesError,
+    WrennHostUnavailableError,
+    WrennInternalError,
+    WrennNotFoundError,
+    WrennTimeoutError,
+    WrennTooLargeError,
+    WrennValidationError,
+    WrennWaitTimeoutError,
+)
+from wrenn._models import (
+    BackgroundProcess,
+    CapsuleInfo,
+    ExecResult,
+    FileEntry,
+    ProcessInfo,
+    Status,
+    Template,
+    TemplateType,
+)
+from wrenn.capsule import AsyncCapsule, Capsule
+from wrenn.commands import AsyncCommands, Commands
+from wrenn.files import AsyncFiles, Files
+
+# Names the published SDK uses for the same things.
+CommandResult = ExecResult
+CommandHandle = BackgroundProcess
+Snapshot = Template
+
+__version__ = "0.3.0"  # the published SDK version whose API this package matches
+
+__all__ = [
+    "AsyncCapsule",
+    "AsyncCommands",
+    "AsyncFiles",
+    "AsyncWrennClient",
+    "BackgroundProcess",
+    "Capsule",
+    "CapsuleInfo",
+    "CommandHandle",
+    "CommandResult",
+    "Commands",
+    "ExecResult",
+    "FileEntry",
+    "Files",
+    "ProcessInfo",
+    "Snapshot",
+    "Status",
+    "Template",
+    "TemplateType",
+    "WrennAPIError",
+    "WrennAgentError",
+    "WrennAuthenticationError",
+    "WrennCapsuleStateError",
+    "WrennClient",
+    "WrennConflictError",
+    "WrennConnectionError",
+    "WrennError",
+    "WrennForbiddenError",
+    "WrennHostHasCapsulesError",
+    "WrennHostUnavailableError",
+    "WrennInternalError",
+    "WrennNotFoundError",
+    "WrennTimeoutError",
+    "WrennTooLargeError",
+    "WrennValidationError",
+    "WrennWaitTimeoutError",
+    "__version__",
+]

@@ -1,0 +1,668 @@
+"""High-level capsule objects: :class:`Capsule` (sync) and :class:`AsyncCapsule`.
+
+Both are thin: requests come from the shared clients, waits from :mod:`wrenn._wait`.
+"""
+
+from __future__ import annotations
+
+import builtins
+import logging
+import types
+from collections.abc import Callable, Generator
+from typing import Any
+
+import httpx
+
+from wrenn._client import AsyncWrennClient, WrennClient
+from wrenn._models import CapsuleInfo, Status, Template
+from wrenn._wait import DEFAULT_WAIT_TIMEOUT, adrive, connect_flow, drive
+from wrenn.commands import AsyncCommands, Commands
+from wrenn.files import AsyncFiles, Files
+
+__all__ = ["AsyncCapsule", "Capsule"]
+
+log = logging.getLogger("wrenn")
+
+# --- shared pieces -------------------------------------------------------------------------
+
+_RUNNING = frozenset({Status.running})
+_PAUSED = frozenset({Status.paused})
+_GONE = frozenset({Status.stopped, Status.missing})  # missing: the server forgot it (404)
+
+
+class _dual:
+    """A method that works on an instance (acting on that capsule) and on the class (given a
+    capsule id): the spec calls both ``Capsule.get_info("cl-...")`` and ``capsule.get_info()``.
+    """
+
+    def __init__(self, on_instance: Callable[..., Any], on_class: Callable[..., Any]) -> None:
+        self._on_instance = on_instance
+        self._on_class = on_class
+        self.__doc__ = f"{on_instance.__doc__}\n\nOn the class: {on_class.__doc__}"
+
+    def __get__(self, obj: object, owner: type | None = None) -> Any:
+        if obj is None:
+            return types.MethodType(self._on_class, owner)
+        return types.MethodType(self._on_instance, obj)
+
+
+def _proxy_url(base_url: str, proxy_domain: str, capsule_id: str, port: int) -> str:
+    scheme = "http" if httpx.URL(base_url).scheme == "http" else "https"
+    return f"{scheme}://{port}-{capsule_id}.{proxy_domain}"
+
+
+def _marked_stopped(info: CapsuleInfo | None, capsule_id: str) -> CapsuleInfo:
+    # DELETE answers 204 with no body; record what the server now reports.
+    if info is None:
+        return CapsuleInfo(id=capsule_id, status=Status.stopped)
+    return info.model_copy(update={"status": Status.stopped})
+
+
+class _CapsuleState:
+    """Read-only views shared by both capsule classes."""
+
+    _id: str
+    _info: CapsuleInfo | None
+
+    @property
+    def id(self) -> str:
+        """The capsule ID (``cl-...``)."""
+        return self._id
+
+    @property
+    def capsule_id(self) -> str:
+        """The capsule ID; same as :attr:`id`."""
+        return self._id
+
+    @property
+    def info(self) -> CapsuleInfo | None:
+        """The capsule as last seen by any call on this object."""
+        return self._info
+
+    @property
+    def status(self) -> Status | str | None:
+        """Status as last seen; refreshed by every call that changes or reads it."""
+        return self._info.status if self._info is not None else None
+
+    def __repr__(self) -> str:
+        status = str(self.status) if self.status is not None else None
+        return f"{type(self).__name__}(id={getattr(self, '_id', None)!r}, status={status!r})"
+
+
+# --- sync ----------------------------------------------------------------------------------
+
+
+class Capsule(_CapsuleState):
+    """A Wrenn capsule (microVM sandbox).
+
+    Creating the object creates the capsule; use it as a context manager to destroy it on
+    exit::
+
+        with Capsule(template="minimal", wait=True) as capsule:
+            print(capsule.commands.run("echo hello").stdout)
+
+    Args:
+        template: Template to boot from (server default ``"minimal"``).
+        vcpus: Virtual CPUs (server default 1).
+        memory_mb: Memory in MiB (server default 512).
+        timeout: Inactivity TTL in seconds before auto-pause; ``0`` disables it.
+        wait: Block until the capsule is ``running``.
+        api_key: API key; defaults to ``WRENN_API_KEY``.
+        base_url: API base URL; defaults to ``WRENN_BASE_URL``, then production.
+        metadata: User labels (string to string) attached at create time.
+
+    Attributes:
+        commands: :class:`~wrenn.commands.Commands` for this capsule.
+        files: :class:`~wrenn.files.Files` for this capsule.
+    """
+
+    def __init__(
+        self,
+        template: str | None = None,
+        vcpus: int | None = None,
+        memory_mb: int | None = None,
+        timeout: int | None = None,
+        *,
+        wait: bool = False,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        metadata: dict[str, str] | None = None,
+        _capsule_id: str | None = None,
+        _client: WrennClient | None = None,
+        _info: CapsuleInfo | None = None,
+    ) -> None:
+        if _client is not None and _capsule_id is not None:  # connect(): bind, don't create
+            self._client, self._id, self._info = _client, _capsule_id, _info
+        else:
+            self._client = WrennClient(api_key=api_key, base_url=base_url)
+            try:
+                self._info = self._client.capsules.create(
+                    template, vcpus, memory_mb, timeout, metadata=metadata
+                )
+            except BaseException:
+                self._client.close()
+                raise
+            self._id = self._info.id
+        self.commands = Commands(self._id, self._client)
+        self.files = Files(self._id, self._client)
+        if wait:
+            try:
+                self.wait_ready()
+            except BaseException:
+                # The caller gets no object to clean up with, so don't leave a VM behind.
+                self._discard()
+                raise
+
+    # --- creating and finding ----------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        template: str | None = None,
+        vcpus: int | None = None,
+        memory_mb: int | None = None,
+        timeout: int | None = None,
+        *,
+        wait: bool = False,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> Capsule:
+        """Create a capsule; the same as calling ``Capsule(...)``."""
+        return cls(
+            template,
+            vcpus,
+            memory_mb,
+            timeout,
+            wait=wait,
+            api_key=api_key,
+            base_url=base_url,
+            metadata=metadata,
+        )
+
+    @classmethod
+    def connect(
+        cls,
+        capsule_id: str,
+        *,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        timeout: float = DEFAULT_WAIT_TIMEOUT,
+    ) -> Capsule:
+        """Attach to an existing capsule and make sure it is running, resuming it if paused.
+
+        Raises:
+            WrennNotFoundError: No such capsule.
+            WrennCapsuleStateError: It is stopped or in ``error``.
+        """
+        client = WrennClient(api_key=api_key, base_url=base_url)
+        try:
+            info = drive(connect_flow(capsule_id, timeout), client, capsule_id)
+        except BaseException:
+            client.close()
+            raise
+        return cls(_capsule_id=capsule_id, _client=client, _info=info)
+
+    @classmethod
+    def list(
+        cls, *, api_key: str | None = None, base_url: str | None = None
+    ) -> builtins.list[CapsuleInfo]:
+        """List the team's capsules (every status, newest first)."""
+        with WrennClient(api_key=api_key, base_url=base_url) as client:
+            return client.capsules.list()
+
+    # --- lifecycle: on an instance, or on the class with an id -------------------------
+
+    def _get_info_here(self) -> CapsuleInfo:
+        """Fetch this capsule's current state (and refresh :attr:`status`)."""
+        self._info = self._client.capsules.get(self._id)
+        return self._info
+
+    def _get_info_by_id(
+        cls, capsule_id: str, *, api_key: str | None = None, base_url: str | None = None
+    ) -> CapsuleInfo:
+        """Fetch a capsule's state by ID, without attaching to it."""
+        with WrennClient(api_key=api_key, base_url=base_url) as client:
+            return client.capsules.get(capsule_id)
+
+    def _pause_here(self, wait: bool = False) -> CapsuleInfo:
+        """Pause this running capsule: memory and disk are saved, the VM is stopped.
+
+        ``wait=True`` also polls until the status is ``paused``, for a server that answers
+        before the pause is complete.
+        """
+        self._info = self._client.capsules.pause(self._id)
+        if wait:
+            self._info = self._wait_for(_PAUSED)
+        return self._info
+
+    def _pause_by_id(
+        cls,
+        capsule_id: str,
+        *,
+        wait: bool = False,
+        api_key: str | None = None,
+        base_url: str | None = None,
+    ) -> CapsuleInfo:
+        """Pause a capsule by ID."""
+        with WrennClient(api_key=api_key, base_url=base_url) as client:
+            info = client.capsules.pause(capsule_id)
+            if wait:
+                info = client.capsules.wait(capsule_id, _PAUSED)
+            return info
+
+    def _resume_here(self, wait: bool = False) -> CapsuleInfo:
+        """Resume this paused capsule; ``wait=True`` polls until it is ``running``."""
+        self._info = self._client.capsules.resume(self._id)
+        if wait:
+            self._info = self._wait_for(_RUNNING)
+        return self._info
+
+    def _resume_by_id(
+        cls,
+        capsule_id: str,
+        *,
+        wait: bool = False,
+        api_key: str | None = None,
+        base_url: str | None = None,
+    ) -> CapsuleInfo:
+        """Resume a capsule by ID."""
+        with WrennClient(api_key=api_key, base_url=base_url) as client:
+            info = client.capsules.resume(capsule_id)
+            if wait:
+                info = client.capsules.wait(capsule_id, _RUNNING)
+            return info
+
+    def _ping_here(self) -> None:
+        """Reset this capsule's inactivity timer so it is not auto-paused."""
+        self._client.capsules.ping(self._id)
+
+    def _ping_by_id(
+        cls, capsule_id: str, *, api_key: str | None = None, base_url: str | None = None
+    ) -> None:
+        """Reset a capsule's inactivity timer by ID."""
+        with WrennClient(api_key=api_key, base_url=base_url) as client:
+            client.capsules.ping(capsule_id)
+
+    def _destroy_here(self, wait: bool = False) -> None:
+        """Destroy this capsule permanently; ``wait=True`` polls until it is gone."""
+        self._client.capsules.destroy(self._id)
+        self._info = _marked_stopped(self._info, self._id)
+        if wait:
+            self._info = self._wait_for(_GONE)
+
+    def _destroy_by_id(
+        cls,
+        capsule_id: str,
+        *,
+        wait: bool = False,
+        api_key: str | None = None,
+        base_url: str | None = None,
+    ) -> None:
+        """Destroy a capsule by ID."""
+        with WrennClient(api_key=api_key, base_url=base_url) as client:
+            client.capsules.destroy(capsule_id)
+            if wait:
+                client.capsules.wait(capsule_id, _GONE)
+
+    # The spec calls these both on an instance and on the class with an id.
+    get_info = _dual(_get_info_here, _get_info_by_id)
+    pause = _dual(_pause_here, _pause_by_id)
+    resume = _dual(_resume_here, _resume_by_id)
+    ping = _dual(_ping_here, _ping_by_id)
+    destroy = _dual(_destroy_here, _destroy_by_id)
+
+    # --- instance-only ------------------------------------------------------------------
+
+    def wait_ready(self, timeout: float = DEFAULT_WAIT_TIMEOUT) -> CapsuleInfo:
+        """Block until the capsule is ``running``.
+
+        Raises:
+            WrennCapsuleStateError: It went to ``error`` or ``stopped`` instead
+                (a ``RuntimeError``).
+            WrennWaitTimeoutError: Not running within ``timeout`` seconds (a ``TimeoutError``).
+        """
+        self._info = self._wait_for(_RUNNING, timeout)
+        return self._info
+
+    def is_running(self) -> bool:
+        """Fetch the status now and tell whether it is ``running``."""
+        return bool(self.get_info().status == Status.running)
+
+    def create_snapshot(self, name: str | None = None, overwrite: bool = False) -> Template:
+        """Snapshot this capsule into a reusable template (the capsule is left paused).
+
+        Pass the template's name to ``Capsule(template=...)`` to boot copies of it.
+        """
+        template = self._client.snapshots.create(self._id, name=name, overwrite=overwrite)
+        self.get_info()  # snapshotting changes the capsule's status
+        return template
+
+    def get_url(self, port: int) -> str:
+        """URL that reaches ``port`` inside the capsule through the Wrenn proxy."""
+        return _proxy_url(self._client.base_url, self._client._proxy_domain, self._id, port)
+
+    def _wait_for(
+        self, targets: frozenset[Status], timeout: float = DEFAULT_WAIT_TIMEOUT
+    ) -> CapsuleInfo:
+        return self._client.capsules.wait(self._id, targets, timeout)
+
+    def close(self) -> None:
+        """Close the HTTP connections, leaving the capsule as it is."""
+        self._client.close()
+
+    def _discard(self) -> None:
+        try:
+            self._client.capsules.destroy(self._id)
+            self._info = _marked_stopped(self._info, self._id)
+        except Exception as exc:
+            log.warning("could not destroy capsule %s: %s", self._id, exc)
+        finally:
+            self._client.close()
+
+    def __enter__(self) -> Capsule:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._discard()
+
+
+# --- async ---------------------------------------------------------------------------------
+
+
+class AsyncCapsule(_CapsuleState):
+    """Async twin of :class:`Capsule`.
+
+    The constructor only records the arguments; the capsule is created when the object is
+    awaited or entered::
+
+        capsule = await AsyncCapsule(template="minimal", wait=True)
+        capsule = await AsyncCapsule.create(template="minimal")
+        async with AsyncCapsule(template="minimal") as capsule:
+            result = await capsule.commands.run("echo hello")
+    """
+
+    def __init__(
+        self,
+        template: str | None = None,
+        vcpus: int | None = None,
+        memory_mb: int | None = None,
+        timeout: int | None = None,
+        *,
+        wait: bool = False,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        metadata: dict[str, str] | None = None,
+        _capsule_id: str | None = None,
+        _client: AsyncWrennClient | None = None,
+        _info: CapsuleInfo | None = None,
+    ) -> None:
+        self._commands: AsyncCommands | None = None
+        self._files: AsyncFiles | None = None
+        self._info = _info
+        if _client is not None and _capsule_id is not None:
+            self._client = _client
+            self._bind(_capsule_id)
+        else:
+            # Built now so a missing API key fails here, as with Capsule; no I/O yet.
+            self._client = AsyncWrennClient(api_key=api_key, base_url=base_url)
+        self._create_args = (template, vcpus, memory_mb, timeout, metadata)
+        self._wait = wait
+
+    def _bind(self, capsule_id: str) -> None:
+        self._id = capsule_id
+        self._commands = AsyncCommands(capsule_id, self._client)
+        self._files = AsyncFiles(capsule_id, self._client)
+
+    def _require_created(self) -> None:
+        if self._commands is None:
+            raise RuntimeError(
+                "AsyncCapsule not created yet: use `await AsyncCapsule(...)`, "
+                "`await AsyncCapsule.create(...)` or `async with AsyncCapsule(...)`"
+            )
+
+    @property
+    def id(self) -> str:
+        """The capsule ID (``cl-...``)."""
+        self._require_created()
+        return self._id
+
+    @property
+    def capsule_id(self) -> str:
+        """The capsule ID; same as :attr:`id`."""
+        return self.id
+
+    @property
+    def commands(self) -> AsyncCommands:
+        """:class:`~wrenn.commands.AsyncCommands` for this capsule."""
+        self._require_created()
+        assert self._commands is not None
+        return self._commands
+
+    @property
+    def files(self) -> AsyncFiles:
+        """:class:`~wrenn.files.AsyncFiles` for this capsule."""
+        self._require_created()
+        assert self._files is not None
+        return self._files
+
+    async def _ensure_created(self) -> AsyncCapsule:
+        if self._commands is not None:
+            return self
+        template, vcpus, memory_mb, timeout, metadata = self._create_args
+        try:
+            self._info = await self._client.capsules.create(
+                template, vcpus, memory_mb, timeout, metadata=metadata
+            )
+        except BaseException:
+            await self._client.aclose()
+            raise
+        self._bind(self._info.id)
+        if self._wait:
+            try:
+                await self.wait_ready()
+            except BaseException:
+                await self._discard()  # the caller gets no object to clean up with
+                raise
+        return self
+
+    def __await__(self) -> Generator[Any, None, AsyncCapsule]:
+        return self._ensure_created().__await__()
+
+    # --- creating and finding ----------------------------------------------------------
+
+    @classmethod
+    async def create(
+        cls,
+        template: str | None = None,
+        vcpus: int | None = None,
+        memory_mb: int | None = None,
+        timeout: int | None = None,
+        *,
+        wait: bool = False,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> AsyncCapsule:
+        """Create a capsule; the same as ``await AsyncCapsule(...)``."""
+        return await cls(
+            template,
+            vcpus,
+            memory_mb,
+            timeout,
+            wait=wait,
+            api_key=api_key,
+            base_url=base_url,
+            metadata=metadata,
+        )
+
+    @classmethod
+    async def connect(
+        cls,
+        capsule_id: str,
+        *,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        timeout: float = DEFAULT_WAIT_TIMEOUT,
+    ) -> AsyncCapsule:
+        """Attach to an existing capsule and make sure it is running, resuming it if paused."""
+        client = AsyncWrennClient(api_key=api_key, base_url=base_url)
+        try:
+            info = await adrive(connect_flow(capsule_id, timeout), client, capsule_id)
+        except BaseException:
+            await client.aclose()
+            raise
+        return cls(_capsule_id=capsule_id, _client=client, _info=info)
+
+    @classmethod
+    async def list(
+        cls, *, api_key: str | None = None, base_url: str | None = None
+    ) -> builtins.list[CapsuleInfo]:
+        """List the team's capsules (every status, newest first)."""
+        async with AsyncWrennClient(api_key=api_key, base_url=base_url) as client:
+            return await client.capsules.list()
+
+    # --- lifecycle: on an instance, or on the class with an id -------------------------
+
+    async def _get_info_here(self) -> CapsuleInfo:
+        """Fetch this capsule's current state (and refresh :attr:`status`)."""
+        self._info = await self._client.capsules.get(self.id)
+        return self._info
+
+    async def _get_info_by_id(
+        cls, capsule_id: str, *, api_key: str | None = None, base_url: str | None = None
+    ) -> CapsuleInfo:
+        """Fetch a capsule's state by ID, without attaching to it."""
+        async with AsyncWrennClient(api_key=api_key, base_url=base_url) as client:
+            return await client.capsules.get(capsule_id)
+
+    async def _pause_here(self, wait: bool = False) -> CapsuleInfo:
+        """Pause this running capsule; ``wait=True`` polls until it is ``paused``."""
+        self._info = await self._client.capsules.pause(self.id)
+        if wait:
+            self._info = await self._wait_for(_PAUSED)
+        return self._info
+
+    async def _pause_by_id(
+        cls,
+        capsule_id: str,
+        *,
+        wait: bool = False,
+        api_key: str | None = None,
+        base_url: str | None = None,
+    ) -> CapsuleInfo:
+        """Pause a capsule by ID."""
+        async with AsyncWrennClient(api_key=api_key, base_url=base_url) as client:
+            info = await client.capsules.pause(capsule_id)
+            if wait:
+                info = await client.capsules.wait(capsule_id, _PAUSED)
+            return info
+
+    async def _resume_here(self, wait: bool = False) -> CapsuleInfo:
+        """Resume this paused capsule; ``wait=True`` polls until it is ``running``."""
+        self._info = await self._client.capsules.resume(self.id)
+        if wait:
+            self._info = await self._wait_for(_RUNNING)
+        return self._info
+
+    async def _resume_by_id(
+        cls,
+        capsule_id: str,
+        *,
+        wait: bool = False,
+        api_key: str | None = None,
+        base_url: str | None = None,
+    ) -> CapsuleInfo:
+        """Resume a capsule by ID."""
+        async with AsyncWrennClient(api_key=api_key, base_url=base_url) as client:
+            info = await client.capsules.resume(capsule_id)
+            if wait:
+                info = await client.capsules.wait(capsule_id, _RUNNING)
+            return info
+
+    async def _ping_here(self) -> None:
+        """Reset this capsule's inactivity timer so it is not auto-paused."""
+        await self._client.capsules.ping(self.id)
+
+    async def _ping_by_id(
+        cls, capsule_id: str, *, api_key: str | None = None, base_url: str | None = None
+    ) -> None:
+        """Reset a capsule's inactivity timer by ID."""
+        async with AsyncWrennClient(api_key=api_key, base_url=base_url) as client:
+            await client.capsules.ping(capsule_id)
+
+    async def _destroy_here(self, wait: bool = False) -> None:
+        """Destroy this capsule permanently; ``wait=True`` polls until it is gone."""
+        await self._client.capsules.destroy(self.id)
+        self._info = _marked_stopped(self._info, self.id)
+        if wait:
+            self._info = await self._wait_for(_GONE)
+
+    async def _destroy_by_id(
+        cls,
+        capsule_id: str,
+        *,
+        wait: bool = False,
+        api_key: str | None = None,
+        base_url: str | None = None,
+    ) -> None:
+        """Destroy a capsule by ID."""
+        async with AsyncWrennClient(api_key=api_key, base_url=base_url) as client:
+            await client.capsules.destroy(capsule_id)
+            if wait:
+                await client.capsules.wait(capsule_id, _GONE)
+
+    # The spec calls these both on an instance and on the class with an id.
+    get_info = _dual(_get_info_here, _get_info_by_id)
+    pause = _dual(_pause_here, _pause_by_id)
+    resume = _dual(_resume_here, _resume_by_id)
+    ping = _dual(_ping_here, _ping_by_id)
+    destroy = _dual(_destroy_here, _destroy_by_id)
+
+    # --- instance-only ------------------------------------------------------------------
+
+    async def wait_ready(self, timeout: float = DEFAULT_WAIT_TIMEOUT) -> CapsuleInfo:
+        """Wait until the capsule is ``running``. Raises like :meth:`Capsule.wait_ready`."""
+        self._info = await self._wait_for(_RUNNING, timeout)
+        return self._info
+
+    async def is_running(self) -> bool:
+        """Fetch the status now and tell whether it is ``running``."""
+        return bool((await self.get_info()).status == Status.running)
+
+    async def create_snapshot(self, name: str | None = None, overwrite: bool = False) -> Template:
+        """Snapshot this capsule into a reusable template (the capsule is left paused)."""
+        template = await self._client.snapshots.create(self.id, name=name, overwrite=overwrite)
+        await self.get_info()
+        return template
+
+    def get_url(self, port: int) -> str:
+        """URL that reaches ``port`` inside the capsule through the Wrenn proxy."""
+        return _proxy_url(self._client.base_url, self._client._proxy_domain, self.id, port)
+
+    async def _wait_for(
+        self, targets: frozenset[Status], timeout: float = DEFAULT_WAIT_TIMEOUT
+    ) -> CapsuleInfo:
+        return await self._client.capsules.wait(self.id, targets, timeout)
+
+    async def aclose(self) -> None:
+        """Close the HTTP connections, leaving the capsule as it is."""
+        await self._client.aclose()
+
+    async def _discard(self) -> None:
+        try:
+            await self._client.capsules.destroy(self._id)
+            self._info = _marked_stopped(self._info, self._id)
+        except Exception as exc:
+            log.warning("could not destroy capsule %s: %s", self._id, exc)
+        finally:
+            await self._client.aclose()
+
+    async def __aenter__(self) -> AsyncCapsule:
+        return await self._ensure_created()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._commands is not None:
+            await self._discard()
+        else:
+            await self._client.aclose()

@@ -174,10 +174,10 @@ async def test_base_python_template(host_agent):
     cid = new_id()
     await host_agent.create(cid, "base-python", None, None)
     try:
-        r = await sh(host_agent, cid, "python3 -c 'print(1+1)'; python3 -m pip --version; python3 -m venv /tmp/v && echo venv-ok")
+        r = await sh(host_agent, cid, "python3 -c 'print(1+1)'; python3 -m pip --version; python3 -m venv --without-pip /tmp/v && /tmp/v/bin/python -c 'import sys; print(sys.prefix)' && echo venv-ok")
         lines = r.stdout.decode().splitlines()
         assert lines[0] == "2"
         assert lines[1].startswith("pip ")
-        assert lines[-1] == "venv-ok"
+        assert lines[2:] == ["/tmp/v", "venv-ok"]
     finally:
         await host_agent.destroy(cid)

@@ -118,12 +118,15 @@ class QemuMachine:
         while True:
             if not self.is_alive():
                 raise VMMError(f"QEMU exited during start: {self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise VMMError(f"QMP did not come up: {self.log_tail()}")
+            if not self.files.qmp.exists():  # not listening yet; connecting now only logs errors
+                await asyncio.sleep(0.002)
+                continue
             try:
                 await qmp.connect(str(self.files.qmp))
                 return qmp
-            except (OSError, Exception) as e:  # the socket appears a few ms after spawn
-                if time.monotonic() > deadline:
-                    raise VMMError(f"QMP did not come up: {e}") from e
+            except Exception:  # the socket exists but QEMU is not accepting yet
                 await asyncio.sleep(0.003)
 
     async def boot(self) -> None:

@@ -1,0 +1,11 @@
+"""One router per resource; `api_router` gathers the /v1 ones."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from wrenn_control.api.routes import capsules, events, exec, files, snapshots
+
+api_router = APIRouter()
+for module in (capsules, exec, files, snapshots, events):
+    api_router.include_router(module.router)

@@ -1,0 +1,102 @@
+"""Capsules: create, list, get, destroy, pause, resume, ping."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Response
+from sqlalchemy import select
+
+from wrenn_control.api.deps import CurrentTeam, DatabaseDep, HostDep, OpsDep, SessionDep, TeamCapsule
+from wrenn_control.db.models import Capsule, Template
+from wrenn_control.errors import invalid, invalid_state
+from wrenn_control.schemas import CapsuleCreate, CapsuleDetail, CapsuleOut, ErrorBody
+
+router = APIRouter(tags=["capsules"], responses={401: {"model": ErrorBody}})
+
+DEFAULT_TEMPLATE = "minimal"
+DEFAULT_VCPUS = 1
+DEFAULT_MEMORY_MB = 512
+
+
+@router.post("/capsules", status_code=201, response_model=CapsuleOut,
+             responses={400: {"model": ErrorBody}, 502: {"model": ErrorBody}})
+async def create_capsule(team: CurrentTeam, ops: OpsDep, host: HostDep, db: DatabaseDep,
+                         body: Annotated[CapsuleCreate | None, Body()] = None) -> CapsuleOut:
+    """Answers at once with status `pending`; the VM boots in the background (poll GET)."""
+    body = body or CapsuleCreate()
+    name = body.template if body.template is not None else DEFAULT_TEMPLATE
+    builtin = {t.template_id: t for t in host.builtin_templates()}
+    if name in builtin:
+        template_id = name
+        vcpus = body.vcpus if body.vcpus is not None else DEFAULT_VCPUS
+        memory_mb = body.memory_mb if body.memory_mb is not None else DEFAULT_MEMORY_MB
+        limits = host.limits()
+        max_vcpus, max_mem = limits["max_vcpus"], limits["max_memory_mb"]
+        min_mem = limits.get("min_memory_mb", 1)
+        if not 1 <= vcpus <= max_vcpus:
+            raise invalid(f"vcpus must be between 1 and {max_vcpus}, got {vcpus}")
+        if not min_mem <= memory_mb <= max_mem:
+            raise invalid(f"memory_mb must be between {min_mem} and {max_mem}, got {memory_mb}")
+    else:
+        with db.session() as s:
+            snap = s.scalar(select(Template).where(Template.team_id == team.id, Template.name == name))
+        if snap is None:
+            raise invalid(f"template {name!r} does not exist")
+        # A snapshot holds a running VM's memory: its shape is fixed.
+        for field, fixed in (("vcpus", snap.vcpus), ("memory_mb", snap.memory_mb)):
+            asked = getattr(body, field)
+            if asked is not None and asked != fixed:
+                raise invalid(f"template {name!r} is a snapshot with {field}={fixed}; it cannot be changed "
+                              f"(got {asked}); omit {field}")
+        template_id, vcpus, memory_mb = snap.id, snap.vcpus, snap.memory_mb
+    row = ops.create(team.id, template=name, template_id=template_id, vcpus=vcpus, memory_mb=memory_mb,
+                     timeout_sec=body.timeout_sec or 0, labels=body.metadata or {})
+    return CapsuleOut.of(row)
+
+
+@router.get("/capsules", response_model=list[CapsuleOut])
+async def list_capsules(team: CurrentTeam, session: SessionDep) -> list[CapsuleOut]:
+    """Every capsule of the team, stopped ones included, newest first."""
+    rows = session.scalars(select(Capsule).where(Capsule.team_id == team.id)
+                           .order_by(Capsule.created_at.desc(), Capsule.seq.desc())).all()
+    return [CapsuleOut.of(row) for row in rows]
+
+
+@router.get("/capsules/{capsule_id}", response_model=CapsuleDetail, responses={404: {"model": ErrorBody}})
+async def get_capsule(capsule: TeamCapsule, ops: OpsDep) -> CapsuleDetail:
+    disk = await ops.disk_info(capsule)
+    return CapsuleDetail.of(capsule, **disk)  # type: ignore[return-value]
+
+
+@router.delete("/capsules/{capsule_id}", status_code=204, response_class=Response,
+               responses={404: {"model": ErrorBody}, 502: {"model": ErrorBody}})
+async def destroy_capsule(capsule: TeamCapsule, ops: OpsDep) -> Response:
+    """Any state; the row stays, listed as `stopped`."""
+    await ops.destroy(capsule.id)
+    return Response(status_code=204)
+
+
+@router.post("/capsules/{capsule_id}/pause", response_model=CapsuleOut,
+             responses={404: {"model": ErrorBody}, 409: {"model": ErrorBody}, 502: {"model": ErrorBody}})
+async def pause_capsule(capsule: TeamCapsule, ops: OpsDep) -> CapsuleOut:
+    if not await ops.pause(capsule.id):
+        raise invalid_state(f"capsule is {ops.status(capsule.id)}; only running capsules can be paused")
+    return CapsuleOut.of(ops.get_for_team(capsule.team_id, capsule.id))
+
+
+@router.post("/capsules/{capsule_id}/resume", response_model=CapsuleOut,
+             responses={404: {"model": ErrorBody}, 409: {"model": ErrorBody}, 502: {"model": ErrorBody}})
+async def resume_capsule(capsule: TeamCapsule, ops: OpsDep) -> CapsuleOut:
+    if not await ops.resume(capsule.id):
+        raise invalid_state(f"capsule is {ops.status(capsule.id)}; only paused capsules can be resumed")
+    return CapsuleOut.of(ops.get_for_team(capsule.team_id, capsule.id))
+
+
+@router.post("/capsules/{capsule_id}/ping", status_code=204, response_class=Response,
+             responses={404: {"model": ErrorBody}, 409: {"model": ErrorBody}})
+async def ping_capsule(capsule: TeamCapsule, ops: OpsDep) -> Response:
+    """Resets the inactivity timer."""
+    if not ops.touch(capsule.id):
+        raise invalid_state(f"capsule is {ops.status(capsule.id)}; only running capsules can be pinged")
+    return Response(status_code=204)

@@ -1,0 +1,45 @@
+"""Server-Sent Events: the team's platform events as they happen (capsule.running, ...)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from wrenn_control.api.deps import CurrentTeam, EventsDep
+from wrenn_control.clock import iso_z
+from wrenn_control.events import Event, Subscription
+
+router = APIRouter(tags=["events"])
+KEEPALIVE_SEC = 15.0
+
+
+def format_sse(event: Event) -> str:
+    payload = {"event": event.type, "timestamp": iso_z(event.at), "data": event.data}
+    return f"event: {event.type}\ndata: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+async def sse_stream(sub: Subscription, request: Request | None = None,
+                     keepalive_sec: float = KEEPALIVE_SEC) -> AsyncIterator[str]:
+    try:
+        yield "event: connected\ndata: {}\n\n"
+        while request is None or not await request.is_disconnected():
+            try:
+                event = await asyncio.wait_for(sub.get(), keepalive_sec)
+            except asyncio.TimeoutError:
+                yield ": keepalive\n\n"  # a comment line keeps proxies from closing an idle stream
+                continue
+            yield format_sse(event)
+    finally:
+        sub.close()
+
+
+@router.get("/events/stream", response_class=StreamingResponse,
+            responses={200: {"content": {"text/event-stream": {}}}})
+async def event_stream(team: CurrentTeam, events: EventsDep, request: Request) -> StreamingResponse:
+    sub = events.subscribe(team.id)
+    return StreamingResponse(sse_stream(sub, request), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -1,0 +1,196 @@
+"""Files inside a capsule: write (multipart, capped), read (streamed), list, mkdir, remove, and
+the unbuffered stream/write and stream/read for any size."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import AsyncIterator
+from typing import IO, Annotated, Any
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import StreamingResponse
+
+from wrenn_control.api.deps import HostDep, OpsDep, SettingsDep, TeamCapsule
+from wrenn_control.api.multipart import PartData, PartEnd, PartStart, is_multipart, iter_multipart
+from wrenn_control.db.models import Capsule
+from wrenn_control.errors import APIError, invalid
+from wrenn_control.operations import CapsuleOps
+from wrenn_control.schemas import ErrorBody, FileEntry, ListDirRequest, ListDirResponse, MkdirResponse, PathRequest
+from wrenn_host.api import HostAgent
+
+router = APIRouter(tags=["files"], responses={
+    401: {"model": ErrorBody}, 404: {"model": ErrorBody}, 409: {"model": ErrorBody}, 502: {"model": ErrorBody}})
+
+MIB = 1024 * 1024
+MAX_FIELD_BYTES = 64 * 1024  # the `path` form field
+MULTIPART_SLACK = 64 * 1024  # boundaries and part headers around the file in a Content-Length
+
+_MULTIPART_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["path", "file"],
+    "properties": {"path": {"type": "string"}, "file": {"type": "string", "format": "binary"}}}}}}}
+_RAW_OR_MULTIPART_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {
+    **_MULTIPART_BODY["requestBody"]["content"],
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
+QueryPath = Annotated[str | None, Query(min_length=1, description="Destination (alternative to the path field)")]
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(413, "too_large", f"file is larger than {limit} bytes; use files/stream/write")
+
+
+async def _spooled(spool: IO[bytes]) -> AsyncIterator[bytes]:
+    spool.seek(0)
+    while chunk := spool.read(MIB):
+        yield chunk
+
+
+@router.post("/capsules/{capsule_id}/files/write", status_code=204, response_class=Response,
+             openapi_extra=_MULTIPART_BODY, responses={400: {"model": ErrorBody}, 413: {"model": ErrorBody}})
+async def write_file(capsule: TeamCapsule, request: Request, ops: OpsDep, host: HostDep,
+                     settings: SettingsDep, path: QueryPath = None) -> Response:
+    """Multipart fields `path` and `file`. The upload is received whole (spooled to disk past
+    1 MiB) before it is written, so a file over the cap (100 MiB) is refused with 413 and nothing
+    is written."""
+    ops.require_running(capsule)
+    content_type = request.headers.get("content-type")
+    if not is_multipart(content_type):
+        raise invalid("files/write expects multipart/form-data with fields path and file")
+    limit = settings.max_upload_bytes
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit + MULTIPART_SLACK:
+        raise _too_large(limit)  # refuse before reading anything
+    with tempfile.SpooledTemporaryFile(max_size=MIB) as spool, ops.busy(capsule.id):
+        fields: dict[str, bytearray] = {}
+        part: str | None = None
+        got_file = False
+        size = 0
+        async for event in iter_multipart(content_type, request.stream()):
+            if isinstance(event, PartStart):
+                part = event.name
+                if part == "file":
+                    if got_file:
+                        raise invalid("only one file per request")
+                    got_file = True
+                elif part == "path":
+                    fields[part] = bytearray()
+            elif isinstance(event, PartData):
+                if part == "file":
+                    size += len(event.data)
+                    if size > limit:
+                        raise _too_large(limit)
+                    spool.write(event.data)
+                elif part == "path":
+                    fields[part].extend(event.data)
+                    if len(fields[part]) > MAX_FIELD_BYTES:
+                        raise invalid("path field too long")
+            elif isinstance(event, PartEnd):
+                part = None
+        target = fields["path"].decode("utf-8", "replace") if "path" in fields else path
+        if not target:
+            raise invalid("missing form field: path")
+        if not got_file:
+            raise invalid("missing form field: file")
+        await ops.guest(capsule.id, host.write_file(capsule.id, target, _spooled(spool)))
+    return Response(status_code=204)
+
+
+@router.post("/capsules/{capsule_id}/files/stream/write", status_code=204, response_class=Response,
+             openapi_extra=_RAW_OR_MULTIPART_BODY, responses={400: {"model": ErrorBody}})
+async def stream_write_file(capsule: TeamCapsule, request: Request, ops: OpsDep, host: HostDep,
+                            path: QueryPath = None) -> Response:
+    """Unbuffered upload of any size, forwarded to the guest as it arrives. Either multipart (the
+    `path` field must come before `file`, as the SDK sends it) or a raw body with `?path=`."""
+    ops.require_running(capsule)
+    content_type = request.headers.get("content-type")
+    with ops.busy(capsule.id):
+        if not is_multipart(content_type):
+            if not path:
+                raise invalid("a raw upload needs the destination as ?path=")
+            await ops.guest(capsule.id, host.write_file(capsule.id, path, request.stream()))
+            return Response(status_code=204)
+
+        events = iter_multipart(content_type, request.stream())
+        field = bytearray()
+        part: str | None = None
+        async for event in events:
+            if isinstance(event, PartStart):
+                part = event.name
+                if part == "file":
+                    break
+            elif isinstance(event, PartData) and part == "path":
+                field.extend(event.data)
+                if len(field) > MAX_FIELD_BYTES:
+                    raise invalid("path field too long")
+        if part != "file":
+            raise invalid("missing form field: file")
+        target = field.decode("utf-8", "replace") if field else path
+        if not target:
+            raise invalid("missing form field: path (it must come before the file part)")
+
+        async def file_bytes() -> AsyncIterator[bytes]:
+            async for item in events:
+                if isinstance(item, PartData):
+                    yield item.data
+                elif isinstance(item, PartEnd):
+                    return
+
+        await ops.guest(capsule.id, host.write_file(capsule.id, target, file_bytes()))
+        async for _ in events:  # the rest of the body (and the check of its closing boundary)
+            pass
+    return Response(status_code=204)
+
+
+async def _read(capsule: Capsule, path: str, ops: CapsuleOps, host: HostAgent) -> StreamingResponse:
+    ops.require_running(capsule)
+    stream = ops.guest_stream(capsule.id, host.read_file_stream(capsule.id, path))
+    # Pull the first chunk before answering, so that a missing file is a 404, not a broken 200.
+    try:
+        first = await anext(stream)
+    except StopAsyncIteration:
+        first = b""
+
+    async def body() -> AsyncIterator[bytes]:
+        with ops.busy(capsule.id):
+            if first:
+                yield first
+            async for chunk in stream:
+                yield chunk
+
+    return StreamingResponse(body(), media_type="application/octet-stream")
+
+
+_BYTES = {200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
+
+
+@router.post("/capsules/{capsule_id}/files/read", response_class=StreamingResponse, responses=_BYTES)
+async def read_file(capsule: TeamCapsule, body: PathRequest, ops: OpsDep, host: HostDep) -> StreamingResponse:
+    return await _read(capsule, body.path, ops, host)
+
+
+@router.post("/capsules/{capsule_id}/files/stream/read", response_class=StreamingResponse, responses=_BYTES)
+async def stream_read_file(capsule: TeamCapsule, body: PathRequest, ops: OpsDep, host: HostDep) -> StreamingResponse:
+    return await _read(capsule, body.path, ops, host)
+
+
+@router.post("/capsules/{capsule_id}/files/list", response_model=ListDirResponse)
+async def list_dir(capsule: TeamCapsule, body: ListDirRequest, ops: OpsDep, host: HostDep) -> ListDirResponse:
+    ops.require_running(capsule)
+    depth = max(body.depth or 1, 1)
+    entries = await ops.guest(capsule.id, host.list_dir(capsule.id, body.path, depth))
+    return ListDirResponse(entries=[FileEntry.of(e) for e in entries])
+
+
+@router.post("/capsules/{capsule_id}/files/mkdir", response_model=MkdirResponse)
+async def make_dir(capsule: TeamCapsule, body: PathRequest, ops: OpsDep, host: HostDep) -> MkdirResponse:
+    """Creates parents too; an existing directory is fine."""
+    ops.require_running(capsule)
+    entry = await ops.guest(capsule.id, host.mkdir(capsule.id, body.path))
+    return MkdirResponse(entry=FileEntry.of(entry))
+
+
+@router.post("/capsules/{capsule_id}/files/remove", status_code=204, response_class=Response)
+async def remove(capsule: TeamCapsule, body: PathRequest, ops: OpsDep, host: HostDep) -> Response:
+    """A file, a symlink, or a directory with everything in it."""
+    ops.require_running(capsule)
+    await ops.guest(capsule.id, host.remove(capsule.id, body.path))
+    return Response(status_code=204)

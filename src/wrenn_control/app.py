@@ -1,0 +1,73 @@
+"""The FastAPI application: `create_app(settings, host)`.
+
+Start-up (lifespan): migrate the DB, bootstrap a team and key, start the host agent and reconcile
+what it finds with the DB, start the reaper. Shutdown: stop the reaper, let boots finish (bounded),
+close the host agent (running capsules keep running and are found again at the next start).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from wrenn_control.api.routes import api_router, system
+from wrenn_control.bootstrap import bootstrap
+from wrenn_control.config import Settings
+from wrenn_control.db.migrate import run_migrations
+from wrenn_control.db.session import Database
+from wrenn_control.errors import install_error_handlers
+from wrenn_control.events import EventBus
+from wrenn_control.operations import CapsuleOps
+from wrenn_control.workers.reaper import Reaper
+from wrenn_control.workers.reconcile import reconcile
+from wrenn_host.api import HostAgent
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings, host: HostAgent) -> FastAPI:
+    db = Database(settings.db_url)
+    events = EventBus()
+    ops = CapsuleOps(db, host, events)
+    reaper = Reaper(db, ops, settings.reaper_interval_sec)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        run_migrations(db)
+        # A freshly generated key, for the caller to show once (None if none was made).
+        app.state.bootstrap_key = bootstrap(db, settings)
+        app.state.reconcile_report = await reconcile(ops)
+        reaper.start()
+        try:
+            yield
+        finally:
+            await reaper.stop()
+            await ops.shutdown(settings.shutdown_grace_sec)
+            await host.close()
+            db.dispose()
+
+    app = FastAPI(
+        title="Wrenn",
+        summary="Self-hosted microVM sandboxes (capsules), wire-compatible with the Wrenn API.",
+        version="0.1.0",
+        lifespan=lifespan,
+        openapi_url="/api/openapi.json",
+        docs_url="/api/docs",
+        redoc_url=None,
+        # JSON bodies sent without a Content-Type (plain `curl -d`) are still read as JSON.
+        strict_content_type=False,
+    )
+    app.state.settings = settings
+    app.state.db = db
+    app.state.host = host
+    app.state.events = events
+    app.state.ops = ops
+    app.state.reaper = reaper
+    app.state.bootstrap_key = None
+    install_error_handlers(app)
+    app.include_router(system.router, prefix="/api")
+    app.include_router(api_router, prefix="/api/v1")
+    return app

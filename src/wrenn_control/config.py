@@ -1,0 +1,40 @@
+"""Control plane settings: one validated object, built by the CLI or by tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, Field, model_validator
+
+
+def _env(name: str) -> str | None:
+    return os.environ.get(name) or None
+
+
+def _default_data_dir() -> Path:
+    return Path(os.environ.get("WRENN_DATA_DIR") or "~/.local/share/wrenn").expanduser()
+
+
+class Settings(BaseModel):
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    # None means the embedded default: a SQLite file in data_dir.
+    database_url: str | None = Field(default_factory=lambda: _env("WRENN_DATABASE_URL"))
+    # An operator-chosen key registered at first start (and never printed); else a fresh key is made.
+    bootstrap_api_key: str | None = Field(default_factory=lambda: _env("WRENN_BOOTSTRAP_API_KEY"))
+    reaper_interval_sec: float = Field(default=1.0, gt=0)
+    # files/write is buffered, so it has a cap; files/stream/write has none.
+    max_upload_bytes: int = Field(default=100 * 1024 * 1024, gt=0)
+    # On shutdown, how long in-flight boots may finish before they are cancelled.
+    shutdown_grace_sec: float = Field(default=10.0, ge=0)
+
+    @model_validator(mode="after")
+    def _default_database_url(self) -> "Settings":
+        if self.database_url is None:
+            self.database_url = f"sqlite:///{self.data_dir / 'wrenn.db'}"
+        return self
+
+    @property
+    def db_url(self) -> str:
+        assert self.database_url is not None
+        return self.database_url

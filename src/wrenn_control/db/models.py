@@ -1,0 +1,92 @@
+"""Tables. Shapes for input and output live in `schemas.py`; these are storage only."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Stored as naive UTC (SQLite keeps no zone), always handed back timezone-aware."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is not None:
+            value = value.astimezone(timezone.utc).replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return value.replace(tzinfo=timezone.utc) if value is not None else None
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: UTCDateTime}
+
+
+class Team(Base):
+    __tablename__ = "teams"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime]
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    # Only the sha256 of the key is kept; the key itself is shown once at creation.
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime]
+
+
+class Capsule(Base):
+    __tablename__ = "capsules"
+    __table_args__ = (
+        Index("ix_capsules_team_order", "team_id", "created_at", "seq"),
+        # Strictly increasing seq (never reused), so newest-first is stable within one second.
+        {"sqlite_autoincrement": True},
+    )
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(32), unique=True)
+    team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"))
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    template: Mapped[str] = mapped_column(String(64))  # the name the user asked for
+    template_id: Mapped[str] = mapped_column(String(64))  # what the host agent knows it by
+    vcpus: Mapped[int]
+    memory_mb: Mapped[int]
+    timeout_sec: Mapped[int]
+    # user labels given at create + system keys (kernel_version, ...) once running
+    meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
+    error: Mapped[str | None] = mapped_column(Text)  # why the capsule is in `error`
+    created_at: Mapped[datetime]
+    last_updated: Mapped[datetime]
+    started_at: Mapped[datetime | None]
+    last_active_at: Mapped[datetime | None]
+
+
+class Template(Base):
+    """A team's snapshot template. Built-in templates belong to the host agent, not this table."""
+
+    __tablename__ = "templates"
+    __table_args__ = (UniqueConstraint("team_id", "name", name="uq_templates_team_name"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # host template id (tpl-...)
+    team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(64))
+    vcpus: Mapped[int]
+    memory_mb: Mapped[int]
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    source_capsule_id: Mapped[str | None] = mapped_column(String(32))
+    created_at: Mapped[datetime]

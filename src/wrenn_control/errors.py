@@ -1,0 +1,148 @@
+"""One error shape for every failure: {"error": {"code", "message"}}.
+
+Codes (wire-compatible with Wrenn): invalid_request 400, unauthorized 401, forbidden 403,
+not_found 404, invalid_state / conflict / template_name_taken / name_reserved 409, too_large 413,
+internal_error 500, agent_error 502, host_unavailable 503.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from wrenn_host.api import CapsuleNotFound, GuestError, HostAgentError
+
+log = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers
+
+
+def not_found(what: str = "capsule") -> APIError:
+    return APIError(404, "not_found", f"{what} not found")
+
+
+def invalid(message: str) -> APIError:
+    return APIError(400, "invalid_request", message)
+
+
+def invalid_state(message: str) -> APIError:
+    return APIError(409, "invalid_state", message)
+
+
+def agent_error(exc: HostAgentError | str) -> APIError:
+    return APIError(502, "agent_error", exc if isinstance(exc, str) else exc.message)
+
+
+# Guest agent error codes (see wrenn_guest/PROTOCOL.md) -> HTTP.
+_GUEST_CODES: dict[str, tuple[int, str]] = {
+    "not_found": (404, "not_found"),
+    "no_such_process": (404, "not_found"),
+    "permission_denied": (403, "forbidden"),
+    "is_directory": (400, "invalid_request"),
+    "not_directory": (400, "invalid_request"),
+    "invalid": (400, "invalid_request"),
+    "exists": (400, "invalid_request"),
+}
+
+
+def from_guest_error(exc: GuestError, overrides: dict[str, tuple[int, str]] | None = None) -> APIError:
+    """A guest's answer is the user's problem (4xx); anything else it says is an agent failure."""
+    status, code = (overrides or {}).get(exc.code) or _GUEST_CODES.get(exc.code, (502, "agent_error"))
+    return APIError(status, code, exc.message)
+
+
+_STATUS_CODES = {
+    400: "invalid_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "too_large",
+    415: "invalid_request",
+    422: "invalid_request",
+    500: "internal_error",
+    502: "agent_error",
+    503: "host_unavailable",
+}
+
+
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+def _validation_message(errors: list[dict[str, Any]]) -> str:
+    parts: list[str] = []
+    for err in errors[:5]:
+        loc = [str(x) for x in err.get("loc", ())]
+        if loc and loc[0] in ("body", "query", "path", "header", "cookie"):
+            loc = loc[1:]
+        kind = err.get("type")
+        if kind == "json_invalid":
+            detail = (err.get("ctx") or {}).get("error", "")
+            return f"request body is not valid JSON: {detail}".rstrip(": ")
+        if kind == "model_attributes_type" and isinstance(err.get("input"), (bytes, bytearray)):
+            return "request body must be a JSON object sent with Content-Type: application/json"
+        if kind == "missing" and not loc:
+            return "request body is required"
+        field = ".".join(loc)
+        msg = err.get("msg", "invalid value")
+        parts.append(f"{field}: {msg}" if field else msg)
+    return "; ".join(parts) or "invalid request"
+
+
+async def _api_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, APIError)
+    return error_response(exc.status, exc.code, exc.message, exc.headers)
+
+
+async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return error_response(400, "invalid_request", _validation_message(list(exc.errors())))
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = _STATUS_CODES.get(exc.status_code, "internal_error" if exc.status_code >= 500 else "invalid_request")
+    if exc.status_code == 404 and exc.detail == "Not Found":
+        message = f"no route for {request.method} {request.url.path}"
+    elif exc.status_code == 405:
+        message = f"method {request.method} not allowed on {request.url.path}"
+    else:
+        message = str(exc.detail)
+    return error_response(exc.status_code, code, message, getattr(exc, "headers", None))
+
+
+async def _host_error(_: Request, exc: Exception) -> JSONResponse:
+    # Safety net: routes translate host errors themselves (and fix capsule status); this only
+    # guarantees that an untranslated one still has the right shape.
+    assert isinstance(exc, HostAgentError)
+    if isinstance(exc, GuestError) and not isinstance(exc, CapsuleNotFound):
+        api = from_guest_error(exc)
+        return error_response(api.status, api.code, api.message)
+    return error_response(502, "agent_error", exc.message)
+
+
+async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error", exc_info=exc)
+    return error_response(500, "internal_error", "internal server error")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(HostAgentError, _host_error)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,332 @@
+"""Capsule operations: the flows that change a capsule by calling the host agent.
+
+Shared by the routes and the reaper, so an auto-pause is exactly an API pause. Every flow has the
+same shape:
+1. a conditional transition into a transitional state (pausing, resuming, ...): the guard that
+   makes concurrent requests lose cleanly instead of racing;
+2. the host call, under a per-capsule lock so that this process never runs two lifecycle calls
+   on one VM at once (a destroy waits for an in-flight pause instead of overlapping it);
+3. the final transition.
+When the host call fails, `_settle` asks the host what is true and records that: a capsule is
+never left in a transitional state, and one whose VM is gone becomes `error` with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+from sqlalchemy import ColumnElement, select
+
+from wrenn_control import ids
+from wrenn_control.clock import utcnow
+from wrenn_control.db.models import Capsule
+from wrenn_control.db.session import Database
+from wrenn_control.errors import APIError, agent_error, from_guest_error, invalid_state, not_found
+from wrenn_control.events import EventBus
+from wrenn_control.lifecycle import Status, touch_active, transition
+from wrenn_control.schemas import CapsuleOut
+from wrenn_host.api import (
+    CapsuleNotFound,
+    CapsuleRuntime,
+    GuestError,
+    HostAgent,
+    HostAgentError,
+    TemplateRuntime,
+    VMMError,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+S = Status
+
+_EVENT_NAMES = {S.STOPPED.value: "capsule.destroyed"}
+
+
+class CapsuleOps:
+    def __init__(self, db: Database, host: HostAgent, events: EventBus):
+        self.db = db
+        self.host = host
+        self.events = events
+        self._boot_tasks: dict[str, asyncio.Task[None]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        # Requests in flight per capsule (exec, file transfer): the reaper leaves these alone.
+        self._busy: collections.Counter[str] = collections.Counter()
+
+    # ---- reads ----------------------------------------------------------------------------
+
+    def get(self, capsule_id: str) -> Capsule | None:
+        with self.db.session() as s:
+            return s.scalar(select(Capsule).where(Capsule.id == capsule_id))
+
+    def get_for_team(self, team_id: str, capsule_id: str) -> Capsule:
+        """Unknown and other teams' capsules are indistinguishable (both 404)."""
+        with self.db.session() as s:
+            row = s.scalar(select(Capsule).where(Capsule.id == capsule_id, Capsule.team_id == team_id))
+        if row is None:
+            raise not_found("capsule")
+        return row
+
+    def status(self, capsule_id: str) -> str | None:
+        with self.db.session() as s:
+            return s.scalar(select(Capsule.status).where(Capsule.id == capsule_id))
+
+    def require_running(self, row: Capsule) -> None:
+        if row.status != S.RUNNING.value:
+            raise invalid_state(f"capsule is {row.status}; it must be running")
+
+    # ---- state changes --------------------------------------------------------------------
+
+    def transition(self, capsule_id: str, to: Status, *, from_: Iterable[Status] | None = None,
+                   where: Iterable[ColumnElement[bool]] = (), values: dict[str, Any] | None = None,
+                   force: bool = False) -> bool:
+        """`lifecycle.transition` in its own short transaction, publishing an event on success."""
+        with self.db.session() as s:
+            done = transition(s, capsule_id, to, from_=from_, where=where, values=values, force=force)
+            row = s.scalar(select(Capsule).where(Capsule.id == capsule_id)) if done else None
+            s.commit()
+        if row is not None:
+            self._publish(row)
+        return done
+
+    def touch(self, capsule_id: str) -> bool:
+        """Record activity; False if the capsule is not running."""
+        with self.db.session() as s:
+            done = touch_active(s, capsule_id)
+            s.commit()
+        return done
+
+    def _publish(self, row: Capsule, type_: str | None = None) -> None:
+        name = type_ or _EVENT_NAMES.get(row.status, f"capsule.{row.status}")
+        self.events.publish(name, row.team_id, CapsuleOut.of(row).model_dump(mode="json"))
+
+    def _lock(self, capsule_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(capsule_id, asyncio.Lock())
+
+    # ---- create ---------------------------------------------------------------------------
+
+    def create(self, team_id: str, *, template: str, template_id: str, vcpus: int, memory_mb: int,
+               timeout_sec: int, labels: dict[str, str]) -> Capsule:
+        """Write the row as `pending` and boot in the background; the caller answers at once."""
+        now = utcnow()
+        row = Capsule(
+            id=ids.capsule_id(), team_id=team_id, status=S.PENDING.value, template=template,
+            template_id=template_id, vcpus=vcpus, memory_mb=memory_mb, timeout_sec=timeout_sec,
+            meta=dict(labels), created_at=now, last_updated=now,
+        )
+        with self.db.session() as s:
+            s.add(row)
+            s.commit()
+        self._publish(row, "capsule.created")
+        task = asyncio.create_task(self._boot(row.id, template_id, vcpus, memory_mb), name=f"boot {row.id}")
+        self._boot_tasks[row.id] = task
+        task.add_done_callback(lambda _t, cid=row.id: self._boot_tasks.pop(cid, None))
+        return row
+
+    async def _boot(self, capsule_id: str, template_id: str, vcpus: int, memory_mb: int) -> None:
+        if not self.transition(capsule_id, S.STARTING, from_={S.PENDING}):
+            return  # destroyed before the boot began
+        try:
+            async with self._lock(capsule_id):
+                runtime = await self.host.create(capsule_id, template_id, vcpus, memory_mb)
+        except HostAgentError as exc:
+            await self._fail_boot(capsule_id, f"create failed: {exc.message}")
+            return
+        except Exception as exc:  # a bug must still leave a truthful status
+            log.exception("boot of %s failed", capsule_id)
+            await self._fail_boot(capsule_id, f"create failed: internal error: {exc!r}")
+            return
+        # If this fails, a destroy took the capsule over while it booted; that destroy waits for
+        # this task and then removes the VM, so nothing leaks.
+        self._set_running(capsule_id, runtime, from_={S.STARTING})
+
+    async def _fail_boot(self, capsule_id: str, reason: str) -> None:
+        log.warning("capsule %s: %s", capsule_id, reason)
+        if self.transition(capsule_id, S.ERROR, from_={S.STARTING}, values={"error": reason}):
+            # Free whatever a half-done create left behind (destroy is idempotent).
+            try:
+                async with self._lock(capsule_id):
+                    await self.host.destroy(capsule_id)
+            except HostAgentError as exc:
+                log.warning("cleanup of failed capsule %s: %s", capsule_id, exc)
+
+    def _set_running(self, capsule_id: str, runtime: CapsuleRuntime, *, from_: Iterable[Status]) -> bool:
+        row = self.get(capsule_id)
+        meta = dict(row.meta or {}) if row is not None else {}
+        meta.update({str(k): str(v) for k, v in runtime.metadata.items()})
+        return self.transition(capsule_id, S.RUNNING, from_=from_,
+                               values={"started_at": utcnow(), "meta": meta, "error": None})
+
+    # ---- pause / resume / snapshot / destroy ----------------------------------------------
+
+    async def pause(self, capsule_id: str, *, where: Iterable[ColumnElement[bool]] = ()) -> bool:
+        """False if the capsule was not running (or `where` did not hold); APIError on failure."""
+        if not self.transition(capsule_id, S.PAUSING, from_={S.RUNNING}, where=where):
+            return False
+        async with self._lock(capsule_id):
+            self._still(capsule_id, S.PAUSING, "pause")
+            try:
+                await self.host.pause(capsule_id)
+            except HostAgentError as exc:
+                await self._settle(capsule_id, S.PAUSING, f"pause failed: {exc.message}")
+                raise agent_error(exc) from exc
+        if not self.transition(capsule_id, S.PAUSED, from_={S.PAUSING}):
+            raise self._changed(capsule_id, "pause")
+        return True
+
+    async def resume(self, capsule_id: str) -> bool:
+        if not self.transition(capsule_id, S.RESUMING, from_={S.PAUSED}):
+            return False
+        async with self._lock(capsule_id):
+            self._still(capsule_id, S.RESUMING, "resume")
+            try:
+                runtime = await self.host.resume(capsule_id)
+            except HostAgentError as exc:
+                await self._settle(capsule_id, S.RESUMING, f"resume failed: {exc.message}")
+                raise agent_error(exc) from exc
+        if not self._set_running(capsule_id, runtime, from_={S.RESUMING}):
+            raise self._changed(capsule_id, "resume")
+        return True
+
+    async def snapshot(self, capsule_id: str, template_id: str) -> TemplateRuntime:
+        """Make a template from a running or paused capsule; the capsule ends paused."""
+        if not self.transition(capsule_id, S.SNAPSHOTTING, from_={S.RUNNING, S.PAUSED}):
+            raise invalid_state(f"capsule is {self.status(capsule_id)}; "
+                                "only running or paused capsules can be snapshotted")
+        async with self._lock(capsule_id):
+            self._still(capsule_id, S.SNAPSHOTTING, "snapshot")
+            try:
+                template = await self.host.snapshot(capsule_id, template_id)
+            except HostAgentError as exc:
+                await self._settle(capsule_id, S.SNAPSHOTTING, f"snapshot failed: {exc.message}")
+                raise agent_error(exc) from exc
+        # If a destroy came in meanwhile the template is still good; the capsule is just gone.
+        self.transition(capsule_id, S.PAUSED, from_={S.SNAPSHOTTING})
+        return template
+
+    async def destroy(self, capsule_id: str) -> None:
+        """From any state. Idempotent: an already stopped (or stopping) capsule is left as is."""
+        if not self.transition(capsule_id, S.STOPPING):
+            return
+        boot = self._boot_tasks.get(capsule_id)
+        if boot is not None and not boot.done():
+            # Stop a boot in progress; the host.destroy below removes whatever it had made.
+            boot.cancel()
+            await asyncio.wait({boot})
+        async with self._lock(capsule_id):
+            try:
+                await self.host.destroy(capsule_id)
+            except HostAgentError as exc:
+                self.transition(capsule_id, S.ERROR, from_={S.STOPPING},
+                                values={"error": f"destroy failed: {exc.message}"})
+                raise agent_error(exc) from exc
+        self.transition(capsule_id, S.STOPPED, from_={S.STOPPING})
+        self._locks.pop(capsule_id, None)
+
+    def _still(self, capsule_id: str, expected: Status, op: str) -> None:
+        """After waiting for the lock: a destroy may have taken over meanwhile."""
+        if self.status(capsule_id) != expected.value:
+            raise self._changed(capsule_id, op)
+
+    def _changed(self, capsule_id: str, op: str) -> APIError:
+        return invalid_state(f"capsule became {self.status(capsule_id)} during {op}")
+
+    async def _settle(self, capsule_id: str, transitional: Status, reason: str) -> None:
+        """After a failed host call: record what the host says is true."""
+        try:
+            state = (await self.host.get(capsule_id)).state
+        except CapsuleNotFound:
+            state = None
+        except HostAgentError as exc:
+            log.warning("capsule %s: state unknown after failure: %s", capsule_id, exc)
+            state = None
+        if state == "running":
+            self.transition(capsule_id, S.RUNNING, from_={transitional})
+        elif state == "paused":
+            self.transition(capsule_id, S.PAUSED, from_={transitional})
+        else:
+            self.transition(capsule_id, S.ERROR, from_={transitional}, values={"error": reason})
+
+    # ---- calls into the guest (exec, processes, files) ------------------------------------
+
+    async def guest(self, capsule_id: str, call: Awaitable[T],
+                    overrides: dict[str, tuple[int, str]] | None = None) -> T:
+        """Await a guest call and translate its failure: the guest's own errors are the user's
+        (4xx), a missing or broken VM is the agent's (502) and marks the capsule `error`."""
+        try:
+            return await call
+        except HostAgentError as exc:
+            raise await self._guest_failure(capsule_id, exc, overrides) from exc
+
+    async def guest_stream(self, capsule_id: str, stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in stream:
+                yield chunk
+        except HostAgentError as exc:
+            raise await self._guest_failure(capsule_id, exc, None) from exc
+
+    async def _guest_failure(self, capsule_id: str, exc: HostAgentError,
+                             overrides: dict[str, tuple[int, str]] | None) -> APIError:
+        if isinstance(exc, GuestError):
+            return from_guest_error(exc, overrides)
+        if isinstance(exc, CapsuleNotFound):
+            self._mark_lost(capsule_id, exc.message)
+        elif isinstance(exc, VMMError):
+            try:
+                await self.host.get(capsule_id)
+            except CapsuleNotFound:
+                self._mark_lost(capsule_id, exc.message)
+            except HostAgentError:
+                pass
+        return agent_error(exc)
+
+    def _mark_lost(self, capsule_id: str, message: str) -> None:
+        # Only from running: if a pause or destroy is under way, that flow owns the status.
+        self.transition(capsule_id, S.ERROR, from_={S.RUNNING}, values={"error": f"VM lost: {message}"})
+
+    @contextmanager
+    def busy(self, capsule_id: str) -> Iterator[None]:
+        self._busy[capsule_id] += 1
+        try:
+            yield
+        finally:
+            self._busy[capsule_id] -= 1
+            if self._busy[capsule_id] <= 0:
+                del self._busy[capsule_id]
+
+    def is_busy(self, capsule_id: str) -> bool:
+        return self._busy.get(capsule_id, 0) > 0
+
+    async def disk_info(self, row: Capsule, timeout: float = 0.25) -> dict[str, int | None]:
+        """disk_size_mb / disk_used_mb for GET of one capsule: best effort, never slows a poll
+        by more than `timeout`, null when the host cannot tell."""
+        if row.status != S.RUNNING.value:
+            return {}
+        try:
+            metrics = await asyncio.wait_for(self.host.metrics(row.id), timeout)
+        except (HostAgentError, asyncio.TimeoutError):
+            return {}
+        mib = 1024 * 1024
+        used, size = metrics.get("disk_bytes"), metrics.get("disk_size_bytes")
+        return {
+            "disk_used_mb": int(used) // mib if isinstance(used, (int, float)) else None,
+            "disk_size_mb": int(size) // mib if isinstance(size, (int, float)) else None,
+        }
+
+    # ---- shutdown -------------------------------------------------------------------------
+
+    async def shutdown(self, grace_sec: float) -> None:
+        """Let in-flight boots finish for a bounded time, then cancel them. A cancelled boot
+        stays `starting` in the DB and is settled by the reconcile at the next start."""
+        tasks = [t for t in self._boot_tasks.values() if not t.done()]
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=grace_sec)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)

@@ -1,0 +1,234 @@
+"""Request and response shapes of the REST API (storage shapes are in db/models.py).
+
+Inputs use strict types (an int is not a bool or a string) and ignore unknown fields, so newer
+clients keep working; `None` for an optional field means "use the default".
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    field_validator,
+)
+
+from wrenn_control.clock import iso_z
+from wrenn_control.db.models import Capsule as CapsuleRow
+
+Timestamp = Annotated[datetime, PlainSerializer(iso_z, return_type=str, when_used="json")]
+INT32_MAX = 2**31 - 1
+
+# Keys owned by the platform; users may not set them at create time.
+RESERVED_METADATA_KEYS = frozenset({"kernel_version", "vmm_version", "agent_version", "envd_version", "error"})
+_METADATA_KEY = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9._-]{0,63}")
+
+
+class _Input(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+# ---- errors -------------------------------------------------------------------------------
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+# ---- capsules ------------------------------------------------------------------------------
+
+class CapsuleCreate(_Input):
+    template: StrictStr | None = Field(default=None, description='Template name; default "minimal".')
+    vcpus: StrictInt | None = Field(default=None, description="Default 1.")
+    memory_mb: StrictInt | None = Field(default=None, description="Default 512.")
+    timeout_sec: Annotated[StrictInt, Field(ge=0, le=INT32_MAX)] | None = Field(
+        default=None, description="Inactivity TTL before auto-pause; 0 (default) disables it.")
+    metadata: dict[StrictStr, StrictStr] | None = Field(
+        default=None, description="User labels: at most 20 keys, values at most 64 characters.")
+
+    @field_validator("metadata")
+    @classmethod
+    def _check_metadata(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is None:
+            return None
+        if len(value) > 20:
+            raise ValueError("at most 20 metadata keys")
+        for key, item in value.items():
+            if not _METADATA_KEY.fullmatch(key):
+                raise ValueError(f"invalid metadata key {key!r}: use [a-zA-Z0-9][a-zA-Z0-9._-]{{0,63}}")
+            if key in RESERVED_METADATA_KEYS:
+                raise ValueError(f"metadata key {key!r} is reserved")
+            if len(item) > 64:
+                raise ValueError(f"metadata value of {key!r} is longer than 64 characters")
+        return value
+
+
+class CapsuleOut(BaseModel):
+    id: str
+    status: str
+    template: str
+    vcpus: int
+    memory_mb: int
+    timeout_sec: int
+    created_at: Timestamp
+    last_updated: Timestamp
+    started_at: Timestamp | None
+    last_active_at: Timestamp | None
+    metadata: dict[str, str]
+
+    @classmethod
+    def of(cls, row: CapsuleRow, **extra: Any) -> "CapsuleOut":
+        metadata = {str(k): str(v) for k, v in (row.meta or {}).items()}
+        if row.status == "error" and row.error:
+            metadata["error"] = row.error  # the reason, visible to SDKs that only know the seed fields
+        return cls(
+            id=row.id, status=row.status, template=row.template, vcpus=row.vcpus,
+            memory_mb=row.memory_mb, timeout_sec=row.timeout_sec, created_at=row.created_at,
+            last_updated=row.last_updated, started_at=row.started_at,
+            last_active_at=row.last_active_at, metadata=metadata, **extra,
+        )
+
+
+class CapsuleDetail(CapsuleOut):
+    disk_size_mb: int | None = None
+    disk_used_mb: int | None = None
+
+
+# ---- exec and processes --------------------------------------------------------------------
+
+class ExecRequest(_Input):
+    cmd: Annotated[StrictStr, Field(min_length=1)]
+    args: list[StrictStr] | None = None
+    timeout_sec: Annotated[StrictInt | StrictFloat, Field(gt=0, le=86400)] | None = Field(
+        default=None, description="Foreground timeout, default 30 s.")
+    background: StrictBool | None = False
+    tag: Annotated[StrictStr, Field(min_length=1, max_length=128)] | None = None
+    envs: dict[StrictStr, StrictStr] | None = None
+    cwd: Annotated[StrictStr, Field(min_length=1)] | None = None
+
+
+class ExecResponse(BaseModel):
+    sandbox_id: str
+    cmd: str
+    stdout: str
+    stderr: str
+    exit_code: int
+    duration_ms: int
+    encoding: Literal["utf-8", "base64"]
+    timed_out: bool = False
+
+
+class BackgroundExecResponse(BaseModel):
+    sandbox_id: str
+    cmd: str
+    pid: int
+    tag: str
+
+
+class ProcessEntry(BaseModel):
+    pid: int
+    tag: str
+    cmd: str
+    args: list[str]
+    running: bool
+    exit_code: int | None
+
+
+class ProcessList(BaseModel):
+    processes: list[ProcessEntry]
+
+
+# ---- files -------------------------------------------------------------------------------
+
+class PathRequest(_Input):
+    path: Annotated[StrictStr, Field(min_length=1, max_length=4096)]
+
+
+class ListDirRequest(PathRequest):
+    depth: Annotated[StrictInt, Field(ge=0, le=32)] | None = Field(
+        default=None, description="1 (default) = direct children; 0 is treated as 1.")
+
+
+class FileEntry(BaseModel):
+    name: str
+    path: str
+    type: Literal["file", "directory", "symlink"]
+    size: int
+    mode: int
+    permissions: str
+    owner: str | None = None
+    group: str | None = None
+    modified_at: int | None = Field(default=None, description="Unix time, seconds.")
+    symlink_target: str | None = None
+
+    @classmethod
+    def of(cls, entry: dict[str, Any]) -> "FileEntry":
+        """From the guest's entry: the published SDK wants modified_at as unix seconds and
+        permissions ls-style with the type letter ("-rwxr-xr-x")."""
+        perms = str(entry.get("permissions") or "")
+        kind = entry.get("type", "file")
+        if len(perms) == 9:
+            perms = {"directory": "d", "symlink": "l"}.get(kind, "-") + perms
+        modified = entry.get("modified_at")
+        if isinstance(modified, str):
+            try:
+                parsed = datetime.fromisoformat(modified.replace("Z", "+00:00"))
+            except ValueError:
+                modified = None
+            else:
+                if parsed.tzinfo is None:
+                    parsed = parsed.replace(tzinfo=timezone.utc)
+                modified = int(parsed.timestamp())
+        elif isinstance(modified, float):
+            modified = int(modified)
+        return cls(
+            name=entry["name"], path=entry["path"], type=kind, size=int(entry.get("size") or 0),
+            mode=int(entry.get("mode") or 0), permissions=perms, owner=entry.get("owner"),
+            group=entry.get("group"), modified_at=modified, symlink_target=entry.get("symlink_target"),
+        )
+
+
+class ListDirResponse(BaseModel):
+    entries: list[FileEntry]
+
+
+class MkdirResponse(BaseModel):
+    entry: FileEntry
+
+
+# ---- snapshots (templates) ---------------------------------------------------------------
+
+class SnapshotCreate(_Input):
+    sandbox_id: Annotated[StrictStr, Field(min_length=1)]
+    name: StrictStr | None = None
+
+
+class TemplateOut(BaseModel):
+    name: str
+    type: Literal["base", "snapshot"]
+    vcpus: int
+    memory_mb: int
+    size_bytes: int
+    created_at: Timestamp | None
+
+
+# ---- system ------------------------------------------------------------------------------
+
+class Health(BaseModel):
+    model_config = ConfigDict(extra="allow")  # whatever else the host agent reports
+
+    status: str
+    accelerator: str | None = None

@@ -1,0 +1,31 @@
+"""Run the control plane with uvicorn (called by the `wrenn server` CLI)."""
+
+from __future__ import annotations
+
+import uvicorn
+
+from wrenn_control.app import create_app
+from wrenn_control.bootstrap import bootstrap
+from wrenn_control.config import Settings
+from wrenn_control.db.migrate import run_migrations
+from wrenn_control.db.session import Database
+from wrenn_host.api import HostAgent
+
+
+def prepare(settings: Settings) -> str | None:
+    """Migrate and bootstrap now, before serving, so a new key can be printed first.
+    (The app's start-up does the same again, which is then a no-op.)"""
+    db = Database(settings.db_url)
+    try:
+        run_migrations(db)
+        return bootstrap(db, settings)
+    finally:
+        db.dispose()
+
+
+def run(host: str, port: int, settings: Settings, host_agent: HostAgent) -> None:
+    key = prepare(settings)
+    if key is not None:
+        print(f"API key (shown once): {key}", flush=True)
+    app = create_app(settings, host_agent)
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=15)

@@ -1,0 +1,85 @@
+"""Auto-pause: running capsules idle for `timeout_sec` are paused through the same flow as
+POST /pause (`CapsuleOps.pause`).
+
+Idle means now - max(last_active_at, started_at) >= timeout_sec. The check is repeated inside the
+conditional UPDATE that starts the pause, so an exec or ping that lands between the scan and the
+pause wins, and a capsule with a request in flight (a long exec) is skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from datetime import datetime, timedelta
+
+from sqlalchemy import or_, select
+
+from wrenn_control.clock import utcnow
+from wrenn_control.db.models import Capsule
+from wrenn_control.db.session import Database
+from wrenn_control.errors import APIError
+from wrenn_control.lifecycle import Status
+from wrenn_control.operations import CapsuleOps
+
+log = logging.getLogger(__name__)
+
+
+class Reaper:
+    def __init__(self, db: Database, ops: CapsuleOps, interval_sec: float):
+        self.db = db
+        self.ops = ops
+        self.interval_sec = interval_sec
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="reaper")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.run_once()
+            except Exception:  # keep reaping; one bad pass must not end auto-pause for good
+                log.exception("reaper pass failed")
+            await asyncio.sleep(self.interval_sec)
+
+    async def run_once(self, now: datetime | None = None) -> list[str]:
+        """One pass; returns the ids it paused."""
+        now = now or utcnow()
+        with self.db.session() as s:
+            rows = s.execute(
+                select(Capsule.id, Capsule.timeout_sec, Capsule.started_at, Capsule.last_active_at)
+                .where(Capsule.status == Status.RUNNING.value, Capsule.timeout_sec > 0)
+            ).all()
+        due: list[tuple[str, datetime]] = []
+        for capsule_id, timeout_sec, started_at, last_active_at in rows:
+            marks = [t for t in (started_at, last_active_at) if t is not None]
+            if not marks or self.ops.is_busy(capsule_id):
+                continue
+            cutoff = now - timedelta(seconds=timeout_sec)
+            if max(marks) <= cutoff:
+                due.append((capsule_id, cutoff))
+        results = await asyncio.gather(*(self._pause(cid, cutoff) for cid, cutoff in due))
+        return [cid for (cid, _), paused in zip(due, results) if paused]
+
+    async def _pause(self, capsule_id: str, cutoff: datetime) -> bool:
+        still_idle = [
+            Capsule.timeout_sec > 0,
+            or_(Capsule.started_at.is_(None), Capsule.started_at <= cutoff),
+            or_(Capsule.last_active_at.is_(None), Capsule.last_active_at <= cutoff),
+        ]
+        try:
+            paused = await self.ops.pause(capsule_id, where=still_idle)
+        except APIError as exc:  # the flow already recorded the capsule's true status
+            log.warning("auto-pause of %s failed: %s", capsule_id, exc.message)
+            return False
+        if paused:
+            log.info("auto-paused idle capsule %s", capsule_id)
+        return paused

@@ -78,8 +78,9 @@ def server(
     data_dir = (data_dir or default_data_dir()).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     _build_images(force=False)
+    with console.status("preparing template snapshots (the first start boots each template once)"):
+        # A throwaway agent on its own event loop: the serving one must live on uvicorn's loop.
+        asyncio.run(LocalHostAgent(data_dir).prepare())
     agent = LocalHostAgent(data_dir)
-    with console.status("preparing template snapshots (first start boots each template once)"):
-        asyncio.run(agent.prepare())
     console.print(f"accelerator: {agent.accel}; data: {data_dir}")
     run(host, port, Settings(data_dir=data_dir), agent)

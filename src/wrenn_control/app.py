@@ -28,6 +28,22 @@ from wrenn_host.api import HostAgent
 log = logging.getLogger(__name__)
 
 
+class FormEncodedJSON:
+    """`curl -d '{...}'` without `-H Content-Type` labels JSON as a form. No route here takes
+    form-encoded bodies, so read those as JSON (a real form then gets a clear "not valid JSON")."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = [(k, b"application/json" if k == b"content-type"
+                        and v.startswith(b"application/x-www-form-urlencoded") else v)
+                       for k, v in scope["headers"]]
+            scope = dict(scope, headers=headers)
+        await self.app(scope, receive, send)
+
+
 def create_app(settings: Settings, host: HostAgent) -> FastAPI:
     db = Database(settings.db_url)
     events = EventBus()
@@ -68,6 +84,7 @@ def create_app(settings: Settings, host: HostAgent) -> FastAPI:
     app.state.reaper = reaper
     app.state.bootstrap_key = None
     install_error_handlers(app)
+    app.add_middleware(FormEncodedJSON)
     app.include_router(system.router, prefix="/api")
     app.include_router(api_router, prefix="/api/v1")
     return app

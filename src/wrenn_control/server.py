@@ -26,6 +26,9 @@ def prepare(settings: Settings) -> str | None:
 def run(host: str, port: int, settings: Settings, host_agent: HostAgent) -> None:
     key = prepare(settings)
     if key is not None:
-        print(f"API key (shown once): {key}", flush=True)
+        print(f"API key (shown once): {key}\n"
+              f"  export WRENN_API_KEY={key}\n"
+              f"  export WRENN_BASE_URL=http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/api",
+              flush=True)
     app = create_app(settings, host_agent)
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=15)

@@ -120,6 +120,7 @@ def metrics(req: Request) -> dict:
         "cpu_pct": cpu_pct,
         "mem_bytes": mem["MemTotal"] - mem.get("MemAvailable", mem.get("MemFree", 0)),
         "disk_bytes": (st.f_blocks - st.f_bfree) * st.f_frsize,
+        "disk_size_bytes": st.f_blocks * st.f_frsize,
     }
 
 

@@ -40,7 +40,8 @@ snapshot_app = typer.Typer(
     no_args_is_help=True,
 )
 
-out = Console(highlight=False, soft_wrap=False)
+# Piped output is not cut to 80 columns: ids and timestamps must survive `| grep`.
+out = Console(highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, highlight=False)
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of human output.")]
@@ -153,7 +154,12 @@ def capsule_create(
                 info = client.capsules.wait(info.id)
             except WrennError as exc:
                 _fail(f"{exc.code}: {exc.message} (capsule {info.id})")
-    _show_capsule(info, as_json, "Created")
+    if as_json:
+        _print_json(info)
+    else:
+        # Only the id on stdout, so `ID=$(wrenn capsule create)` works; the rest is for people.
+        err.print(f"Created {info.id} (status: {info.status})", markup=False)
+        out.print(info.id, markup=False)
 
 
 @capsule_app.command("list")

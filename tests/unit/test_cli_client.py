@@ -221,7 +221,8 @@ def test_create_waits_until_running(api: Api) -> None:
         "60",
     )
     assert result.exit_code == 0, result.output
-    assert "Created cl-abc123" in result.stdout and "running" in result.stdout
+    assert result.stdout == "cl-abc123\n"  # only the id on stdout, for scripts
+    assert "Created cl-abc123" in result.stderr and "running" in result.stderr
     assert api.body(0) == {"template": "minimal", "vcpus": 2, "memory_mb": 1024, "timeout_sec": 60}
     assert [r.method for r in api.requests] == ["POST", "GET", "GET"]
 

@@ -15,6 +15,13 @@ log = logging.getLogger("wrenn_guest")
 
 READ_SIZE = 1 << 20
 EOF_RETRY_SEC = 0.05
+# Upload chunks queued per request before the read loop waits for the handler (disk slower than
+# the channel): bounds the agent's memory during a big upload instead of buffering it whole.
+INBOX_FRAMES = 8
+INBOX_POLL_SEC = 0.2
+# Quick, never-blocking ops answered on the reader thread: no hand-off to a worker, which matters
+# for the first request after a restore, when every code path of an emulated guest is cold.
+INLINE_OPS = frozenset({"ping", "identity"})
 _END = object()  # inbox marker: the host finished an upload (or cancelled it)
 
 
@@ -65,7 +72,8 @@ class Request:
         self.params = params
         self.payload = payload
         self.cancelled = threading.Event()
-        self._inbox: queue.Queue = queue.Queue()
+        self.finished = False  # the handler returned: nobody consumes the inbox any more
+        self._inbox: queue.Queue = queue.Queue(INBOX_FRAMES)
         self._cancel_hooks: list[Callable[[], None]] = []
         self._lock = threading.Lock()
 
@@ -87,7 +95,11 @@ class Request:
                 return
             self.cancelled.set()
             hooks, self._cancel_hooks = self._cancel_hooks, []
-        self._inbox.put(_END)
+        try:
+            self._inbox.put_nowait(_END)
+        except queue.Full:
+            pass  # the handler checks `cancelled` after every chunk it takes
+
         for hook in hooks:
             try:
                 hook()
@@ -107,11 +119,21 @@ class Request:
     # called by the read loop
     def _deliver(self, kind: str, payload: bytes) -> None:
         if kind == "data":
-            self._inbox.put(payload)
+            self._put(payload)
         elif kind == "end":
-            self._inbox.put(_END)
+            self._put(_END)
         elif kind == "cancel":
             self.cancel()
+
+    def _put(self, item) -> None:
+        """Wait for room (backpressure on the whole channel), unless the handler is gone."""
+        while True:
+            try:
+                self._inbox.put(item, timeout=INBOX_POLL_SEC)
+                return
+            except queue.Full:
+                if self.finished or self.cancelled.is_set():
+                    return
 
 
 Handler = Callable[[Request], "dict | tuple[dict, bytes]"]
@@ -192,12 +214,16 @@ class Server:
             if not duplicate:
                 self._requests[rid] = req
         target = self._reject_duplicate if duplicate else self._run
-        self._workers.submit(target, req)
+        if op in INLINE_OPS and not duplicate:
+            target(req)
+        else:
+            self._workers.submit(target, req)
 
     def _run(self, req: Request) -> None:
         try:
             reply, payload = self._handle(req)
         finally:
+            req.finished = True
             with self._requests_lock:
                 self._requests.pop(req.id, None)
         self._reply(reply, payload)

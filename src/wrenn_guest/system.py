@@ -36,13 +36,10 @@ def ping(req: Request) -> dict:
 # WRENN_GUEST_TEST=1 (an agent run on a developer's machine) they are skipped altogether.
 
 def set_hostname(name: str) -> None:
+    # The kernel's name only: a capsule never reboots, and a disk write here would sit on the
+    # critical path of every create.
     with open("/proc/sys/kernel/hostname", "w") as f:
         f.write(name)
-    try:
-        with open("/etc/hostname", "w") as f:
-            f.write(name + "\n")
-    except OSError:
-        pass
 
 
 def seed_rng(seed: bytes) -> None:

@@ -16,6 +16,11 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
+# The kernel is fetched with `apt-get download`, which needs current package lists.
+if ! apt-cache policy linux-image-cloud-amd64 2>/dev/null | grep -q "Candidate: [0-9]"; then
+  apt-get update -qq
+fi
+
 PYTHON=${PYTHON:-python3}
 if ! $PYTHON -c "import wrenn_cli, pytest_asyncio" 2>/dev/null || [ pyproject.toml -nt .setup-stamp ]; then
   echo "setup: installing the Python package and test dependencies"

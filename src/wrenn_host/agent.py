@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from wrenn_guest.protocol import MAX_PAYLOAD
 from wrenn_host import api
 from wrenn_host.api import CapsuleNotFound, GuestError, HostAgentError, InvalidShape, TemplateNotFound, VMMError
 from wrenn_host.guest import GuestClient
@@ -323,10 +324,15 @@ class LocalHostAgent(api.HostAgent):
         return cap
 
     def _runtime(self, cap: Capsule) -> api.CapsuleRuntime:
-        running = cap.machine is not None and cap.machine.is_alive()
+        if cap.machine is not None and cap.machine.is_alive():
+            state = "running"
+        elif self.paths.capsule_state(cap.id).exists():
+            state = "paused"
+        else:
+            state = "error"  # the VM died (crash, OOM kill) and there is no pause to go back to
         metadata = {"kernel_version": cap.meta.kernel_version, "vmm_version": f"qemu {self._vmm_version}".strip(),
                     "agent_version": cap.meta.agent_version, "accelerator": cap.snapshot.spec.accel}
-        return api.CapsuleRuntime(cap.id, "running" if running else "paused", cap.meta.template_id,
+        return api.CapsuleRuntime(cap.id, state, cap.meta.template_id,
                                   cap.meta.vcpus, cap.meta.memory_mb, metadata)
 
     def _guest(self, capsule_id: str) -> GuestClient:
@@ -415,6 +421,40 @@ class LocalHostAgent(api.HostAgent):
                 yield api.StreamEvent(header.get("stream", "stdout"), payload)
             elif header.get("type") == "result":
                 yield api.StreamEvent("exit", exit_code=header.get("exit_code"))
+
+    # ------------------------------------------------------------------ terminals
+
+    async def pty_start(self, capsule_id: str, cmd: str = "/bin/bash", args: list[str] | None = None, *,
+                        cols: int = 80, rows: int = 24, envs: dict[str, str] | None = None,
+                        cwd: str | None = None, tag: str | None = None) -> api.ProcessInfo:
+        args = list(args or [])
+        res, _ = await self._guest(capsule_id).call("pty_start", cmd=cmd, args=args, cols=cols, rows=rows,
+                                                    envs=envs or {}, cwd=cwd, tag=tag)
+        return api.ProcessInfo(pid=res["pid"], tag=res["tag"], cmd=cmd, args=args, running=True, exit_code=None)
+
+    async def pty_sessions(self, capsule_id: str) -> list[api.ProcessInfo]:
+        res, _ = await self._guest(capsule_id).call("pty_list")
+        return [api.ProcessInfo(pid=p["pid"], tag=p["tag"], cmd=p["cmd"], args=p.get("args", []),
+                                running=p.get("running", True), exit_code=p.get("exit_code"))
+                for p in res["sessions"]]
+
+    async def pty_attach(self, capsule_id: str, target: int | str) -> AsyncIterator[api.StreamEvent]:
+        async for header, payload in self._guest(capsule_id).stream("pty_attach", target=target):
+            if header.get("type") == "data":
+                yield api.StreamEvent("output", payload)
+            elif header.get("type") == "result":
+                yield api.StreamEvent("exit", exit_code=header.get("exit_code"))
+
+    async def pty_input(self, capsule_id: str, target: int | str, data: bytes) -> None:
+        guest = self._guest(capsule_id)
+        for i in range(0, len(data), MAX_PAYLOAD):
+            await guest.call("pty_input", data[i:i + MAX_PAYLOAD], target=target)
+
+    async def pty_resize(self, capsule_id: str, target: int | str, cols: int, rows: int) -> None:
+        await self._guest(capsule_id).call("pty_resize", target=target, cols=cols, rows=rows)
+
+    async def pty_kill(self, capsule_id: str, target: int | str, signal: str = "SIGKILL") -> None:
+        await self._guest(capsule_id).call("pty_kill", target=target, signal=signal)
 
     # ------------------------------------------------------------------ files
 

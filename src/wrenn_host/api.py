@@ -64,7 +64,7 @@ class CapsuleRuntime:
     """What the host agent knows of one capsule."""
 
     capsule_id: str
-    state: str  # "running" | "paused"
+    state: str  # "running" | "paused" | "error" (the VM died without a pause to go back to)
     template_id: str
     vcpus: int
     memory_mb: int
@@ -100,7 +100,8 @@ class ProcessInfo:
 
 @dataclasses.dataclass(frozen=True)
 class StreamEvent:
-    """One event of an attached process: kind is "stdout", "stderr" or "exit"."""
+    """One event of an attached process: kind is "stdout", "stderr" or "exit" (a PTY: "output"
+    or "exit")."""
 
     kind: str
     data: bytes = b""
@@ -179,6 +180,32 @@ class HostAgent(abc.ABC):
 
     @abc.abstractmethod
     def attach(self, capsule_id: str, target: int | str) -> AsyncIterator[StreamEvent]: ...
+
+    # interactive terminals: a PTY session lives in the guest whether or not anyone is attached
+    @abc.abstractmethod
+    async def pty_start(self, capsule_id: str, cmd: str = "/bin/bash", args: list[str] | None = None, *,
+                        cols: int = 80, rows: int = 24, envs: dict[str, str] | None = None,
+                        cwd: str | None = None, tag: str | None = None) -> ProcessInfo:
+        """Start `cmd` on a new pseudo-terminal of `cols` x `rows`; tag defaults to `pty-<8 hex>`."""
+
+    @abc.abstractmethod
+    async def pty_sessions(self, capsule_id: str) -> list[ProcessInfo]:
+        """The capsule's PTY sessions (finished ones for a while, with running=False)."""
+
+    @abc.abstractmethod
+    def pty_attach(self, capsule_id: str, target: int | str) -> AsyncIterator[StreamEvent]:
+        """Recent output (bounded scrollback), then live output, as kind "output" events; then one
+        "exit" event when the session's process ends. Leaving early detaches only."""
+
+    @abc.abstractmethod
+    async def pty_input(self, capsule_id: str, target: int | str, data: bytes) -> None: ...
+
+    @abc.abstractmethod
+    async def pty_resize(self, capsule_id: str, target: int | str, cols: int, rows: int) -> None: ...
+
+    @abc.abstractmethod
+    async def pty_kill(self, capsule_id: str, target: int | str, signal: str = "SIGKILL") -> None:
+        """Signal the session's process group; on a finished session, forget it."""
 
     # files
     @abc.abstractmethod

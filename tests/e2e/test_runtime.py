@@ -91,10 +91,11 @@ async def test_files_round_trip_10mb_and_errors(host_agent, capsule):
 async def test_pause_resume_keeps_processes_files_and_memory(host_agent, capsule):
     await host_agent.write_file(capsule, "/tmp/note.txt", b"kept")
     # A counter loop, and a python process holding a random value only in its memory.
-    await host_agent.spawn(capsule, "/bin/sh", ["-c", "i=0; while :; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.2; done"])
+    await host_agent.spawn(capsule, "/bin/sh", ["-c", "i=0; while :; do i=$((i+1)); echo $i > /tmp/c.tmp; mv /tmp/c.tmp /tmp/counter; sleep 0.2; done"])
     await host_agent.spawn(capsule, "python3", ["-c", (
         "import os, time\nsecret = os.urandom(8).hex()\n"
-        "while True:\n    open('/tmp/secret', 'w').write(secret)\n    time.sleep(0.2)")], tag="holder")
+        "while True:\n    open('/tmp/s.tmp', 'w').write(secret)\n    os.replace('/tmp/s.tmp', '/tmp/secret')\n"
+        "    time.sleep(0.2)")], tag="holder")
     await asyncio.sleep(1.5)
     before = int((await host_agent.read_file(capsule, "/tmp/counter")).decode())
     secret = await host_agent.read_file(capsule, "/tmp/secret")
@@ -137,7 +138,9 @@ async def test_clones_are_independent_with_own_identity(host_agent):
 
 async def test_snapshot_template_carries_files_and_processes(host_agent, capsule):
     await host_agent.write_file(capsule, "/root/state.txt", b"from the snapshot")
-    await host_agent.spawn(capsule, "/bin/sh", ["-c", "while :; do date +%s > /tmp/alive; sleep 0.2; done"], tag="ticker")
+    await host_agent.spawn(capsule, "/bin/sh", ["-c", "while :; do date +%s%N > /tmp/a.tmp; mv /tmp/a.tmp /tmp/alive; sleep 0.2; done"], tag="ticker")
+    r = await sh(host_agent, capsule, "for i in $(seq 100); do [ -s /tmp/alive ] && exit 0; sleep 0.1; done; exit 1")
+    assert r.exit_code == 0  # the ticker is running before the snapshot is taken
     tid = "tpl-" + secrets.token_hex(4)
     tpl = await host_agent.snapshot(capsule, tid)
     assert (tpl.vcpus, tpl.memory_mb) == (1, 512) and tpl.size_bytes > 0

@@ -37,7 +37,6 @@ from wrenn_host.api import (
     HostAgent,
     HostAgentError,
     TemplateRuntime,
-    VMMError,
 )
 
 log = logging.getLogger(__name__)
@@ -275,9 +274,10 @@ class CapsuleOps:
             return from_guest_error(exc, overrides)
         if isinstance(exc, CapsuleNotFound):
             self._mark_lost(capsule_id, exc.message)
-        elif isinstance(exc, VMMError):
+        else:  # the VMM failed or the guest connection dropped: is the VM still there?
             try:
-                await self.host.get(capsule_id)
+                if (await self.host.get(capsule_id)).state != "running":
+                    self._mark_lost(capsule_id, exc.message)
             except CapsuleNotFound:
                 self._mark_lost(capsule_id, exc.message)
             except HostAgentError:

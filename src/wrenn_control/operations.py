@@ -273,18 +273,18 @@ class CapsuleOps:
         if isinstance(exc, GuestError):
             return from_guest_error(exc, overrides)
         if isinstance(exc, CapsuleNotFound):
-            self._mark_lost(capsule_id, exc.message)
+            self.mark_lost(capsule_id, exc.message)
         else:  # the VMM failed or the guest connection dropped: is the VM still there?
             try:
                 if (await self.host.get(capsule_id)).state != "running":
-                    self._mark_lost(capsule_id, exc.message)
+                    self.mark_lost(capsule_id, exc.message)
             except CapsuleNotFound:
-                self._mark_lost(capsule_id, exc.message)
+                self.mark_lost(capsule_id, exc.message)
             except HostAgentError:
                 pass
         return agent_error(exc)
 
-    def _mark_lost(self, capsule_id: str, message: str) -> None:
+    def mark_lost(self, capsule_id: str, message: str) -> None:
         # Only from running: if a pause or destroy is under way, that flow owns the status.
         self.transition(capsule_id, S.ERROR, from_={S.RUNNING}, values={"error": f"VM lost: {message}"})
 

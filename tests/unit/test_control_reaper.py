@@ -139,3 +139,15 @@ async def test_error_capsule_found_alive_is_restored(tmp_path, host_state):
     async with running_app(settings, fake1.survivors()) as h:
         got = (await h.client.get(f"/v1/capsules/{c['id']}")).json()
         assert got["status"] == host_state and "error" not in got["metadata"]
+
+
+async def test_vm_that_died_is_marked_error_without_any_call(tmp_path):
+    async with running_app(make_settings(tmp_path, reaper_interval_sec=0.05)) as h:
+        dead = await h.running_capsule(timeout_sec=0)
+        alive = await h.running_capsule(timeout_sec=0)
+        h.fake.capsules[dead["id"]].state = "error"  # what the host reports for a crashed VM
+        got = await h.wait_status(dead["id"], "error", timeout=3)
+        assert "stopped unexpectedly" in got["metadata"]["error"]
+        assert (await h.client.get(f"/v1/capsules/{alive['id']}")).json()["status"] == "running"
+        # a destroy still cleans it up
+        assert (await h.client.delete(f"/v1/capsules/{dead['id']}")).status_code == 204

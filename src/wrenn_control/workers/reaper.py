@@ -1,5 +1,6 @@
 """Auto-pause: running capsules idle for `timeout_sec` are paused through the same flow as
-POST /pause (`CapsuleOps.pause`).
+POST /pause (`CapsuleOps.pause`). Each pass also notices running capsules whose VM died (crash,
+OOM kill) and marks them `error`, so GET tells the truth without waiting for the next exec.
 
 Idle means now - max(last_active_at, started_at) >= timeout_sec. The check is repeated inside the
 conditional UPDATE that starts the pause, so an exec or ping that lands between the scan and the
@@ -21,6 +22,7 @@ from wrenn_control.db.session import Database
 from wrenn_control.errors import APIError
 from wrenn_control.lifecycle import Status
 from wrenn_control.operations import CapsuleOps
+from wrenn_host.api import CapsuleNotFound, HostAgentError
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +47,14 @@ class Reaper:
     async def _loop(self) -> None:
         while True:
             try:
+                await self.mark_dead()
                 await self.run_once()
             except Exception:  # keep reaping; one bad pass must not end auto-pause for good
                 log.exception("reaper pass failed")
             await asyncio.sleep(self.interval_sec)
 
     async def run_once(self, now: datetime | None = None) -> list[str]:
-        """One pass; returns the ids it paused."""
+        """One auto-pause pass; returns the ids it paused."""
         now = now or utcnow()
         with self.db.session() as s:
             rows = s.execute(
@@ -68,6 +71,24 @@ class Reaper:
                 due.append((capsule_id, cutoff))
         results = await asyncio.gather(*(self._pause(cid, cutoff) for cid, cutoff in due))
         return [cid for (cid, _), paused in zip(due, results) if paused]
+
+    async def mark_dead(self) -> list[str]:
+        """Running capsules whose VM is gone become `error`; returns their ids."""
+        with self.db.session() as s:
+            running = s.scalars(select(Capsule.id).where(Capsule.status == Status.RUNNING.value)).all()
+        dead = []
+        for capsule_id in running:
+            try:
+                state = (await self.ops.host.get(capsule_id)).state
+            except CapsuleNotFound:
+                state = "error"
+            except HostAgentError:
+                continue  # unknown: leave it to the next pass
+            if state == "error":
+                # Only from running: a pause or destroy that started meanwhile owns the status.
+                self.ops.mark_lost(capsule_id, "the VM stopped unexpectedly")
+                dead.append(capsule_id)
+        return dead
 
     async def _pause(self, capsule_id: str, cutoff: datetime) -> bool:
         still_idle = [

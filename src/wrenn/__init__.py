@@ -40,8 +40,18 @@ from wrenn._models import (
     TemplateType,
 )
 from wrenn.capsule import AsyncCapsule, Capsule
-from wrenn.commands import AsyncCommands, Commands
+from wrenn.commands import (
+    AsyncCommands,
+    Commands,
+    StreamErrorEvent,
+    StreamEvent,
+    StreamExitEvent,
+    StreamStartEvent,
+    StreamStderrEvent,
+    StreamStdoutEvent,
+)
 from wrenn.files import AsyncFiles, Files
+from wrenn.pty import AsyncPtySession, PtyEvent, PtyEventType, PtySession
 
 # Names the published SDK uses for the same things.
 CommandResult = ExecResult
@@ -54,6 +64,7 @@ __all__ = [
     "AsyncCapsule",
     "AsyncCommands",
     "AsyncFiles",
+    "AsyncPtySession",
     "AsyncWrennClient",
     "BackgroundProcess",
     "Capsule",
@@ -65,8 +76,17 @@ __all__ = [
     "FileEntry",
     "Files",
     "ProcessInfo",
+    "PtyEvent",
+    "PtyEventType",
+    "PtySession",
     "Snapshot",
     "Status",
+    "StreamErrorEvent",
+    "StreamEvent",
+    "StreamExitEvent",
+    "StreamStartEvent",
+    "StreamStderrEvent",
+    "StreamStdoutEvent",
     "Template",
     "TemplateType",
     "WrennAPIError",

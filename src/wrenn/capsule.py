@@ -18,6 +18,9 @@ from wrenn._models import CapsuleInfo, Status, Template
 from wrenn._wait import DEFAULT_WAIT_TIMEOUT, adrive, connect_flow, drive
 from wrenn.commands import AsyncCommands, Commands
 from wrenn.files import AsyncFiles, Files
+from wrenn.pty import PtySession, _AsyncPtyOpener
+from wrenn.pty import _connect_message as _pty_connect_message
+from wrenn.pty import _start_message as _pty_start_message
 
 __all__ = ["AsyncCapsule", "Capsule"]
 
@@ -338,6 +341,36 @@ class Capsule(_CapsuleState):
         self.get_info()  # snapshotting changes the capsule's status
         return template
 
+    def pty(
+        self,
+        cmd: str = "/bin/bash",
+        args: builtins.list[str] | None = None,
+        cols: int = 80,
+        rows: int = 24,
+        envs: dict[str, str] | None = None,
+        cwd: str | None = None,
+        *,
+        tag: str | None = None,
+    ) -> PtySession:
+        """Start an interactive program on a terminal in the capsule; use it as a context
+        manager (leaving it kills the program unless :meth:`PtySession.detach` was called).
+
+        Example::
+
+            with capsule.pty() as term:
+                term.write(b"echo hello\n")
+                for event in term:
+                    if event.type == "output":
+                        print(event.data.decode(errors="replace"), end="")
+        """
+        return PtySession._open(
+            self._client, self._id, _pty_start_message(cmd, args, cols, rows, envs, cwd, tag)
+        )
+
+    def pty_connect(self, tag: str) -> PtySession:
+        """Attach to a running PTY session by tag: its recent output is replayed first."""
+        return PtySession._open(self._client, self._id, _pty_connect_message(tag))
+
     def get_url(self, port: int) -> str:
         """URL that reaches ``port`` inside the capsule through the Wrenn proxy."""
         return _proxy_url(self._client.base_url, self._client._proxy_domain, self._id, port)
@@ -635,6 +668,27 @@ class AsyncCapsule(_CapsuleState):
         template = await self._client.snapshots.create(self.id, name=name, overwrite=overwrite)
         await self.get_info()
         return template
+
+    def pty(
+        self,
+        cmd: str = "/bin/bash",
+        args: builtins.list[str] | None = None,
+        cols: int = 80,
+        rows: int = 24,
+        envs: dict[str, str] | None = None,
+        cwd: str | None = None,
+        *,
+        tag: str | None = None,
+    ) -> _AsyncPtyOpener:
+        """Start an interactive program on a terminal: ``async with capsule.pty() as term``
+        (or ``term = await capsule.pty()``). See :meth:`Capsule.pty`."""
+        return _AsyncPtyOpener(
+            self._client, self.id, _pty_start_message(cmd, args, cols, rows, envs, cwd, tag)
+        )
+
+    def pty_connect(self, tag: str) -> _AsyncPtyOpener:
+        """Attach to a running PTY session by tag: its recent output is replayed first."""
+        return _AsyncPtyOpener(self._client, self.id, _pty_connect_message(tag))
 
     def get_url(self, port: int) -> str:
         """URL that reaches ``port`` inside the capsule through the Wrenn proxy."""

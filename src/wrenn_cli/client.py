@@ -204,6 +204,14 @@ def capsule_exec(
         typer.Option("--env", "-e", help="Environment variable KEY=VALUE; repeatable."),
     ] = None,
     as_json: JsonFlag = False,
+    stream: Annotated[
+        bool,
+        typer.Option(
+            "--stream",
+            help="Print output as it is produced (over a WebSocket) instead of at the end; "
+            "with --json, one JSON event per line. --timeout 0 lets it run until it ends.",
+        ),
+    ] = False,
 ) -> None:
     """Run a command in a running capsule, e.g. `wrenn capsule exec cl-abc123 -- ls -l /`.
 
@@ -216,6 +224,9 @@ def capsule_exec(
             _fail(f"--env expects KEY=VALUE, got {item!r}")
         envs[key] = value
     line = command[0] if len(command) == 1 else shlex.join(command)
+    if stream:
+        _exec_streamed(capsule_id, line, timeout, cwd, envs, as_json)
+        return
     with _api() as client:
         result = Commands(capsule_id, client).run(line, timeout=timeout, envs=envs or None, cwd=cwd)
     if as_json:
@@ -228,6 +239,80 @@ def capsule_exec(
             stream.buffer.flush()
     code = result.exit_code
     raise typer.Exit(code if 0 <= code <= 255 else 1)
+
+
+def _exec_streamed(
+    capsule_id: str, line: str, timeout: int, cwd: str | None, envs: dict[str, str], as_json: bool
+) -> NoReturn:
+    code: int | None = None
+    with _api() as client:
+        events = Commands(capsule_id, client).stream(
+            line, envs=envs or None, cwd=cwd, timeout=timeout if timeout > 0 else None
+        )
+        try:
+            for event in events:
+                if as_json:
+                    typer.echo(json.dumps({"type": event.type, **_event_fields(event)}))
+                elif event.type in ("stdout", "stderr"):
+                    target = sys.stdout if event.type == "stdout" else sys.stderr
+                    target.buffer.write(event.data.encode("utf-8"))  # type: ignore[attr-defined]
+                    target.buffer.flush()
+                if event.type == "exit":
+                    code = event.exit_code  # type: ignore[attr-defined]
+                elif event.type == "error" and not as_json:
+                    _fail(event.data)  # type: ignore[attr-defined]
+        except KeyboardInterrupt:  # leaving the stream kills the command
+            events.close()
+            raise typer.Exit(130) from None
+    if code is None:
+        raise typer.Exit(1)
+    raise typer.Exit(code if 0 <= code <= 255 else 1)
+
+
+def _event_fields(event: object) -> dict[str, Any]:
+    return {k: getattr(event, k) for k in ("pid", "data", "exit_code") if hasattr(event, k)}
+
+
+@capsule_app.command("shell")
+def capsule_shell(
+    capsule_id: CapsuleId,
+    cmd: Annotated[str, typer.Option("--cmd", help="Program to run on the terminal.")] = "/bin/bash",
+    attach: Annotated[
+        str | None,
+        typer.Option("--attach", help="Attach to a running PTY session by its tag instead."),
+    ] = None,
+    tag: Annotated[
+        str | None, typer.Option("--tag", help="Name for the new session (default: generated).")
+    ] = None,
+    cwd: Annotated[str | None, typer.Option(help="Working directory.")] = None,
+) -> None:
+    """Open an interactive terminal in a running capsule (exit the shell to leave).
+
+    Ctrl-] detaches and leaves the session running; `--attach TAG` comes back to it.
+    """
+    from wrenn import Capsule
+    from wrenn_cli.shell import exit_status, run_shell, terminal_size
+
+    cols, rows = terminal_size(sys.stdout.fileno())
+    with _api() as client:
+        capsule = Capsule(_capsule_id=capsule_id, _client=client)
+        if attach:
+            session = capsule.pty_connect(attach)
+        else:
+            session = capsule.pty(cmd, cols=cols, rows=rows, cwd=cwd, tag=tag)
+        with session:
+            if attach:  # the size may differ from the last client's
+                session.resize(cols, rows)
+            result = run_shell(session)
+    how = f"wrenn capsule shell {capsule_id} --attach {session.tag}"
+    if result.detached:
+        err.print(f"\nDetached; the session keeps running. Back with: {how}", markup=False)
+        raise typer.Exit(0)
+    if result.error is not None:
+        _fail(f"{result.error} (if the session still runs: {how})")
+    if result.exit_code is None:
+        _fail(f"connection lost; the session may still run: {how}")
+    raise typer.Exit(exit_status(result.exit_code))
 
 
 @capsule_app.command("pause")

@@ -8,14 +8,15 @@ import os
 import sys
 import time
 
-from . import commands, files, processes, system
+from . import commands, files, processes, system, terminals
 from .server import Server, fd_channel
 
 DEFAULT_DEVICE = "/dev/virtio-ports/wrenn.agent"
 log = logging.getLogger("wrenn_guest")
 
 
-def handlers(table: processes.Table) -> dict:
+def handlers(table: processes.Table, ttys: terminals.Terminals | None = None) -> dict:
+    ttys = ttys or terminals.Terminals()
     return {
         "ping": system.ping,
         "identity": system.identity,
@@ -25,6 +26,12 @@ def handlers(table: processes.Table) -> dict:
         "ps": table.ps,
         "kill": table.kill,
         "attach": table.attach,
+        "pty_start": ttys.start,
+        "pty_list": ttys.list,
+        "pty_attach": ttys.attach,
+        "pty_input": ttys.input,
+        "pty_resize": ttys.resize,
+        "pty_kill": ttys.kill,
         "file_read": files.file_read,
         "file_write": files.file_write,
         "stat": files.stat_,
@@ -53,14 +60,16 @@ def main(argv: list[str] | None = None) -> int:
 
     system.prime_metrics()
     table = processes.Table()
+    ttys = terminals.Terminals()
     fd = args.fd if args.fd is not None else open_device(args.device)
-    server = Server(handlers(table), *fd_channel(fd))
+    server = Server(handlers(table, ttys), *fd_channel(fd))
     log.info("serving on %s", f"fd {fd}" if args.fd is not None else args.device)
     try:
         # A virtio port reads EOF whenever the host side is not connected: keep serving.
         server.serve(retry_on_eof=args.fd is None)
     finally:
         table.shutdown()
+        ttys.shutdown()
     return 0
 
 

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from typing import Any
 
 from wrenn_guest.protocol import MAX_PAYLOAD, FrameDecoder, encode_frame
@@ -148,11 +148,12 @@ class GuestClient:
         finished = False
         try:
             await self._send({"id": rid, "op": op, **params})
-            async for piece in _pieces(chunks):
-                if not queue.empty():
-                    break  # the guest answered already (an error): stop sending
+            answered = queue.qsize  # the guest answered already (an error): stop sending
+            async for piece in _pieces(chunks, stop=answered):
+                if answered():
+                    break
                 await self._send({"id": rid, "type": "data"}, piece)
-            else:
+            if not answered():
                 await self._send({"id": rid, "type": "end"})
             while True:
                 header, _ = await self._next(queue)
@@ -230,18 +231,36 @@ def _guest_error(header: dict[str, Any]) -> GuestError:
     return GuestError(header.get("message") or code, code=code)
 
 
-async def _pieces(chunks: Chunks) -> AsyncIterator[bytes]:
-    """Any accepted `chunks` as pieces of at most MAX_PAYLOAD bytes (empty ones dropped)."""
+async def _pieces(chunks: Chunks, stop: Callable[[], Any] = lambda: False) -> AsyncIterator[bytes]:
+    """Any accepted `chunks` as pieces of MAX_PAYLOAD bytes (the last one shorter; no empty one).
+    Small chunks (an HTTP body arrives in pieces of a few KiB) are gathered first: every frame
+    costs the guest a hand-off and a write, so 1 MiB frames move data far faster than 64 KiB ones.
+    Ends early, dropping what it holds, once `stop()` is true."""
     if isinstance(chunks, (bytes, bytearray, memoryview)):
         source: Any = _one(chunks)
     elif isinstance(chunks, AsyncIterable):
         source = chunks
     else:
         source = _async(chunks)
+    pending = bytearray()
     async for chunk in source:
+        if stop():  # checked per chunk, so gathering never delays noticing it
+            return
         view = memoryview(chunk)
-        for i in range(0, len(view), MAX_PAYLOAD):
-            yield bytes(view[i:i + MAX_PAYLOAD])
+        if pending:
+            take = min(MAX_PAYLOAD - len(pending), len(view))
+            pending += view[:take]
+            view = view[take:]
+            if len(pending) < MAX_PAYLOAD:
+                continue
+            yield bytes(pending)
+            pending.clear()
+        while len(view) >= MAX_PAYLOAD:
+            yield bytes(view[:MAX_PAYLOAD])
+            view = view[MAX_PAYLOAD:]
+        pending += view
+    if pending:
+        yield bytes(pending)
 
 
 async def _one(data) -> AsyncIterator[bytes]:

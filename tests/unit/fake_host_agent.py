@@ -54,6 +54,16 @@ class FakeCapsule:
                               dict(SYSTEM_METADATA))
 
 
+@dataclasses.dataclass
+class FakePty:
+    info: ProcessInfo
+    cols: int
+    rows: int
+    output: bytearray = dataclasses.field(default_factory=bytearray)
+    inputs: list[bytes] = dataclasses.field(default_factory=list)
+    changed: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+
+
 def _parent(path: str) -> str:
     parent = path.rsplit("/", 1)[0]
     return parent or "/"
@@ -81,6 +91,10 @@ class FakeHostAgent(HostAgent):
         self.cleaned_on_start: list[str] = []
         self.closed = False
         self.written: dict[str, int] = {}  # path -> bytes received, per write (for streaming checks)
+        # attach(target) replays these (default: exit 0); kinds "sleep" and "hang" are knobs
+        self.attach_events: dict[int | str, list[StreamEvent]] = {}
+        self.kill_events: dict[tuple[str, int | str], asyncio.Event] = {}
+        self.ptys: dict[tuple[str, str], FakePty] = {}
         self._next_pid = 100
 
     # ---- knobs -----------------------------------------------------------------------------
@@ -240,6 +254,7 @@ class FakeHostAgent(HostAgent):
     async def kill(self, capsule_id: str, target: int | str, signal: str = "SIGKILL") -> None:
         await self._hook("kill", capsule_id)
         cap = self._capsule(capsule_id)
+        self._killed(capsule_id, target).set()
         for pid, info in list(cap.processes.items()):
             if target in (pid, info.tag):
                 del cap.processes[pid]
@@ -248,7 +263,83 @@ class FakeHostAgent(HostAgent):
 
     async def attach(self, capsule_id: str, target: int | str) -> AsyncIterator[StreamEvent]:  # type: ignore[override]
         await self._hook("attach", capsule_id)
-        yield StreamEvent("exit", exit_code=0)
+        for event in self.attach_events.get(target, [StreamEvent("exit", exit_code=0)]):
+            if event.kind == "sleep":  # a pause in the output (seconds in exit_code)
+                await asyncio.sleep(event.exit_code or 0)
+                continue
+            if event.kind == "hang":  # never exits (until killed)
+                await self._killed(capsule_id, target).wait()
+                yield StreamEvent("exit", exit_code=-9)
+                return
+            yield event
+
+    def _killed(self, capsule_id: str, target: int | str) -> asyncio.Event:
+        return self.kill_events.setdefault((capsule_id, target), asyncio.Event())
+
+    # ---- terminals: a session echoes its input back as output ----------------------------
+
+    async def pty_start(self, capsule_id: str, cmd: str = "/bin/bash", args: list[str] | None = None, *,
+                        cols: int = 80, rows: int = 24, envs: dict[str, str] | None = None,
+                        cwd: str | None = None, tag: str | None = None) -> ProcessInfo:
+        await self._hook("pty_start", capsule_id)
+        self._capsule(capsule_id)
+        if cmd == "/no/such/program":
+            raise GuestError(f"{cmd}: command not found", code="not_found")
+        self._next_pid += 1
+        session = FakePty(ProcessInfo(self._next_pid, tag or f"pty-{self._next_pid:08x}", cmd, list(args or []),
+                                      True, None), cols, rows)
+        session.output += f"started {cmd} {cols}x{rows}\r\n".encode()
+        self.ptys[(capsule_id, session.info.tag)] = session
+        return session.info
+
+    async def pty_sessions(self, capsule_id: str) -> list[ProcessInfo]:
+        await self._hook("pty_sessions", capsule_id)
+        self._capsule(capsule_id)
+        return [s.info for (cid, _), s in self.ptys.items() if cid == capsule_id]
+
+    def _pty(self, capsule_id: str, target: int | str) -> FakePty:
+        self._capsule(capsule_id)
+        for (cid, tag), s in self.ptys.items():
+            if cid == capsule_id and target in (tag, s.info.pid):
+                return s
+        raise GuestError(f"no terminal {target!r}", code="no_such_process")
+
+    async def pty_attach(self, capsule_id: str, target: int | str) -> AsyncIterator[StreamEvent]:  # type: ignore[override]
+        await self._hook("pty_attach", capsule_id)
+        s = self._pty(capsule_id, target)
+        pos = 0
+        while True:
+            if pos < len(s.output):
+                data, pos = bytes(s.output[pos:]), len(s.output)
+                yield StreamEvent("output", data)
+                continue
+            if s.info.exit_code is not None:
+                yield StreamEvent("exit", exit_code=s.info.exit_code)
+                return
+            s.changed.clear()
+            await s.changed.wait()
+
+    async def pty_input(self, capsule_id: str, target: int | str, data: bytes) -> None:
+        await self._hook("pty_input", capsule_id)
+        s = self._pty(capsule_id, target)
+        if s.info.exit_code is not None:
+            raise GuestError("terminal has exited", code="no_such_process")
+        s.inputs.append(data)
+        s.output += b"echo:" + data
+        s.changed.set()
+
+    async def pty_resize(self, capsule_id: str, target: int | str, cols: int, rows: int) -> None:
+        await self._hook("pty_resize", capsule_id)
+        s = self._pty(capsule_id, target)
+        s.cols, s.rows = cols, rows
+        s.output += f"resized {cols}x{rows}\r\n".encode()
+        s.changed.set()
+
+    async def pty_kill(self, capsule_id: str, target: int | str, signal: str = "SIGKILL") -> None:
+        await self._hook("pty_kill", capsule_id)
+        s = self._pty(capsule_id, target)
+        s.info = dataclasses.replace(s.info, running=False, exit_code=-9)
+        s.changed.set()
 
     def _file(self, cap: FakeCapsule, path: str) -> bytes:
         if path in cap.dirs:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from wrenn_control.api.routes import capsules, events, exec, files, snapshots
+from wrenn_control.api.routes import capsules, events, exec, files, snapshots, streams
 
 api_router = APIRouter()
-for module in (capsules, exec, files, snapshots, events):
+for module in (capsules, exec, files, snapshots, events, streams):
     api_router.include_router(module.router)

@@ -18,7 +18,8 @@ def _default_data_dir() -> Path:
 
 class Settings(BaseModel):
     data_dir: Path = Field(default_factory=_default_data_dir)
-    # None means the embedded default: a SQLite file in data_dir.
+    # None means the embedded default: a SQLite file in data_dir. Else a SQLAlchemy URL, e.g.
+    # postgresql://user:password@host/dbname (psycopg 3; postgres:// works too).
     database_url: str | None = Field(default_factory=lambda: _env("WRENN_DATABASE_URL"))
     # An operator-chosen key registered at first start (and never printed); else a fresh key is made.
     bootstrap_api_key: str | None = Field(default_factory=lambda: _env("WRENN_BOOTSTRAP_API_KEY"))

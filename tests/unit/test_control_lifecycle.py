@@ -21,8 +21,8 @@ S = Status
 
 
 @pytest.fixture
-def db(tmp_path):
-    database = Database(f"sqlite:///{tmp_path}/l.db")
+def db(database_url):
+    database = Database(database_url)
     run_migrations(database)
     with database.session() as s:
         team = add_team(s, "t")

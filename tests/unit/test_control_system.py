@@ -105,13 +105,14 @@ async def test_operator_key_is_registered_not_printed(tmp_path):
             assert len(s.scalars(select(ApiKey)).all()) == 2
 
 
-def test_bootstrap_from_env(tmp_path, monkeypatch):
+def test_bootstrap_from_env(tmp_path, monkeypatch, database_url):
     from wrenn_control.config import Settings
 
     monkeypatch.setenv("WRENN_BOOTSTRAP_API_KEY", "wrn_" + "12" * 16)
     settings = Settings(data_dir=tmp_path)
     assert settings.bootstrap_api_key == "wrn_" + "12" * 16
-    assert settings.database_url == f"sqlite:///{tmp_path}/wrenn.db"
+    # SQLite in the data dir by default, else WRENN_DATABASE_URL (see conftest.py)
+    assert settings.database_url == database_url
 
 
 async def test_create_team_helper_and_isolated_keys(h):
@@ -137,14 +138,14 @@ def test_server_run_prints_the_new_key_once(tmp_path, monkeypatch, capsys):
     assert "API key" not in capsys.readouterr().out
 
 
-def test_migrations_match_the_models(tmp_path):
+def test_migrations_match_the_models(database_url):
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
 
     from wrenn_control.db.migrate import run_migrations
     from wrenn_control.db.session import Database
 
-    db = Database(f"sqlite:///{tmp_path}/m.db")
+    db = Database(database_url)
     run_migrations(db)
     run_migrations(db)  # idempotent
     with db.engine.connect() as conn:

@@ -26,6 +26,28 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=timezone.utc) if value is not None else None
 
 
+class _NoNul:
+    """Text without NUL characters, which PostgreSQL cannot store nor even compare against (a
+    lookup by a user-given id or name containing one would fail with an error instead of finding
+    nothing). A NUL becomes U+FFFD, on every backend so that both behave the same: no id or name
+    can contain either, so such a lookup finds nothing, and stored free text keeps its length."""
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
+        if value is not None and "\x00" in value:
+            value = value.replace("\x00", "\ufffd")
+        return value
+
+
+class Str(_NoNul, TypeDecorator[str]):
+    impl = String
+    cache_ok = True  # read from the class itself, not inherited
+
+
+class LongText(_NoNul, TypeDecorator[str]):
+    impl = Text
+    cache_ok = True
+
+
 class Base(DeclarativeBase):
     type_annotation_map = {datetime: UTCDateTime}
 
@@ -33,20 +55,20 @@ class Base(DeclarativeBase):
 class Team(Base):
     __tablename__ = "teams"
 
-    id: Mapped[str] = mapped_column(String(40), primary_key=True)
-    name: Mapped[str] = mapped_column(String(200))
+    id: Mapped[str] = mapped_column(Str(40), primary_key=True)
+    name: Mapped[str] = mapped_column(Str(200))
     created_at: Mapped[datetime]
 
 
 class ApiKey(Base):
     __tablename__ = "api_keys"
 
-    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    id: Mapped[str] = mapped_column(Str(40), primary_key=True)
     team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"), index=True)
-    name: Mapped[str] = mapped_column(String(200))
+    name: Mapped[str] = mapped_column(Str(200))
     # Only the sha256 of the key is kept; the key itself is shown once at creation.
-    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
-    prefix: Mapped[str] = mapped_column(String(16))
+    key_hash: Mapped[str] = mapped_column(Str(64), unique=True)
+    prefix: Mapped[str] = mapped_column(Str(16))
     created_at: Mapped[datetime]
 
 
@@ -59,17 +81,17 @@ class Capsule(Base):
     )
 
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    id: Mapped[str] = mapped_column(String(32), unique=True)
+    id: Mapped[str] = mapped_column(Str(32), unique=True)
     team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"))
-    status: Mapped[str] = mapped_column(String(16), index=True)
-    template: Mapped[str] = mapped_column(String(64))  # the name the user asked for
-    template_id: Mapped[str] = mapped_column(String(64))  # what the host agent knows it by
+    status: Mapped[str] = mapped_column(Str(16), index=True)
+    template: Mapped[str] = mapped_column(Str(64))  # the name the user asked for
+    template_id: Mapped[str] = mapped_column(Str(64))  # what the host agent knows it by
     vcpus: Mapped[int]
     memory_mb: Mapped[int]
     timeout_sec: Mapped[int]
     # user labels given at create + system keys (kernel_version, ...) once running
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
-    error: Mapped[str | None] = mapped_column(Text)  # why the capsule is in `error`
+    error: Mapped[str | None] = mapped_column(LongText)  # why the capsule is in `error`
     created_at: Mapped[datetime]
     last_updated: Mapped[datetime]
     started_at: Mapped[datetime | None]
@@ -82,11 +104,11 @@ class Template(Base):
     __tablename__ = "templates"
     __table_args__ = (UniqueConstraint("team_id", "name", name="uq_templates_team_name"),)
 
-    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # host template id (tpl-...)
+    id: Mapped[str] = mapped_column(Str(64), primary_key=True)  # host template id (tpl-...)
     team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"))
-    name: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str] = mapped_column(Str(64))
     vcpus: Mapped[int]
     memory_mb: Mapped[int]
     size_bytes: Mapped[int] = mapped_column(BigInteger)
-    source_capsule_id: Mapped[str | None] = mapped_column(String(32))
+    source_capsule_id: Mapped[str | None] = mapped_column(Str(32))
     created_at: Mapped[datetime]

@@ -79,6 +79,10 @@ def build_argv(spec: MachineSpec, files: MachineFiles, *, incoming: bool) -> lis
         "-device", "virtio-rng-device",
         "-qmp", f"unix:{files.qmp},server=on,wait=off",
         "-pidfile", str(files.pidfile),
+        # The guest runs untrusted code: confine QEMU with its seccomp filter (no spawning, no
+        # set*uid, no obsolete or scheduler/affinity syscalls). Not yet `-runas`: at the end of a
+        # pause QEMU re-opens its disks, which live where an unprivileged user cannot reach.
+        "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
     ]
     if incoming:
         # x-ignore-shared cannot be set on the command line in 7.2: defer, then set it over QMP.
@@ -146,7 +150,9 @@ class QemuMachine:
         try:
             await qmp.execute("migrate-set-capabilities",
                               {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
-            await qmp.execute("migrate-incoming", {"uri": f"exec:cat {_shell_quote(state)}"})
+            # Handed over as a file descriptor: the sandboxed QEMU may not spawn `cat`.
+            await _pass_fd(qmp, os.open(state, os.O_RDONLY), "wrenn-state-in")
+            await qmp.execute("migrate-incoming", {"uri": "fd:wrenn-state-in"})
             deadline = time.monotonic() + timeout
             while (await qmp.execute("query-status"))["status"] == "inmigrate":
                 if time.monotonic() > deadline:
@@ -177,7 +183,8 @@ class QemuMachine:
             await qmp.execute("stop")
             await qmp.execute("migrate-set-capabilities",
                               {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
-            await qmp.execute("migrate", {"uri": f"exec:cat > {_shell_quote(tmp)}"})
+            await _pass_fd(qmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wrenn-state-out")
+            await qmp.execute("migrate", {"uri": "fd:wrenn-state-out"})
             deadline = time.monotonic() + timeout
             while True:
                 info = await qmp.execute("query-migrate")
@@ -270,10 +277,13 @@ class QemuMachine:
         return " | ".join(p for p in parts if p) or "(no output)"
 
 
-def _shell_quote(p: Path) -> str:
-    import shlex
-
-    return shlex.quote(str(p))
+async def _pass_fd(qmp: QMPClient, fd: int, name: str) -> None:
+    """Give QEMU an open file under `name` (SCM_RIGHTS over the QMP socket); ours is closed."""
+    try:
+        qmp.send_fd_scm(fd)
+        await qmp.execute("getfd", {"fdname": name})
+    finally:
+        os.close(fd)
 
 
 def _fsync(path: Path) -> None:

@@ -34,6 +34,7 @@ from wrenn_images import builder
 log = logging.getLogger(__name__)
 
 AGENT_CONNECT_TIMEOUT_S = 30.0
+SPARE_MEMORY_FILES = 2  # per template shape: the sparse copy (~25 ms) happens off the create path
 
 
 @dataclasses.dataclass
@@ -80,6 +81,7 @@ class LocalHostAgent(api.HostAgent):
         self._accel: str | None = None
         self._builtin: BuiltinTemplates | None = None
         self._vmm_version = ""
+        self._refills: dict[Path, asyncio.Task] = {}
 
     # ------------------------------------------------------------------ setup
 
@@ -107,6 +109,8 @@ class LocalHostAgent(api.HostAgent):
         return await self._reconcile(known)
 
     async def close(self) -> None:
+        for task in self._refills.values():
+            task.cancel()
         # Capsules keep running across a server restart; only our connections go.
         for cap in list(self._capsules.values()):
             if cap.guest is not None:
@@ -160,6 +164,9 @@ class LocalHostAgent(api.HostAgent):
                 shutil.rmtree(d, ignore_errors=True)
             else:
                 self._sweep_template(d)
+        # Spare memory copies may belong to templates that changed or are gone: start afresh.
+        for f in self.paths.spare.iterdir():
+            f.unlink(missing_ok=True)
         # Stray socket directories from builds or capsules that are gone.
         for d in self.paths.run.iterdir():
             if d.name not in self._capsules:
@@ -226,13 +233,41 @@ class LocalHostAgent(api.HostAgent):
                 files.disk.parent.mkdir(parents=True)
                 files.agent.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(snap.overlay_seed, files.disk)
-                await asyncio.to_thread(sparse_copy, snap.memory, files.memory)
+                await self._take_memory(snap, files.memory)
                 meta.save(self.paths.capsule_meta(capsule_id))
                 await self._restore(cap, snap.state)
             except BaseException:
                 await self._teardown(cap)
                 raise
         return self._runtime(cap)
+
+    async def _take_memory(self, snap: TemplateSnapshot, dest: Path) -> None:
+        """Give `dest` a private copy of the template's memory: a spare one if ready, else copy."""
+        for n in range(SPARE_MEMORY_FILES):
+            spare = self.paths.spare_memory(snap.dir, n)
+            try:
+                spare.rename(dest)
+                break
+            except FileNotFoundError:
+                continue
+        else:
+            await asyncio.to_thread(sparse_copy, snap.memory, dest)
+        if snap.dir not in self._refills or self._refills[snap.dir].done():
+            self._refills[snap.dir] = asyncio.create_task(self._refill(snap), name=f"refill {snap.dir.name}")
+
+    async def _refill(self, snap: TemplateSnapshot) -> None:
+        for n in range(SPARE_MEMORY_FILES):
+            spare = self.paths.spare_memory(snap.dir, n)
+            if spare.exists():
+                continue
+            tmp = spare.with_suffix(".tmp")
+            try:
+                await asyncio.to_thread(sparse_copy, snap.memory, tmp)
+                tmp.rename(spare)  # atomic: a create never takes a half-written copy
+            except OSError as e:  # the template went away meanwhile: nothing to keep spare
+                log.info("spare memory for %s not made: %s", snap.dir.name, e)
+                tmp.unlink(missing_ok=True)
+                return
 
     async def _restore(self, cap: Capsule, state: Path) -> None:
         """Start the machine from `state`, reconnect the guest agent, push identity + clock."""
@@ -365,6 +400,7 @@ class LocalHostAgent(api.HostAgent):
                                         work / "overlay.qcow2")
                 TemplateSnapshot(template_id, work, cap.snapshot.spec, cap.meta.kernel_version).save_meta()
                 if dest.exists():  # overwrite: running capsules keep their own copies
+                    self._drop_spares(dest)
                     shutil.rmtree(dest)
                 work.rename(dest)
             except BaseException:
@@ -386,7 +422,16 @@ class LocalHostAgent(api.HostAgent):
 
     def _sweep_template(self, d: Path) -> None:
         if (d / "deleted").exists() and not any(c.meta.template_dir == str(d) for c in self._capsules.values()):
+            self._drop_spares(d)
             shutil.rmtree(d, ignore_errors=True)
+
+    def _drop_spares(self, template_dir: Path) -> None:
+        """Spare copies of a template's memory that is being replaced or deleted."""
+        refill = self._refills.pop(template_dir, None)
+        if refill is not None:
+            refill.cancel()
+        for n in range(SPARE_MEMORY_FILES):
+            self.paths.spare_memory(template_dir, n).unlink(missing_ok=True)
 
     def builtin_templates(self) -> list[api.TemplateRuntime]:
         return [api.TemplateRuntime(name, 1, 512, 0) for name in self.builtin.names]

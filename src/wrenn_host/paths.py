@@ -28,12 +28,13 @@ class HostPaths:
         self.root = data_dir.resolve()
         self.capsules = self.root / "capsules"
         self.templates = self.root / "templates"
+        self.spare = self.root / "spare"  # pre-copied template memory files, ready for a create
         # Unix socket paths are limited to 107 bytes: keep sockets under a short run directory,
         # one per data directory so two servers on one host never collide.
         tag = hashlib.sha256(str(self.root).encode()).hexdigest()[:10]
         base = Path("/run") if os.access("/run", os.W_OK) else Path("/tmp")
         self.run = base / "wrenn" / tag
-        for d in (self.capsules, self.templates, self.run):
+        for d in (self.capsules, self.templates, self.spare, self.run):
             d.mkdir(parents=True, exist_ok=True)
 
     # capsules
@@ -61,6 +62,10 @@ class HostPaths:
             qemu_log=d / "qemu.log",
             pidfile=d / "qemu.pid",
         )
+
+    def spare_memory(self, template_dir: Path, n: int) -> Path:
+        key = hashlib.sha256(str(template_dir).encode()).hexdigest()[:16]
+        return self.spare / f"{key}-{n}"
 
     # templates made from capsules
     def template_dir(self, template_id: str) -> Path:

@@ -184,3 +184,25 @@ async def test_base_python_template(host_agent):
         assert lines[2:] == ["/tmp/v", "venv-ok"]
     finally:
         await host_agent.destroy(cid)
+
+
+async def test_overwritten_template_never_serves_stale_memory(host_agent, capsule):
+    tid = "tpl-" + secrets.token_hex(4)
+    await host_agent.write_file(capsule, "/root/v.txt", b"one")
+    await host_agent.snapshot(capsule, tid)
+    first = new_id()
+    await host_agent.create(first, tid, None, None)  # also fills the spare memory copies
+    await asyncio.sleep(1)
+    await host_agent.destroy(first)
+    await host_agent.resume(capsule)
+    await host_agent.write_file(capsule, "/root/v.txt", b"two")
+    await sh(host_agent, capsule, "echo in-memory-two > /dev/shm/m")
+    await host_agent.snapshot(capsule, tid)  # same id: overwrite
+    second = new_id()
+    await host_agent.create(second, tid, None, None)
+    try:
+        assert await host_agent.read_file(second, "/root/v.txt") == b"two"
+        assert await host_agent.read_file(second, "/dev/shm/m") == b"in-memory-two\n"
+    finally:
+        await host_agent.destroy(second)
+        await host_agent.delete_template(tid)

@@ -280,10 +280,22 @@ class QemuMachine:
 async def _pass_fd(qmp: QMPClient, fd: int, name: str) -> None:
     """Give QEMU an open file under `name` (SCM_RIGHTS over the QMP socket); ours is closed."""
     try:
-        qmp.send_fd_scm(fd)
+        _send_fd_scm(qmp, fd)
         await qmp.execute("getfd", {"fdname": name})
     finally:
         os.close(fd)
+
+
+def _send_fd_scm(qmp: QMPClient, fd: int) -> None:
+    """`QMPClient.send_fd_scm` without its reach into `socket._sock`, which uvloop's transports
+    (what `wrenn server` runs on) lack: sendmsg on a duplicate of the QMP socket's descriptor.
+    Nothing else is written meanwhile: QMP commands are sent one at a time, awaited."""
+    import socket
+    import struct
+
+    sock = qmp._writer.transport.get_extra_info("socket")  # type: ignore[union-attr]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=os.dup(sock.fileno())) as dup:
+        dup.sendmsg([b" "], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("@i", fd))])
 
 
 def _fsync(path: Path) -> None:

@@ -77,6 +77,8 @@ class ServerHandle:
 
     def start(self) -> None:
         env = dict(os.environ, WRENN_BOOTSTRAP_API_KEY=self.api_key)
+        # The metrics sampler, more often than its 10 s default: observability tests need points soon.
+        env.setdefault("WRENN_SAMPLER_INTERVAL_SEC", "2")
         self.log = self.data_dir / "server.log"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "wrenn_cli.main", "server", "--port", str(self.port),

@@ -14,13 +14,14 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from datetime import date
 from typing import Any, Generic, TypeVar
 from urllib.parse import quote
 
 import httpx
 
 from wrenn._exceptions import error_from_response, error_from_transport
-from wrenn._models import CapsuleInfo, Template
+from wrenn._models import CapsuleInfo, CapsuleMetrics, CapsuleStats, SSEEvent, Template, UsageResponse
 from wrenn._wait import DEFAULT_WAIT_TIMEOUT, adrive, drive, wait_flow
 
 __all__ = ["AsyncWrennClient", "WrennClient"]
@@ -151,6 +152,69 @@ def list_snapshots_call(type: str | None) -> _Call[builtins.list[Template]]:
 
 def delete_snapshot_call(name: str) -> _Call[None]:
     return _Call("DELETE", _path("/v1/snapshots/{}", name), parse_none)
+
+
+# --- observability and events --------------------------------------------------------------
+
+
+def _range_params(range: str | None) -> dict[str, str] | None:
+    return {"range": str(range)} if range is not None else None
+
+
+def _date_param(value: str | date | None) -> str | None:
+    return value.isoformat() if isinstance(value, date) else value
+
+
+def capsule_stats_call(range: str | None) -> _Call[CapsuleStats]:
+    return _Call("GET", "/v1/capsules/stats",
+                 lambda r: CapsuleStats.model_validate(r.json()), params=_range_params(range))
+
+
+def capsule_usage_call(from_: str | date | None, to: str | date | None) -> _Call[UsageResponse]:
+    params = {k: v for k, v in (("from", _date_param(from_)), ("to", _date_param(to))) if v is not None}
+    return _Call("GET", "/v1/capsules/usage",
+                 lambda r: UsageResponse.model_validate(r.json()), params=params or None)
+
+
+def capsule_metrics_call(capsule_id: str, range: str | None) -> _Call[CapsuleMetrics]:
+    return _Call("GET", _path("/v1/capsules/{}/metrics", capsule_id),
+                 lambda r: CapsuleMetrics.model_validate(r.json()), params=_range_params(range))
+
+
+def events_stream_call() -> _Call[None]:
+    # No read timeout: the server holds the stream open (with a keepalive every 15 s).
+    return _Call("GET", "/v1/events/stream", parse_none,
+                 headers={"Accept": "text/event-stream"}, timeout=httpx.Timeout(30.0, connect=10.0, read=None))
+
+
+class _SSEParser:
+    """Server-Sent Events, line by line: ``data:`` lines are joined until a blank line ends the
+    event; comments (``: keepalive``) are skipped. The JSON payload's own ``event`` field names the
+    kind (the ``event:`` line is used only when it lacks one)."""
+
+    def __init__(self) -> None:
+        self._data: builtins.list[str] = []
+        self._name: str | None = None
+
+    def feed(self, line: str) -> SSEEvent | None:
+        if line == "":
+            data, name = self._data, self._name
+            self._data, self._name = [], None
+            if not data:
+                return None
+            event = SSEEvent.model_validate_json("\n".join(data))
+            if event.event is None and name:
+                event = event.model_copy(update={"event": name})
+            return event
+        if line.startswith(":"):
+            return None
+        field, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if field == "data":
+            self._data.append(value)
+        elif field == "event":
+            self._name = value
+        return None
 
 
 # --- configuration and request building ----------------------------------------------------
@@ -307,6 +371,21 @@ class CapsulesResource:
         """Reset the capsule's inactivity timer so it is not auto-paused."""
         self._client._call(ping_capsule_call(id))
 
+    def stats(self, range: str | None = None) -> CapsuleStats:
+        """The team's capsule stats: what runs now (``current``), 30-day ``peaks`` and a chart
+        ``series`` over ``range``: ``"5m"``, ``"1h"`` (server default), ``"6h"``, ``"24h"``, ``"30d"``."""
+        return self._client._call(capsule_stats_call(range))
+
+    def usage(self, from_: str | date | None = None, to: str | date | None = None) -> UsageResponse:
+        """Per-day (UTC) ``cpu_minutes`` and ``ram_mb_minutes`` from ``from_`` to ``to`` (both
+        included; ``YYYY-MM-DD`` or ``date``). Defaults: the last 30 days up to today."""
+        return self._client._call(capsule_usage_call(from_, to))
+
+    def metrics(self, id: str, range: str | None = None) -> CapsuleMetrics:
+        """CPU, memory and disk points of a capsule over ``range``: ``"5m"``, ``"10m"`` (server
+        default), ``"1h"``, ``"2h"``, ``"6h"``, ``"12h"``, ``"24h"``."""
+        return self._client._call(capsule_metrics_call(id, range))
+
     def destroy(self, id: str) -> None:
         """Destroy a capsule permanently."""
         self._client._call(destroy_capsule_call(id))
@@ -352,6 +431,27 @@ class SnapshotsResource:
         self._client._call(delete_snapshot_call(name))
 
 
+class EventsResource:
+    """The team's lifecycle events as they happen: ``client.events``."""
+
+    def __init__(self, client: WrennClient) -> None:
+        self._client = client
+
+    def stream(self) -> Iterator[SSEEvent]:
+        """Iterate over events (the first is ``connected``); the connection stays open until
+        the iterator is closed (or the loop left)::
+
+            for event in client.events.stream():
+                print(event.event, event.resource)
+        """
+        parser = _SSEParser()
+        with self._client._stream(events_stream_call()) as response:
+            for line in response.iter_lines():
+                event = parser.feed(line)
+                if event is not None:
+                    yield event
+
+
 class WrennClient(_BaseClient):
     """Synchronous client for the Wrenn API.
 
@@ -385,6 +485,7 @@ class WrennClient(_BaseClient):
         self._http = httpx.Client(transport=transport, **self._client_kwargs())
         self.capsules = CapsulesResource(self)
         self.snapshots = SnapshotsResource(self)
+        self.events = EventsResource(self)
 
     @property
     def http(self) -> httpx.Client:
@@ -480,6 +581,18 @@ class AsyncCapsulesResource:
         """Reset the capsule's inactivity timer."""
         await self._client._call(ping_capsule_call(id))
 
+    async def stats(self, range: str | None = None) -> CapsuleStats:
+        """The team's capsule stats. See :meth:`CapsulesResource.stats`."""
+        return await self._client._call(capsule_stats_call(range))
+
+    async def usage(self, from_: str | date | None = None, to: str | date | None = None) -> UsageResponse:
+        """Per-day CPU and RAM usage. See :meth:`CapsulesResource.usage`."""
+        return await self._client._call(capsule_usage_call(from_, to))
+
+    async def metrics(self, id: str, range: str | None = None) -> CapsuleMetrics:
+        """A capsule's metrics points. See :meth:`CapsulesResource.metrics`."""
+        return await self._client._call(capsule_metrics_call(id, range))
+
     async def destroy(self, id: str) -> None:
         """Destroy a capsule permanently."""
         await self._client._call(destroy_capsule_call(id))
@@ -516,6 +629,22 @@ class AsyncSnapshotsResource:
         await self._client._call(delete_snapshot_call(name))
 
 
+class AsyncEventsResource:
+    """The team's lifecycle events as they happen: ``client.events``."""
+
+    def __init__(self, client: AsyncWrennClient) -> None:
+        self._client = client
+
+    async def stream(self) -> AsyncIterator[SSEEvent]:
+        """Iterate over events (the first is ``connected``). See :meth:`EventsResource.stream`."""
+        parser = _SSEParser()
+        async with self._client._stream(events_stream_call()) as response:
+            async for line in response.aiter_lines():
+                event = parser.feed(line)
+                if event is not None:
+                    yield event
+
+
 class AsyncWrennClient(_BaseClient):
     """Asynchronous client for the Wrenn API; same arguments as :class:`WrennClient`.
 
@@ -541,6 +670,7 @@ class AsyncWrennClient(_BaseClient):
         self._http = httpx.AsyncClient(transport=transport, **self._client_kwargs())
         self.capsules = AsyncCapsulesResource(self)
         self.snapshots = AsyncSnapshotsResource(self)
+        self.events = AsyncEventsResource(self)
 
     @property
     def http(self) -> httpx.AsyncClient:

@@ -8,20 +8,32 @@ from __future__ import annotations
 
 import base64
 import enum
-from datetime import datetime
+from datetime import date as date_, datetime
 from typing import Annotated, Any
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 __all__ = [
+    "Actor",
     "BackgroundProcess",
     "CapsuleInfo",
+    "CapsuleMetrics",
+    "CapsuleStats",
+    "EventType",
     "ExecResult",
     "FileEntry",
+    "MetricPoint",
     "ProcessInfo",
+    "Resource",
+    "SSEEvent",
+    "StatsCurrent",
+    "StatsPeaks",
+    "StatsSeries",
     "Status",
     "Template",
     "TemplateType",
+    "UsagePoint",
+    "UsageResponse",
 ]
 
 
@@ -177,3 +189,125 @@ class FileEntry(_Model):
     def is_dir(self) -> bool:
         """True for a directory."""
         return self.type == "directory"
+
+
+# --- observability ---------------------------------------------------------------------------
+
+
+class MetricPoint(_Model):
+    """One point of a capsule's metrics: the average of the samples in a bucket."""
+
+    timestamp_unix: int | None = None  # start of the bucket, unix seconds
+    cpu_pct: float | None = None  # 0-100 over all the capsule's vCPUs
+    mem_bytes: int | None = None
+    disk_bytes: int | None = None
+
+
+class CapsuleMetrics(_Model):
+    """``GET /v1/capsules/{id}/metrics``: the points over ``range``, oldest first."""
+
+    sandbox_id: str | None = None
+    range: str | None = None
+    points: list[MetricPoint] | None = None
+
+    @property
+    def capsule_id(self) -> str | None:
+        """The capsule (``sandbox_id`` on the wire)."""
+        return self.sandbox_id
+
+
+class StatsCurrent(_Model):
+    running_count: int | None = None
+    vcpus_reserved: int | None = None
+    memory_mb_reserved: int | None = None
+    sampled_at: datetime | None = None
+
+
+class StatsPeaks(_Model):
+    """Maxima over the last 30 days."""
+
+    running_count: int | None = None
+    vcpus: int | None = None
+    memory_mb: int | None = None
+
+
+class StatsSeries(_Model):
+    """Parallel arrays for a chart: ``labels[i]`` is the start of bucket ``i``."""
+
+    labels: list[datetime] | None = None
+    running: list[int] | None = None
+    vcpus: list[int] | None = None
+    memory_mb: list[int] | None = None
+
+
+class CapsuleStats(_Model):
+    """``GET /v1/capsules/stats``: what the team runs now, its peaks, a series over ``range``."""
+
+    range: str | None = None
+    current: StatsCurrent | None = None
+    peaks: StatsPeaks | None = None
+    series: StatsSeries | None = None
+
+
+class UsagePoint(_Model):
+    """One UTC day of usage: vCPU-minutes and MiB-minutes of running capsules."""
+
+    date: date_ | None = None
+    cpu_minutes: float | None = None
+    ram_mb_minutes: float | None = None
+
+
+class UsageResponse(_Model):
+    """``GET /v1/capsules/usage``: one point per day from ``from_`` to ``to``, both included."""
+
+    from_: date_ | None = Field(default=None, alias="from")
+    to: date_ | None = None
+    points: list[UsagePoint] | None = None
+
+
+class EventType(enum.StrEnum):
+    """Kinds of :class:`SSEEvent`."""
+
+    connected = "connected"
+    capsule_create = "capsule.create"
+    capsule_pause = "capsule.pause"
+    capsule_resume = "capsule.resume"
+    capsule_destroy = "capsule.destroy"
+    capsule_state_changed = "capsule.state.changed"
+    template_snapshot_create = "template.snapshot.create"
+    template_snapshot_delete = "template.snapshot.delete"
+    host_up = "host.up"
+    host_down = "host.down"
+
+
+class Resource(_Model):
+    """What an event is about: ``type`` ``capsule`` (``id`` its ID) or ``template`` (its name)."""
+
+    id: str | None = None
+    type: str | None = None
+
+
+class Actor(_Model):
+    """Who caused an event: ``type`` ``api_key`` (with its ``id`` and ``name``) or ``system``."""
+
+    type: str | None = None
+    id: str | None = None
+    name: str | None = None
+
+
+class SSEEvent(_Model):
+    """One event of ``client.events.stream()``.
+
+    ``capsule.state.changed`` has ``metadata`` ``{"from", "to"}``; the actions (``capsule.create``,
+    ``capsule.pause``, ...) have ``outcome`` ``success`` or ``error`` (then ``error`` says why);
+    capsule events carry the capsule as ``sandbox``. An unknown kind is kept as a plain ``str``.
+    """
+
+    event: Annotated[EventType | str, Field(union_mode="left_to_right")] | None = None
+    outcome: str | None = None
+    resource: Resource | None = None
+    actor: Actor | None = None
+    metadata: dict[str, str] | None = None
+    error: str | None = None
+    sandbox: CapsuleInfo | None = None
+    timestamp: datetime | None = None

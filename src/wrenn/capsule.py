@@ -51,7 +51,11 @@ class _dual:
 
 def _proxy_url(base_url: str, proxy_domain: str, capsule_id: str, port: int) -> str:
     scheme = "http" if httpx.URL(base_url).scheme == "http" else "https"
-    return f"{scheme}://{port}-{capsule_id}.{proxy_domain}"
+    return f"{scheme}://{_proxy_host(proxy_domain, capsule_id, port)}"
+
+
+def _proxy_host(proxy_domain: str, capsule_id: str, port: int) -> str:
+    return f"{port}-{capsule_id}.{proxy_domain}"
 
 
 def _marked_stopped(info: CapsuleInfo | None, capsule_id: str) -> CapsuleInfo:
@@ -372,8 +376,16 @@ class Capsule(_CapsuleState):
         return PtySession._open(self._client, self._id, _pty_connect_message(tag))
 
     def get_url(self, port: int) -> str:
-        """URL that reaches ``port`` inside the capsule through the Wrenn proxy."""
+        """URL that reaches ``port`` inside the capsule through the Wrenn proxy:
+        ``http(s)://{port}-{capsule_id}.{domain}`` (scheme of the API base URL; see get_host)."""
         return _proxy_url(self._client.base_url, self._client._proxy_domain, self._id, port)
+
+    def get_host(self, port: int) -> str:
+        """``{port}-{capsule_id}.{domain}`` (the host, and the API's port if it has one) that the
+        proxy routes to ``port`` inside the capsule. ``domain`` is ``WRENN_PROXY_DOMAIN`` if set,
+        else the API base URL's host and port. Where that name does not resolve, send it as the
+        ``Host`` header to the API's address: ``curl -H "Host: <host>" http://127.0.0.1:8080/``."""
+        return _proxy_host(self._client._proxy_domain, self._id, port)
 
     def _wait_for(
         self, targets: frozenset[Status], timeout: float = DEFAULT_WAIT_TIMEOUT
@@ -691,8 +703,16 @@ class AsyncCapsule(_CapsuleState):
         return _AsyncPtyOpener(self._client, self.id, _pty_connect_message(tag))
 
     def get_url(self, port: int) -> str:
-        """URL that reaches ``port`` inside the capsule through the Wrenn proxy."""
+        """URL that reaches ``port`` inside the capsule through the Wrenn proxy:
+        ``http(s)://{port}-{capsule_id}.{domain}`` (scheme of the API base URL; see get_host)."""
         return _proxy_url(self._client.base_url, self._client._proxy_domain, self.id, port)
+
+    def get_host(self, port: int) -> str:
+        """``{port}-{capsule_id}.{domain}`` (the host, and the API's port if it has one) that the
+        proxy routes to ``port`` inside the capsule. ``domain`` is ``WRENN_PROXY_DOMAIN`` if set,
+        else the API base URL's host and port. Where that name does not resolve, send it as the
+        ``Host`` header to the API's address: ``curl -H "Host: <host>" http://127.0.0.1:8080/``."""
+        return _proxy_host(self._client._proxy_domain, self.id, port)
 
     async def _wait_for(
         self, targets: frozenset[Status], timeout: float = DEFAULT_WAIT_TIMEOUT

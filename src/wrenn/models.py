@@ -5,26 +5,50 @@ high-level ``wrenn.Capsule``.
 """
 
 from wrenn._models import (
+    Actor,
     BackgroundProcess,
     CapsuleInfo,
+    CapsuleMetrics,
+    CapsuleStats,
+    EventType,
     ExecResult,
     FileEntry,
+    MetricPoint,
     ProcessInfo,
+    Resource,
+    SSEEvent,
+    StatsCurrent,
+    StatsPeaks,
+    StatsSeries,
     Status,
     Template,
     TemplateType,
+    UsagePoint,
+    UsageResponse,
 )
 
 Capsule = CapsuleInfo
 
 __all__ = [
+    "Actor",
     "BackgroundProcess",
     "Capsule",
     "CapsuleInfo",
+    "CapsuleMetrics",
+    "CapsuleStats",
+    "EventType",
     "ExecResult",
     "FileEntry",
+    "MetricPoint",
     "ProcessInfo",
+    "Resource",
+    "SSEEvent",
+    "StatsCurrent",
+    "StatsPeaks",
+    "StatsSeries",
     "Status",
     "Template",
     "TemplateType",
+    "UsagePoint",
+    "UsageResponse",
 ]

@@ -1,8 +1,9 @@
 """The FastAPI application: `create_app(settings, host)`.
 
 Start-up (lifespan): migrate the DB, bootstrap a team and key, start the host agent and reconcile
-what it finds with the DB, start the reaper. Shutdown: stop the reaper, let boots finish (bounded),
-close the host agent (running capsules keep running and are found again at the next start).
+what it finds with the DB, start the reaper and the metrics sampler. Shutdown: stop them, let boots
+finish (bounded), close the host agent (running capsules keep running and are found again at the
+next start).
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from wrenn_control.db.session import Database
 from wrenn_control.errors import install_error_handlers
 from wrenn_control.events import EventBus
 from wrenn_control.operations import CapsuleOps
+from wrenn_control.proxy import PortProxy
 from wrenn_control.workers.reaper import Reaper
 from wrenn_control.workers.reconcile import reconcile
+from wrenn_control.workers.sampler import Sampler
 from wrenn_host.api import HostAgent
 
 log = logging.getLogger(__name__)
@@ -49,6 +52,10 @@ def create_app(settings: Settings, host: HostAgent) -> FastAPI:
     events = EventBus()
     ops = CapsuleOps(db, host, events)
     reaper = Reaper(db, ops, settings.reaper_interval_sec)
+    sampler = Sampler(db, ops, settings.sampler_interval_sec,
+                      metrics_timeout_sec=settings.sampler_metrics_timeout_sec,
+                      metrics_retention_sec=settings.metrics_retention_sec,
+                      stats_retention_sec=settings.stats_retention_sec)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -57,9 +64,11 @@ def create_app(settings: Settings, host: HostAgent) -> FastAPI:
         app.state.bootstrap_key = bootstrap(db, settings)
         app.state.reconcile_report = await reconcile(ops)
         reaper.start()
+        sampler.start()
         try:
             yield
         finally:
+            await sampler.stop()
             await reaper.stop()
             await ops.shutdown(settings.shutdown_grace_sec)
             await host.close()
@@ -82,9 +91,12 @@ def create_app(settings: Settings, host: HostAgent) -> FastAPI:
     app.state.events = events
     app.state.ops = ops
     app.state.reaper = reaper
+    app.state.sampler = sampler
     app.state.bootstrap_key = None
     install_error_handlers(app)
     app.add_middleware(FormEncodedJSON)
+    # Outermost: `{port}-{capsule_id}.{domain}` Hosts go to the capsule, untouched by the API's middleware.
+    app.add_middleware(PortProxy)
     app.include_router(system.router, prefix="/api")
     app.include_router(api_router, prefix="/api/v1")
     return app

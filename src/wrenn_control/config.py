@@ -28,6 +28,18 @@ class Settings(BaseModel):
     max_upload_bytes: int = Field(default=100 * 1024 * 1024, gt=0)
     # On shutdown, how long in-flight boots may finish before they are cancelled.
     shutdown_grace_sec: float = Field(default=10.0, ge=0)
+    # The port proxy ({port}-{capsule_id}.{domain}) is public-by-URL like Wrenn's; set to require
+    # the X-API-Key of the capsule's team instead (see wrenn_control/proxy.py).
+    proxy_require_api_key: bool = Field(
+        default_factory=lambda: (_env("WRENN_PROXY_REQUIRE_API_KEY") or "").lower() in ("1", "true", "yes"))
+    # Observability: how often the sampler records capsule metrics and team stats, how long it
+    # waits for one capsule's metrics, and how long the samples are kept (the longest metrics
+    # range is 24h; stats peaks and the 30d range look back 30 days).
+    sampler_interval_sec: float = Field(
+        default_factory=lambda: float(_env("WRENN_SAMPLER_INTERVAL_SEC") or 10.0), gt=0)
+    sampler_metrics_timeout_sec: float = Field(default=2.0, gt=0)
+    metrics_retention_sec: float = Field(default=2 * 86400.0, gt=0)
+    stats_retention_sec: float = Field(default=31 * 86400.0, gt=0)
 
     @model_validator(mode="after")
     def _default_database_url(self) -> "Settings":

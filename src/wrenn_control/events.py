@@ -1,4 +1,13 @@
-"""In-process pub/sub of platform events (capsule.created, capsule.running, ...).
+"""In-process pub/sub of platform events, and their payloads.
+
+Kinds and payload follow the published Wrenn SDK's `SSEEvent` (its client rejects anything else):
+- `capsule.state.changed`: every status change; metadata {from, to} (no `from` for a new capsule).
+- `capsule.create|pause|resume|destroy`: an action finished, `outcome` success or error (then
+  `error` says why). create finishes when the capsule is running or failed to boot; an auto-pause
+  is a `capsule.pause` by the system with metadata {reason: ttl_expired}.
+- `template.snapshot.create|delete`: resource {id: name, type: template}.
+Capsule events carry the capsule under `sandbox` and {id, type: capsule} as `resource`; every event
+has the `actor` (the API key, or {type: system}). `connected` opens each stream (api/routes/events.py).
 
 Publishing never blocks: each subscriber has a bounded queue and loses its oldest events when it
 falls behind, so a slow SSE client cannot stall a lifecycle operation.
@@ -7,6 +16,7 @@ falls behind, so a slow SSE client cannot stall a lifecycle operation.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 from collections.abc import AsyncIterator
 from datetime import datetime
@@ -14,12 +24,43 @@ from typing import Any
 
 from wrenn_control.clock import utcnow
 
+CONNECTED = "connected"
+CAPSULE_STATE_CHANGED = "capsule.state.changed"
+CAPSULE_CREATE = "capsule.create"
+CAPSULE_PAUSE = "capsule.pause"
+CAPSULE_RESUME = "capsule.resume"
+CAPSULE_DESTROY = "capsule.destroy"
+TEMPLATE_SNAPSHOT_CREATE = "template.snapshot.create"
+TEMPLATE_SNAPSHOT_DELETE = "template.snapshot.delete"
+
+# Who causes what happens in this context: set per request by the auth dependency, inherited by the
+# tasks a request starts (a capsule's boot). Unset (the reaper, start-up): the system.
+current_actor: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("wrenn_actor", default=None)
+
+
+def actor() -> dict[str, str]:
+    return dict(current_actor.get() or {"type": "system"})
+
+
+def payload(resource_id: str, resource_type: str, *, outcome: str | None = None, error: str | None = None,
+            metadata: dict[str, str] | None = None, **extra: Any) -> dict[str, Any]:
+    """An event's body (less `event` and `timestamp`, added when it is sent)."""
+    body: dict[str, Any] = {"resource": {"id": resource_id, "type": resource_type}, "actor": actor()}
+    if outcome is not None:
+        body["outcome"] = outcome
+    if error is not None:
+        body["error"] = error
+    if metadata:
+        body["metadata"] = {str(k): str(v) for k, v in metadata.items()}
+    body.update(extra)
+    return body
+
 
 @dataclasses.dataclass(frozen=True)
 class Event:
-    type: str  # e.g. "capsule.running", "template.snapshot.created"
+    type: str  # e.g. "capsule.state.changed", "template.snapshot.create"
     team_id: str
-    data: dict[str, Any]
+    data: dict[str, Any]  # the payload: resource, actor, outcome, metadata, sandbox, ...
     at: datetime = dataclasses.field(default_factory=utcnow)
 
 

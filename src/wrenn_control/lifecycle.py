@@ -2,7 +2,8 @@
 
 Every status change goes through `transition()`: one conditional UPDATE ... WHERE status IN
 (allowed sources), so two concurrent requests (or a request and the reaper) cannot both win.
-The caller learns from the return value whether its change happened.
+The caller learns from the return value whether its change happened. The same transaction opens
+or closes the capsule's running interval (`capsule_runs`, what usage is computed from).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from wrenn_control.clock import utcnow
 from wrenn_control.db.models import Capsule
+from wrenn_control.observability import record_status_change
 
 
 class Status(str, enum.Enum):
@@ -75,13 +77,17 @@ def transition(
         bad = [s.value for s in sources if to not in ALLOWED[s]]
         if bad:
             raise ValueError(f"transition {bad} -> {to.value} is not allowed")
+    now = utcnow()
     stmt = (
         update(Capsule)
         .where(Capsule.id == capsule_id, Capsule.status.in_([s.value for s in sources]), *where)
-        .values(status=to.value, last_updated=utcnow(), **(values or {}))
+        .values(status=to.value, last_updated=now, **(values or {}))
         .execution_options(synchronize_session=False)
     )
-    return session.execute(stmt).rowcount == 1  # type: ignore[attr-defined]
+    done = session.execute(stmt).rowcount == 1  # type: ignore[attr-defined]
+    if done:  # usage: open or close the capsule's running interval, in the same transaction
+        record_status_change(session, capsule_id, to.value, (s.value for s in sources), now)
+    return done
 
 
 def touch_active(session: Session, capsule_id: str) -> bool:

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import ColumnElement, select
 
+from wrenn_control import events as ev
 from wrenn_control import ids
 from wrenn_control.clock import utcnow
 from wrenn_control.db.models import Capsule
@@ -42,8 +43,6 @@ from wrenn_host.api import (
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 S = Status
-
-_EVENT_NAMES = {S.STOPPED.value: "capsule.destroyed"}
 
 
 class CapsuleOps:
@@ -85,11 +84,12 @@ class CapsuleOps:
                    force: bool = False) -> bool:
         """`lifecycle.transition` in its own short transaction, publishing an event on success."""
         with self.db.session() as s:
+            before = s.scalar(select(Capsule.status).where(Capsule.id == capsule_id))  # for the event
             done = transition(s, capsule_id, to, from_=from_, where=where, values=values, force=force)
             row = s.scalar(select(Capsule).where(Capsule.id == capsule_id)) if done else None
             s.commit()
         if row is not None:
-            self._publish(row)
+            self._publish(row, ev.CAPSULE_STATE_CHANGED, metadata={"from": before or "", "to": row.status})
         return done
 
     def touch(self, capsule_id: str) -> bool:
@@ -99,9 +99,18 @@ class CapsuleOps:
             s.commit()
         return done
 
-    def _publish(self, row: Capsule, type_: str | None = None) -> None:
-        name = type_ or _EVENT_NAMES.get(row.status, f"capsule.{row.status}")
-        self.events.publish(name, row.team_id, CapsuleOut.of(row).model_dump(mode="json"))
+    def _publish(self, row: Capsule, kind: str, *, outcome: str | None = None, error: str | None = None,
+                 metadata: dict[str, str] | None = None) -> None:
+        self.events.publish(kind, row.team_id, ev.payload(
+            row.id, "capsule", outcome=outcome, error=error, metadata=metadata,
+            sandbox=CapsuleOut.of(row).model_dump(mode="json")))
+
+    def _finished(self, capsule_id: str, kind: str, error: str | None = None, reason: str | None = None) -> None:
+        """An action (create, pause, resume, destroy) ended: `error` None means it succeeded."""
+        row = self.get(capsule_id)
+        if row is not None:
+            self._publish(row, kind, outcome="success" if error is None else "error", error=error,
+                          metadata={"reason": reason} if reason else None)
 
     def _lock(self, capsule_id: str) -> asyncio.Lock:
         return self._locks.setdefault(capsule_id, asyncio.Lock())
@@ -120,7 +129,7 @@ class CapsuleOps:
         with self.db.session() as s:
             s.add(row)
             s.commit()
-        self._publish(row, "capsule.created")
+        self._publish(row, ev.CAPSULE_STATE_CHANGED, metadata={"to": row.status})
         task = asyncio.create_task(self._boot(row.id, template_id, vcpus, memory_mb), name=f"boot {row.id}")
         self._boot_tasks[row.id] = task
         task.add_done_callback(lambda _t, cid=row.id: self._boot_tasks.pop(cid, None))
@@ -141,11 +150,13 @@ class CapsuleOps:
             return
         # If this fails, a destroy took the capsule over while it booted; that destroy waits for
         # this task and then removes the VM, so nothing leaks.
-        self._set_running(capsule_id, runtime, from_={S.STARTING})
+        if self._set_running(capsule_id, runtime, from_={S.STARTING}):
+            self._finished(capsule_id, ev.CAPSULE_CREATE)
 
     async def _fail_boot(self, capsule_id: str, reason: str) -> None:
         log.warning("capsule %s: %s", capsule_id, reason)
         if self.transition(capsule_id, S.ERROR, from_={S.STARTING}, values={"error": reason}):
+            self._finished(capsule_id, ev.CAPSULE_CREATE, error=reason)
             # Free whatever a half-done create left behind (destroy is idempotent).
             try:
                 async with self._lock(capsule_id):
@@ -162,8 +173,10 @@ class CapsuleOps:
 
     # ---- pause / resume / snapshot / destroy ----------------------------------------------
 
-    async def pause(self, capsule_id: str, *, where: Iterable[ColumnElement[bool]] = ()) -> bool:
-        """False if the capsule was not running (or `where` did not hold); APIError on failure."""
+    async def pause(self, capsule_id: str, *, where: Iterable[ColumnElement[bool]] = (),
+                    reason: str | None = None) -> bool:
+        """False if the capsule was not running (or `where` did not hold); APIError on failure.
+        `reason` goes into the event's metadata (the reaper's: ttl_expired)."""
         if not self.transition(capsule_id, S.PAUSING, from_={S.RUNNING}, where=where):
             return False
         async with self._lock(capsule_id):
@@ -172,9 +185,11 @@ class CapsuleOps:
                 await self.host.pause(capsule_id)
             except HostAgentError as exc:
                 await self._settle(capsule_id, S.PAUSING, f"pause failed: {exc.message}")
+                self._finished(capsule_id, ev.CAPSULE_PAUSE, error=f"pause failed: {exc.message}", reason=reason)
                 raise agent_error(exc) from exc
         if not self.transition(capsule_id, S.PAUSED, from_={S.PAUSING}):
             raise self._changed(capsule_id, "pause")
+        self._finished(capsule_id, ev.CAPSULE_PAUSE, reason=reason)
         return True
 
     async def resume(self, capsule_id: str) -> bool:
@@ -186,9 +201,11 @@ class CapsuleOps:
                 runtime = await self.host.resume(capsule_id)
             except HostAgentError as exc:
                 await self._settle(capsule_id, S.RESUMING, f"resume failed: {exc.message}")
+                self._finished(capsule_id, ev.CAPSULE_RESUME, error=f"resume failed: {exc.message}")
                 raise agent_error(exc) from exc
         if not self._set_running(capsule_id, runtime, from_={S.RESUMING}):
             raise self._changed(capsule_id, "resume")
+        self._finished(capsule_id, ev.CAPSULE_RESUME)
         return True
 
     async def snapshot(self, capsule_id: str, template_id: str) -> TemplateRuntime:
@@ -222,8 +239,10 @@ class CapsuleOps:
             except HostAgentError as exc:
                 self.transition(capsule_id, S.ERROR, from_={S.STOPPING},
                                 values={"error": f"destroy failed: {exc.message}"})
+                self._finished(capsule_id, ev.CAPSULE_DESTROY, error=f"destroy failed: {exc.message}")
                 raise agent_error(exc) from exc
-        self.transition(capsule_id, S.STOPPED, from_={S.STOPPING})
+        if self.transition(capsule_id, S.STOPPED, from_={S.STOPPING}):
+            self._finished(capsule_id, ev.CAPSULE_DESTROY)
         self._locks.pop(capsule_id, None)
 
     def _still(self, capsule_id: str, expected: Status, op: str) -> None:
@@ -300,6 +319,11 @@ class CapsuleOps:
 
     def is_busy(self, capsule_id: str) -> bool:
         return self._busy.get(capsule_id, 0) > 0
+
+    def in_lifecycle_call(self, capsule_id: str) -> bool:
+        """A host lifecycle call (create, pause, resume, snapshot, destroy) is under way for it."""
+        lock = self._locks.get(capsule_id)
+        return lock is not None and lock.locked()
 
     async def disk_info(self, row: Capsule, timeout: float = 0.25) -> dict[str, int | None]:
         """disk_size_mb / disk_used_mb for GET of one capsule: best effort, never slows a poll

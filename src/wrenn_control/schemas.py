@@ -232,3 +232,63 @@ class Health(BaseModel):
 
     status: str
     accelerator: str | None = None
+
+
+# ---- observability -------------------------------------------------------------------------
+
+class MetricPoint(BaseModel):
+    timestamp_unix: int = Field(description="Start of the bucket the point averages, unix seconds.")
+    cpu_pct: float | None = Field(description="Guest CPU use, 0-100 over all its vCPUs.")
+    mem_bytes: int | None = Field(description="Guest memory in use (total - available).")
+    disk_bytes: int | None = Field(description="Bytes used on the guest's root filesystem.")
+
+
+class CapsuleMetrics(BaseModel):
+    sandbox_id: str
+    range: str
+    points: list[MetricPoint]
+
+
+class StatsCurrent(BaseModel):
+    running_count: int
+    vcpus_reserved: int
+    memory_mb_reserved: int
+    sampled_at: Timestamp
+
+
+class StatsPeaks(BaseModel):
+    """Maxima over the last 30 days."""
+
+    running_count: int
+    vcpus: int
+    memory_mb: int
+
+
+class StatsSeries(BaseModel):
+    """Parallel arrays for a chart: one point per bucket (its start), the bucket's maximum."""
+
+    labels: list[Timestamp]
+    running: list[int]
+    vcpus: list[int]
+    memory_mb: list[int]
+
+
+class CapsuleStats(BaseModel):
+    range: str
+    current: StatsCurrent
+    peaks: StatsPeaks
+    series: StatsSeries
+
+
+class UsagePoint(BaseModel):
+    date: str = Field(description="A UTC day, YYYY-MM-DD.")
+    cpu_minutes: float = Field(description="vCPUs x minutes running.")
+    ram_mb_minutes: float = Field(description="memory_mb x minutes running.")
+
+
+class UsageResponse(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    from_: str = Field(alias="from")
+    to: str
+    points: list[UsagePoint]

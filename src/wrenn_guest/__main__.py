@@ -8,7 +8,7 @@ import os
 import sys
 import time
 
-from . import commands, files, processes, system, terminals
+from . import commands, files, processes, system, terminals, tunnels
 from .server import Server, fd_channel
 
 DEFAULT_DEVICE = "/dev/virtio-ports/wrenn.agent"
@@ -38,6 +38,7 @@ def handlers(table: processes.Table, ttys: terminals.Terminals | None = None) ->
         "list": files.list_,
         "mkdir": files.mkdir,
         "remove": files.remove,
+        "tcp_connect": tunnels.tcp_connect,
     }
 
 

@@ -19,6 +19,7 @@ MAX_HEADER = 64 << 20
 ERROR_CODES = frozenset({
     "not_found", "is_directory", "not_directory", "exists", "permission_denied",
     "invalid", "no_such_process", "unknown_op", "internal",
+    "refused",  # tcp_connect: nothing listens on that port
 })
 
 _ERRNO_CODES = {

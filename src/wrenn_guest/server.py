@@ -76,10 +76,17 @@ class Request:
         self._inbox: queue.Queue = queue.Queue(INBOX_FRAMES)
         self._cancel_hooks: list[Callable[[], None]] = []
         self._lock = threading.Lock()
+        # Called by the read loop with the frame count of each host `ack` (flow control of
+        # streams that need it, e.g. tcp_connect); acks for other requests are ignored.
+        self.on_ack: Callable[[int], None] | None = None
 
     def send_data(self, data: bytes, stream: str) -> None:
         for i in range(0, len(data), MAX_PAYLOAD):
             self.server.send({"id": self.id, "type": "data", "stream": stream}, data[i:i + MAX_PAYLOAD])
+
+    def send(self, fields: dict, payload: bytes = b"") -> None:
+        """A frame of this request other than the final answer (e.g. `{"type": "end"}`)."""
+        self.server.send({"id": self.id, **fields}, payload)
 
     def on_cancel(self, hook: Callable[[], None]) -> None:
         """Run `hook` when the host cancels (at once if it already has)."""
@@ -117,8 +124,13 @@ class Request:
             yield item
 
     # called by the read loop
-    def _deliver(self, kind: str, payload: bytes) -> None:
-        if kind == "data":
+    def _deliver(self, kind: str, payload: bytes, header: dict | None = None) -> None:
+        if kind == "ack":
+            hook = self.on_ack
+            frames = (header or {}).get("frames", 1)
+            if hook is not None and isinstance(frames, int) and not isinstance(frames, bool) and frames > 0:
+                hook(frames)
+        elif kind == "data":
             self._put(payload)
         elif kind == "end":
             self._put(_END)
@@ -205,7 +217,7 @@ class Server:
             with self._requests_lock:
                 req = self._requests.get(rid)
             if req is not None:
-                req._deliver(header.get("type"), payload)
+                req._deliver(header.get("type"), payload, header)
             return
         params = {k: v for k, v in header.items() if k not in ("id", "op")}
         req = Request(self, rid, op, params, payload)

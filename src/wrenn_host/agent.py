@@ -534,5 +534,15 @@ class LocalHostAgent(api.HostAgent):
         res, _ = await self._guest(capsule_id).call("metrics")
         return res
 
+    # ------------------------------------------------------------------ ports
+
+    async def tcp_connect(self, capsule_id: str, port: int) -> api.Tunnel:
+        return await self._guest(capsule_id).open_tunnel("tcp_connect", port=port)
+
+    def open_requests(self, capsule_id: str) -> int:
+        """Guest agent requests in flight on this capsule's channel (tests check for leaks)."""
+        cap = self._get(capsule_id)
+        return len(cap.guest._pending) if cap.guest is not None else 0
+
 
 __all__ = ["LocalHostAgent", "GuestError"]

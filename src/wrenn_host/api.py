@@ -115,6 +115,42 @@ class ReconcileReport:
     lost: list[str]  # capsule ids found on disk that could not be recovered (files removed)
 
 
+class Tunnel(abc.ABC):
+    """A TCP connection to a port inside a capsule (`HostAgent.tcp_connect`). Use it as an async
+    context manager, or call `close()`: that ends the connection in the guest too."""
+
+    @abc.abstractmethod
+    async def read(self) -> bytes:
+        """The next bytes the service sent; b"" once it has closed its side (or the tunnel was
+        closed). Raises HostAgentError if the connection to the guest broke."""
+
+    @abc.abstractmethod
+    async def write(self, data: bytes) -> None:
+        """Send bytes to the service; waits while the service is not reading them (only a few
+        frames are ever in flight). Raises HostAgentError once the tunnel is over."""
+
+    @abc.abstractmethod
+    async def write_eof(self) -> None:
+        """Half-close: the service reads EOF, and may still answer."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Close the connection (idempotent)."""
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        while data := await self.read():
+            yield data
+
+    async def __aenter__(self) -> Tunnel:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+
 class HostAgent(abc.ABC):
     @abc.abstractmethod
     async def start(self, known: dict[str, str]) -> ReconcileReport:
@@ -231,3 +267,9 @@ class HostAgent(abc.ABC):
 
     @abc.abstractmethod
     async def metrics(self, capsule_id: str) -> dict[str, Any]: ...
+
+    # ports
+    @abc.abstractmethod
+    async def tcp_connect(self, capsule_id: str, port: int) -> Tunnel:
+        """Connect to `port` on the capsule's loopback. Nothing listening: GuestError with code
+        "refused"."""

@@ -15,7 +15,7 @@ from typing import Any
 
 from wrenn_guest.protocol import MAX_PAYLOAD, FrameDecoder, encode_frame
 
-from .api import GuestError, HostAgentError
+from .api import GuestError, HostAgentError, Tunnel
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +25,7 @@ QUEUE_FRAMES = 64  # frames buffered per request before the reader waits for its
 PING_ATTEMPT_SEC = 1.0
 LOST = "guest agent connection lost"
 _LOST = object()  # queue marker: the connection is gone
+_CLOSED = object()  # queue marker: the tunnel was closed by its owner
 
 Chunks = bytes | bytearray | memoryview | AsyncIterable[bytes] | Iterable[bytes]
 
@@ -36,6 +37,9 @@ class GuestClient:
         self._writer = writer
         self._decoder = FrameDecoder()  # skips to the first magic: whatever an earlier host left half-read
         self._pending: dict[int, asyncio.Queue] = {}
+        # Requests that see some frames as soon as they arrive, before their queue (tunnels: `ack`s
+        # are handled here and never queued; the end of the request is seen too). None: lost.
+        self._watchers: dict[int, Callable[[dict[str, Any] | None], None]] = {}
         # Random first id: frames still queued in the port for an earlier connection cannot
         # be mistaken for answers to this one.
         self._next_id = random.randrange(1, 1 << 31)
@@ -167,6 +171,26 @@ class GuestClient:
         finally:
             self._discard(rid, cancel=not finished)
 
+    async def open_tunnel(self, op: str = "tcp_connect", **params: Any) -> GuestTunnel:
+        """Start a byte-stream request (`tcp_connect`) and wait until the guest has connected.
+        Raises GuestError (code "refused": nothing listens there)."""
+        rid, queue = self._open()
+        tunnel = GuestTunnel(self, rid, queue)
+        self._watchers[rid] = tunnel._watch
+        try:
+            await self._send({"id": rid, "op": op, **params})
+            header, _ = await self._next(queue)
+            kind = header.get("type")
+            if kind == "error":
+                tunnel._finished = True
+                raise _guest_error(header)
+            if kind != "connected":
+                raise HostAgentError(f"guest agent answered {op} with an unexpected {kind!r} frame")
+        except BaseException:
+            await tunnel.close()
+            raise
+        return tunnel
+
     # internals
 
     def _open(self) -> tuple[int, asyncio.Queue]:
@@ -179,12 +203,18 @@ class GuestClient:
         return rid, queue
 
     def _discard(self, rid: int, *, cancel: bool) -> None:
+        self._watchers.pop(rid, None)
         queue = self._pending.pop(rid, None)
         if queue is not None:
             while not queue.empty():  # the reader may be waiting to put into it
                 queue.get_nowait()
         if cancel and self._lost is None and not self._writer.is_closing():
             self._writer.write(encode_frame({"id": rid, "type": "cancel"}))
+
+    def _send_nowait(self, header: dict[str, Any]) -> None:
+        """A small frame that need not wait for the channel (an `ack`)."""
+        if self._lost is None and not self._writer.is_closing():
+            self._writer.write(encode_frame(header))
 
     async def _send(self, header: dict[str, Any], payload: bytes = b"") -> None:
         if self._lost is not None:
@@ -211,6 +241,11 @@ class GuestClient:
                     break
                 skipped = self._decoder.skipped
                 for header, payload in self._decoder.feed(data):
+                    watcher = self._watchers.get(header.get("id"))
+                    if watcher is not None:
+                        watcher(header)
+                        if header.get("type") == "ack":
+                            continue
                     queue = self._pending.get(header.get("id"))
                     if queue is not None:  # else: a request we gave up on, or a stale frame
                         await queue.put((header, payload))
@@ -221,9 +256,104 @@ class GuestClient:
         finally:
             if self._lost is None:
                 self._lost = LOST
+            for watcher in list(self._watchers.values()):
+                watcher(None)
             for queue in self._pending.values():
                 if not queue.full():  # a full queue's consumer sees _lost once it has drained it
                     queue.put_nowait(_LOST)
+
+
+# Host -> guest data frames of one tunnel in flight (not yet acknowledged): below the guest's
+# per-request inbox (8 frames), so that neither the `end` nor the data ever make the guest's read
+# loop wait for a service that does not read.
+TUNNEL_WINDOW_FRAMES = 6
+TUNNEL_ACK_EVERY = 4  # guest -> host data frames consumed per `ack` (the guest's window is 8)
+
+
+class GuestTunnel(Tunnel):
+    """The host end of a `tcp_connect` request (see PROTOCOL.md for the flow control)."""
+
+    def __init__(self, client: GuestClient, rid: int, queue: asyncio.Queue):
+        self._client = client
+        self._rid = rid
+        self._queue = queue
+        self._in_flight = 0  # our data frames the guest has not acknowledged
+        self._credit = asyncio.Event()
+        self._credit.set()
+        self._to_ack = 0  # guest data frames consumed, not acknowledged yet
+        self._eof = False  # the service closed its side (or the request ended)
+        self._finished = False  # the guest answered result/error: the request is over
+        self._over = False  # for writers: finished, closed or lost
+        self._closed = False
+
+    def _watch(self, header: dict[str, Any] | None) -> None:
+        """From the read loop: an ack, the request's last frame, or None (connection lost)."""
+        kind = None if header is None else header.get("type")
+        if kind == "ack":
+            frames = header.get("frames", 1) if header else 1
+            self._in_flight = max(0, self._in_flight - (frames if isinstance(frames, int) else 1))
+        elif kind in ("result", "error"):
+            self._over = self._finished = True
+        elif kind is None:
+            self._over = True
+        else:
+            return
+        self._credit.set()
+
+    async def read(self) -> bytes:
+        while not self._eof:
+            if self._queue.empty() and self._client._lost is not None:
+                raise HostAgentError(self._client._lost)
+            item = await self._queue.get()
+            if item is _CLOSED:
+                break
+            if item is _LOST:
+                raise HostAgentError(self._client._lost or LOST)
+            header, data = item
+            kind = header.get("type")
+            if kind == "data":
+                self._to_ack += 1
+                if self._to_ack >= TUNNEL_ACK_EVERY:
+                    self._client._send_nowait({"id": self._rid, "type": "ack", "frames": self._to_ack})
+                    self._to_ack = 0
+                if data:
+                    return data
+            elif kind == "end":
+                self._eof = True
+            elif kind == "result":
+                self._eof = self._finished = True
+            elif kind == "error":
+                self._eof = self._finished = True
+                raise _guest_error(header)
+        return b""
+
+    async def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            while self._in_flight >= TUNNEL_WINDOW_FRAMES and not (self._over or self._closed):
+                self._credit.clear()
+                await self._credit.wait()
+            if self._over or self._closed:
+                raise HostAgentError("the connection is closed")
+            self._in_flight += 1
+            await self._client._send({"id": self._rid, "type": "data"}, bytes(view[:MAX_PAYLOAD]))
+            view = view[MAX_PAYLOAD:]
+
+    async def write_eof(self) -> None:
+        if not (self._over or self._closed):
+            await self._client._send({"id": self._rid, "type": "end"})
+
+    async def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._eof = True
+            self._credit.set()
+            self._client._discard(self._rid, cancel=not self._finished)
+            self._queue.put_nowait(_CLOSED)  # wakes a read() waiting in another task
+
+    @property
+    def open(self) -> bool:
+        return not self._closed
 
 
 def _guest_error(header: dict[str, Any]) -> GuestError:

@@ -498,8 +498,15 @@ class SSEReader:
         finally:
             self._ready.set()
 
+    @staticmethod
+    def label(name: str, payload: dict[str, Any]) -> str:
+        """`->running` for a status change, `capsule.pause:success` for a finished action."""
+        if name == "capsule.state.changed":
+            return "->" + payload["metadata"]["to"]
+        return f"{name}:{payload.get('outcome')}"
+
     def until(self, capsule_id: str, event: str, timeout: float = 30) -> list[str]:
-        """Event names seen for `capsule_id` up to and including `event`."""
+        """Labels of the events seen for `capsule_id` up to and including `event` (see `label`)."""
         seen: list[str] = []
         deadline = time.monotonic() + timeout
         while True:
@@ -509,9 +516,13 @@ class SSEReader:
                 name, payload = self.events.get(timeout=left)
             except queue.Empty:
                 continue
-            if payload.get("data", {}).get("id") == capsule_id:
-                seen.append(name)
-                if name == event:
+            if (payload.get("resource") or {}).get("id") == capsule_id:
+                # the published SDK's SSEEvent: the kind repeated in the data, the capsule as `sandbox`
+                assert payload["event"] == name and ISO_Z.match(payload["timestamp"]), payload
+                assert payload["resource"]["type"] == "capsule" and check_capsule(payload["sandbox"])["id"] == capsule_id
+                assert payload["actor"]["type"] == "api_key", payload
+                seen.append(self.label(name, payload))
+                if seen[-1] == event:
                     return seen
 
     def drain(self) -> list[tuple[str, dict[str, Any]]]:
@@ -533,14 +544,15 @@ def test_event_stream(api: Api, other_team: Api, wrenn_server) -> None:
     try:
         assert mine.status == 200 and mine.content_type.startswith("text/event-stream")
         cid = api.create()["id"]
-        seen = mine.until(cid, "capsule.running")
-        assert seen[0] == "capsule.created" and seen[-1] == "capsule.running"
+        assert mine.until(cid, "capsule.create:success") == [
+            "->pending", "->starting", "->running", "capsule.create:success"]
         assert api.post(f"/v1/capsules/{cid}/pause").status_code == 200
-        assert mine.until(cid, "capsule.paused")[-1] == "capsule.paused"
+        assert mine.until(cid, "capsule.pause:success") == ["->pausing", "->paused", "capsule.pause:success"]
         api.destroy(cid)
-        assert mine.until(cid, "capsule.destroyed")[-1] == "capsule.destroyed"
+        assert mine.until(cid, "capsule.destroy:success") == ["->stopping", "->stopped", "capsule.destroy:success"]
         time.sleep(0.3)
-        assert not any(p.get("data", {}).get("id") == cid for _, p in theirs.drain()), "event leaked to another team"
+        assert not any((p.get("resource") or {}).get("id") == cid for _, p in theirs.drain()), \
+            "event leaked to another team"
     finally:
         mine.close()
         theirs.close()

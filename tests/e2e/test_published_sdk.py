@@ -28,7 +28,7 @@ CACHE = Path(os.environ.get("WRENN_PUBLISHED_SDK_VENV")
              or Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "wrenn" / "published-sdk-venv")
 
 SCRIPT = textwrap.dedent(r'''
-    import asyncio, json, secrets, sys, threading, time, traceback
+    import asyncio, datetime, json, secrets, sys, threading, time, traceback
 
     import wrenn
     from wrenn import AsyncWrennClient, Capsule, WrennClient
@@ -186,18 +186,26 @@ SCRIPT = textwrap.dedent(r'''
 
         # ---- beyond the main calls: observability and events ----
         call("capsules.stats", lambda: client.capsules.stats().model_dump(mode="json"))
+        call("capsules.stats.ranges", lambda: [client.capsules.stats(range=r).range.value
+                                               for r in ("5m", "1h", "6h", "24h", "30d")])
         call("capsules.metrics", lambda: client.capsules.metrics(results["capsules.create"]["value"]["id"])
              .model_dump(mode="json"))
-        call("capsules.usage", lambda: client.capsules.usage().model_dump(mode="json"))
+        call("capsules.metrics.ranges", lambda: [
+            client.capsules.metrics(results["capsules.create"]["value"]["id"], range=r).range.value
+            for r in ("5m", "10m", "1h", "2h", "6h", "12h", "24h")])
+        call("capsules.usage", lambda: client.capsules.usage().model_dump(mode="json", by_alias=True))
+        call("capsules.usage.dates", lambda: client.capsules.usage(
+            from_=datetime.date(2025, 3, 1), to="2025-03-02").model_dump(mode="json", by_alias=True))
+        call("capsules.stats.invalid", lambda: client.capsules.stats(range="2h"))
 
         def events():
-            got, errors = [], []
+            got, errors, target = [], [], {}
 
             def reader():
                 try:
                     for ev in client.events.stream():
                         got.append(ev.model_dump(mode="json"))
-                        if len(got) >= 3:
+                        if ev.resource and ev.resource.id == target.get("id") and ev.event == "capsule.destroy":
                             return
                 except BaseException as exc:  # noqa: BLE001
                     errors.append(f"{type(exc).__name__}: {exc}"[:800])
@@ -206,12 +214,16 @@ SCRIPT = textwrap.dedent(r'''
             t.start()
             time.sleep(1)
             tmp = client.capsules.create()
+            target["id"] = tmp.id
             created.append(tmp.id)
-            t.join(20)
+            deadline = time.monotonic() + 60
+            while client.capsules.get(tmp.id).status.value != "running" and time.monotonic() < deadline:
+                time.sleep(0.1)
             client.capsules.destroy(tmp.id)
+            t.join(20)
             if errors:
                 raise RuntimeError(errors[0])
-            return got
+            return {"id": tmp.id, "events": got}
 
         call("events.stream", events)
 
@@ -224,12 +236,19 @@ SCRIPT = textwrap.dedent(r'''
                     break
                 await asyncio.sleep(0.1)
             listed = [x.id for x in await aclient.capsules.list()]
+            stats = await aclient.capsules.stats(range="5m")
+            usage = await aclient.capsules.usage()
+            metrics = await aclient.capsules.metrics(m.id, range="10m")
+            async for first in aclient.events.stream():
+                break
             paused = (await aclient.capsules.pause(m.id)).status.value
             await aclient.capsules.resume(m.id)
             await aclient.capsules.destroy(m.id)
             return {"id": m.id, "listed": m.id in listed, "paused": paused,
                     "final": (await aclient.capsules.get(m.id)).status.value,
-                    "templates": [t.name for t in await aclient.snapshots.list()]}
+                    "templates": [t.name for t in await aclient.snapshots.list()],
+                    "stats_running": stats.current.running_count, "usage_days": len(usage.points),
+                    "metrics_id": metrics.sandbox_id, "first_event": first.event.value}
 
     call("AsyncWrennClient", lambda: asyncio.run(async_calls()))
 
@@ -419,23 +438,44 @@ def test_async_client(results: dict[str, Any]) -> None:
     r = ok(results, "AsyncWrennClient")
     assert r["listed"] is True and r["paused"] == "paused" and r["final"] == "stopped"
     assert {"minimal", "base-python"} <= set(r["templates"])
+    assert r["stats_running"] >= 1 and r["usage_days"] == 31 and r["metrics_id"] == r["id"]
+    assert r["first_event"] == "connected"
 
 
-# Known gaps, reported: strict xfails, so that they turn into failures (and get these markers
-# removed) once the server implements them.
-
-
-@pytest.mark.xfail(strict=True, reason=(
-    "event names/payload differ: the server sends e.g. `capsule.created` with the capsule under `data`; "
-    "the published SDK's SSEEvent only accepts connected, capsule.create|pause|resume|destroy, "
-    "capsule.state.changed, template.snapshot.create|delete, host.up|down, with the capsule under `sandbox`, "
-    "and raises a ValidationError on the first other event"))
 def test_event_stream(results: dict[str, Any]) -> None:
-    events = ok(results, "events.stream")
-    assert events, "no events received"
+    """Every event parses with the published SDK's SSEEvent (it rejects unknown kinds)."""
+    r = ok(results, "events.stream")
+    cid, events = r["id"], r["events"]
+    assert events[0]["event"] == "connected"
+    mine = [e for e in events if (e.get("resource") or {}).get("id") == cid]
+    labels = ["->" + e["metadata"]["to"] if e["event"] == "capsule.state.changed" else f"{e['event']}:{e['outcome']}"
+              for e in mine]
+    assert labels == ["->pending", "->starting", "->running", "capsule.create:success",
+                      "->stopping", "->stopped", "capsule.destroy:success"], labels
+    assert all(e["sandbox"]["id"] == cid and e["resource"]["type"] == "capsule" for e in mine)
+    assert mine[3]["sandbox"]["status"] == "running" and mine[-1]["sandbox"]["status"] == "stopped"
+    assert mine[1]["metadata"] == {"from": "pending", "to": "starting"}
+    assert all(e["actor"]["type"] == "api_key" and e["timestamp"] for e in mine)
 
 
-@pytest.mark.xfail(strict=True, reason="GET /v1/capsules/stats, /usage and /{id}/metrics are not implemented")
-@pytest.mark.parametrize("call", ["capsules.stats", "capsules.usage", "capsules.metrics"])
-def test_observability(results: dict[str, Any], call: str) -> None:
-    ok(results, call)
+def test_observability(results: dict[str, Any]) -> None:
+    stats = ok(results, "capsules.stats")
+    assert stats["range"] == "1h"
+    assert set(stats["current"]) == {"running_count", "vcpus_reserved", "memory_mb_reserved"}  # the SDK's model
+    assert stats["peaks"]["running_count"] >= 1  # capsules ran during this script
+    assert len(stats["series"]["labels"]) == len(stats["series"]["running"]) == 60
+    assert ok(results, "capsules.stats.ranges") == ["5m", "1h", "6h", "24h", "30d"]
+    failed(results, "capsules.stats.invalid", "WrennValidationError", "invalid_request", 400)
+
+    created = ok(results, "capsules.create")
+    m = ok(results, "capsules.metrics")
+    assert m["sandbox_id"] == created["id"] and m["range"] == "10m" and isinstance(m["points"], list)
+    assert ok(results, "capsules.metrics.ranges") == ["5m", "10m", "1h", "2h", "6h", "12h", "24h"]
+
+    usage = ok(results, "capsules.usage")
+    assert len(usage["points"]) == 31 and usage["to"] == usage["points"][-1]["date"]
+    assert sum(p["cpu_minutes"] for p in usage["points"]) > 0
+    assert sum(p["ram_mb_minutes"] for p in usage["points"]) > 0
+    dates = ok(results, "capsules.usage.dates")
+    assert (dates["from"], dates["to"]) == ("2025-03-01", "2025-03-02")
+    assert [p["date"] for p in dates["points"]] == ["2025-03-01", "2025-03-02"]

@@ -8,6 +8,10 @@ Knobs:
 - `crash(capsule_id)`: the VM vanishes (as if QEMU died).
 - `survivors(...)`: a new fake holding what this one had, as a host agent after a restart.
 - `calls`: every call made, as (op, capsule_id or template_id).
+- `metrics_values[capsule_id] = {...}`: what `metrics` answers for it (over the defaults), or an
+  exception it raises; `metrics_delays[capsule_id] = seconds` before it answers.
+- `forwards[(capsule_id, port)] = local_port`: tcp_connect reaches that local port (a real TCP
+  connection); `tunnels_open` counts the tunnels not closed yet.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from wrenn_host.api import (
     StreamEvent,
     TemplateNotFound,
     TemplateRuntime,
+    Tunnel,
 )
 
 BUILTINS = [TemplateRuntime("minimal", 1, 512, 300_000_000), TemplateRuntime("base-python", 1, 512, 500_000_000)]
@@ -96,6 +101,11 @@ class FakeHostAgent(HostAgent):
         self.kill_events: dict[tuple[str, int | str], asyncio.Event] = {}
         self.ptys: dict[tuple[str, str], FakePty] = {}
         self._next_pid = 100
+        self.metrics_values: dict[str, dict[str, Any] | Exception] = {}
+        self.metrics_delays: dict[str, float] = {}
+        # tcp_connect(capsule_id, port) reaches 127.0.0.1:forwards[(capsule_id, port)]; others: refused
+        self.forwards: dict[tuple[str, int], int] = {}
+        self.tunnels_open = 0
 
     # ---- knobs -----------------------------------------------------------------------------
 
@@ -426,9 +436,62 @@ class FakeHostAgent(HostAgent):
     async def metrics(self, capsule_id: str) -> dict[str, Any]:
         await self._hook("metrics", capsule_id)
         cap = self._capsule(capsule_id)
-        return {"cpu_pct": 1.5, "mem_bytes": cap.memory_mb * 1024 * 1024,
-                "disk_bytes": 3 * 1024 * 1024 + sum(len(v) for v in cap.files.values()),
-                "disk_size_bytes": 2048 * 1024 * 1024}
+        override = self.metrics_values.get(capsule_id, {})
+        if isinstance(override, Exception):
+            raise override
+        answer = {"cpu_pct": 1.5, "mem_bytes": cap.memory_mb * 1024 * 1024,
+                  "disk_bytes": 3 * 1024 * 1024 + sum(len(v) for v in cap.files.values()),
+                  "disk_size_bytes": 2048 * 1024 * 1024, **override}
+        if capsule_id in self.metrics_delays:  # measured, then slow to arrive
+            await asyncio.sleep(self.metrics_delays[capsule_id])
+        return answer
+
+    async def tcp_connect(self, capsule_id: str, port: int) -> Tunnel:
+        await self._hook("tcp_connect", capsule_id)
+        self._capsule(capsule_id)
+        local = self.forwards.get((capsule_id, port))
+        if local is None:
+            raise GuestError(f"connection refused: nothing is listening on port {port}", code="refused")
+        reader, writer = await asyncio.open_connection("127.0.0.1", local)
+        return FakeTunnel(self, reader, writer)
+
+
+class FakeTunnel(Tunnel):
+    """A tunnel that is a real TCP connection to a local port (see `FakeHostAgent.forwards`)."""
+
+    def __init__(self, fake: FakeHostAgent, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.fake = fake
+        self.reader = reader
+        self.writer = writer
+        self.closed = False
+        fake.tunnels_open += 1
+
+    async def read(self) -> bytes:
+        if self.closed:
+            return b""
+        try:
+            return await self.reader.read(65536)
+        except (ConnectionError, OSError) as exc:
+            raise HostAgentError(f"tunnel broke: {exc}") from exc
+
+    async def write(self, data: bytes) -> None:
+        if self.closed:
+            raise HostAgentError("the connection is closed")
+        try:
+            self.writer.write(data)
+            await self.writer.drain()
+        except (ConnectionError, OSError) as exc:
+            raise HostAgentError(f"tunnel broke: {exc}") from exc
+
+    async def write_eof(self) -> None:
+        if not self.closed and self.writer.can_write_eof():
+            self.writer.write_eof()
+
+    async def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.fake.tunnels_open -= 1
+            self.writer.close()
 
 
 # ---- harness: a control plane app on a temp SQLite DB, driven in-process over ASGI ---------
@@ -499,7 +562,9 @@ def make_settings(data_dir: Path, **overrides: Any) -> Any:
     from wrenn_control.config import Settings
 
     values: dict[str, Any] = {"data_dir": data_dir, "bootstrap_api_key": "wrn_" + secrets.token_hex(16),
-                              "reaper_interval_sec": 0.05, "shutdown_grace_sec": 2.0}
+                              "reaper_interval_sec": 0.05, "shutdown_grace_sec": 2.0,
+                              # one pass at start; tests drive `app.state.sampler.run_once()` themselves
+                              "sampler_interval_sec": 3600.0}
     values.update(overrides)
     return Settings(**values)
 

@@ -308,7 +308,22 @@ async def test_lifecycle_events_are_published(h):
     await h.client.delete(f"/v1/capsules/{c['id']}")
     seen = []
     while not sub.queue.empty():
-        seen.append(sub.queue.get_nowait().type)
+        seen.append(sub.queue.get_nowait())
     sub.close()
-    assert seen == ["capsule.created", "capsule.starting", "capsule.running", "capsule.pausing",
-                    "capsule.paused", "capsule.stopping", "capsule.destroyed"]
+    # Named as the published SDK's SSEEvent accepts: every status change, then each finished action.
+    names = [(e.type, (e.data.get("metadata") or {}).get("from"), (e.data.get("metadata") or {}).get("to"))
+             for e in seen]
+    assert names == [
+        ("capsule.state.changed", None, "pending"), ("capsule.state.changed", "pending", "starting"),
+        ("capsule.state.changed", "starting", "running"), ("capsule.create", None, None),
+        ("capsule.state.changed", "running", "pausing"), ("capsule.state.changed", "pausing", "paused"),
+        ("capsule.pause", None, None),
+        ("capsule.state.changed", "paused", "stopping"), ("capsule.state.changed", "stopping", "stopped"),
+        ("capsule.destroy", None, None)]
+    for e in seen:
+        assert e.data["resource"] == {"id": c["id"], "type": "capsule"}
+        assert e.data["sandbox"]["id"] == c["id"]
+        assert e.data["actor"]["type"] == "api_key" and e.data["actor"]["id"].startswith("key")
+        assert ("outcome" in e.data) == (e.type != "capsule.state.changed")
+    assert seen[3].data["outcome"] == "success" and seen[3].data["sandbox"]["status"] == "running"
+    assert seen[-1].data["sandbox"]["status"] == "stopped"

@@ -17,6 +17,8 @@ from wrenn_control.db.session import Database
 from wrenn_control.events import Event, EventBus
 from wrenn_control.lifecycle import ALLOWED, Status, sources_of, touch_active, transition
 
+from .fake_host_agent import TS_RE
+
 S = Status
 
 
@@ -93,12 +95,12 @@ async def test_event_bus_filters_by_team_and_drops_oldest():
     bus = EventBus()
     mine, everyone = bus.subscribe("t1", maxsize=2), bus.subscribe()
     for i in range(3):
-        bus.publish("capsule.running", "t1", {"i": i})
-    bus.publish("capsule.paused", "t2", {"i": 9})
+        bus.publish("capsule.state.changed", "t1", {"i": i})
+    bus.publish("capsule.pause", "t2", {"i": 9})
     assert [mine.queue.get_nowait().data["i"] for _ in range(mine.queue.qsize())] == [1, 2]
     assert everyone.queue.qsize() == 4
     mine.close()
-    bus.publish("capsule.running", "t1", {})
+    bus.publish("capsule.state.changed", "t1", {})
     assert mine.queue.empty()
 
 
@@ -106,13 +108,16 @@ async def test_sse_stream_format():
     bus = EventBus()
     sub = bus.subscribe("t1")
     stream = sse_stream(sub, keepalive_sec=0.05)
-    assert await anext(stream) == "event: connected\ndata: {}\n\n"
+    first = await anext(stream)
+    assert first.startswith("event: connected\ndata: ") and first.endswith("\n\n")
+    assert set(json.loads(first.split("data: ", 1)[1])) == {"event", "timestamp"}
     assert await anext(stream) == ": keepalive\n\n"
-    bus.publish("capsule.running", "t1", {"id": "cl-1"})
+    bus.publish("capsule.state.changed", "t1", {"resource": {"id": "cl-1", "type": "capsule"}})
     text = await anext(stream)
-    assert text.startswith("event: capsule.running\ndata: ") and text.endswith("\n\n")
-    payload = json.loads(text.split("data: ", 1)[1])
-    assert payload["event"] == "capsule.running" and payload["data"] == {"id": "cl-1"}
+    assert text.startswith("event: capsule.state.changed\ndata: ") and text.endswith("\n\n")
+    payload = json.loads(text.split("data: ", 1)[1])  # one data line: the body, flat
+    assert payload["event"] == "capsule.state.changed" and payload["resource"] == {"id": "cl-1", "type": "capsule"}
+    assert TS_RE.match(payload["timestamp"])
     await stream.aclose()
     assert sub not in bus._subs  # unsubscribed when the client goes away
     assert format_sse(Event("x.y", "t", {})).startswith("event: x.y\ndata: {")

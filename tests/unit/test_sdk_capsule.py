@@ -358,6 +358,15 @@ def test_get_url(fake: FakeWrenn, monkeypatch: pytest.MonkeyPatch) -> None:
     assert Capsule().get_url(80).endswith(".proxy.example.com")
 
 
+def test_get_host(fake: FakeWrenn, monkeypatch: pytest.MonkeyPatch) -> None:
+    capsule = Capsule()
+    assert capsule.get_host(8080) == f"8080-{capsule.id}.wrenn.test"
+    assert capsule.get_url(8080) == f"http://{capsule.get_host(8080)}"
+    monkeypatch.setenv("WRENN_PROXY_DOMAIN", "localhost:9000")
+    other = Capsule()
+    assert other.get_host(3000) == f"3000-{other.id}.localhost:9000"
+
+
 def test_missing_api_key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("WRENN_API_KEY", raising=False)
     with pytest.raises(ValueError):

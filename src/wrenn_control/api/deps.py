@@ -16,7 +16,7 @@ from wrenn_control.config import Settings
 from wrenn_control.db.models import ApiKey, Capsule, Team
 from wrenn_control.db.session import Database
 from wrenn_control.errors import APIError
-from wrenn_control.events import EventBus
+from wrenn_control.events import EventBus, current_actor
 from wrenn_control.operations import CapsuleOps
 from wrenn_host.api import HostAgent
 
@@ -71,10 +71,12 @@ async def _current_team(db: DatabaseDep, key: Annotated[str | None, Security(api
     if not key:
         raise APIError(401, "unauthorized", "missing X-API-Key header")
     with db.session() as session:  # its own short session: released before the route runs
-        team = session.scalar(select(Team).join(ApiKey, ApiKey.team_id == Team.id)
-                              .where(ApiKey.key_hash == ids.hash_api_key(key)))
-    if team is None:
+        found = session.execute(select(Team, ApiKey.id, ApiKey.name).join(ApiKey, ApiKey.team_id == Team.id)
+                                .where(ApiKey.key_hash == ids.hash_api_key(key))).first()
+    if found is None:
         raise APIError(401, "unauthorized", "invalid API key")
+    team, key_id, key_name = found
+    current_actor.set({"type": "api_key", "id": key_id, "name": key_name})  # for the events it causes
     return TeamInfo(team.id, team.name)
 
 

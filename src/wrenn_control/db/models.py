@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -112,3 +112,51 @@ class Template(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     source_capsule_id: Mapped[str | None] = mapped_column(Str(32))
     created_at: Mapped[datetime]
+
+
+# ---- observability (migration 0002) ---------------------------------------------------------
+
+
+class CapsuleRun(Base):
+    """One stretch of time a capsule spent `running` (ended_at None: it still is). Written by
+    `lifecycle.transition` in the same transaction as the status change, so usage (vCPU-minutes,
+    MB-minutes) is exact and survives restarts."""
+
+    __tablename__ = "capsule_runs"
+    __table_args__ = (Index("ix_capsule_runs_team_started", "team_id", "started_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    capsule_id: Mapped[str] = mapped_column(ForeignKey("capsules.id", ondelete="CASCADE"), index=True)
+    team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"))
+    vcpus: Mapped[int]
+    memory_mb: Mapped[int]
+    started_at: Mapped[datetime]
+    ended_at: Mapped[datetime | None]
+
+
+class CapsuleMetric(Base):
+    """One sample of a running capsule's guest metrics, taken by the sampler (kept for a while:
+    `Settings.metrics_retention_sec`)."""
+
+    __tablename__ = "capsule_metrics"
+    __table_args__ = (Index("ix_capsule_metrics_ts", "ts_ms"),)
+
+    capsule_id: Mapped[str] = mapped_column(ForeignKey("capsules.id", ondelete="CASCADE"), primary_key=True)
+    ts_ms: Mapped[int] = mapped_column(BigInteger, primary_key=True)  # unix time in milliseconds
+    cpu_pct: Mapped[float | None] = mapped_column(Float)
+    mem_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    disk_bytes: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class TeamStatsSample(Base):
+    """What a team had running at one sampler pass. Only teams with something running get a row:
+    no row at a time means nothing was running (or the sampler was not)."""
+
+    __tablename__ = "team_stats_samples"
+    __table_args__ = (Index("ix_team_stats_samples_ts", "ts_ms"),)
+
+    team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"), primary_key=True)
+    ts_ms: Mapped[int] = mapped_column(BigInteger, primary_key=True)  # unix time in milliseconds
+    running_count: Mapped[int]
+    vcpus: Mapped[int]
+    memory_mb: Mapped[int]

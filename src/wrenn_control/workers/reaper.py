@@ -97,7 +97,7 @@ class Reaper:
             or_(Capsule.last_active_at.is_(None), Capsule.last_active_at <= cutoff),
         ]
         try:
-            paused = await self.ops.pause(capsule_id, where=still_idle)
+            paused = await self.ops.pause(capsule_id, where=still_idle, reason="ttl_expired")
         except APIError as exc:  # the flow already recorded the capsule's true status
             log.warning("auto-pause of %s failed: %s", capsule_id, exc.message)
             return False

@@ -1,4 +1,10 @@
-"""Server-Sent Events: the team's platform events as they happen (capsule.running, ...)."""
+"""Server-Sent Events: the team's platform events as they happen.
+
+Each message: `event: <kind>` and one `data:` line, a JSON object with `event` (the kind again:
+the published SDK reads only the data), `timestamp` and the payload of `wrenn_control.events`
+(`resource`, `actor`, `outcome`, `error`, `metadata`, `sandbox`). The stream opens with a
+`connected` event; a `: keepalive` comment follows every quiet 15 s.
+"""
 
 from __future__ import annotations
 
@@ -11,21 +17,21 @@ from fastapi.responses import StreamingResponse
 
 from wrenn_control.api.deps import CurrentTeam, EventsDep
 from wrenn_control.clock import iso_z
-from wrenn_control.events import Event, Subscription
+from wrenn_control.events import CONNECTED, Event, Subscription
 
 router = APIRouter(tags=["events"])
 KEEPALIVE_SEC = 15.0
 
 
 def format_sse(event: Event) -> str:
-    payload = {"event": event.type, "timestamp": iso_z(event.at), "data": event.data}
+    payload = {"event": event.type, **event.data, "timestamp": iso_z(event.at)}
     return f"event: {event.type}\ndata: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
 
 async def sse_stream(sub: Subscription, request: Request | None = None,
                      keepalive_sec: float = KEEPALIVE_SEC) -> AsyncIterator[str]:
     try:
-        yield "event: connected\ndata: {}\n\n"
+        yield format_sse(Event(CONNECTED, sub.team_id or "", {}))
         while request is None or not await request.is_disconnected():
             try:
                 event = await asyncio.wait_for(sub.get(), keepalive_sec)

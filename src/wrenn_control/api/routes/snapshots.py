@@ -20,6 +20,7 @@ from wrenn_control.api.deps import CurrentTeam, DatabaseDep, EventsDep, HostDep,
 from wrenn_control.clock import utcnow
 from wrenn_control.db.models import Template
 from wrenn_control.errors import APIError, agent_error, invalid, not_found
+from wrenn_control.events import TEMPLATE_SNAPSHOT_CREATE, TEMPLATE_SNAPSHOT_DELETE, payload
 from wrenn_control.schemas import ErrorBody, SnapshotCreate, TemplateOut
 from wrenn_host.api import HostAgentError, TemplateNotFound
 
@@ -58,7 +59,13 @@ async def create_snapshot(body: SnapshotCreate, team: CurrentTeam, ops: OpsDep, 
         raise _taken(name)
 
     template_id = ids.template_id()
-    runtime = await ops.snapshot(capsule.id, template_id)
+    try:
+        runtime = await ops.snapshot(capsule.id, template_id)
+    except APIError as exc:
+        if exc.status >= 500:  # the host failed to make it (a refused request is no event)
+            events.publish(TEMPLATE_SNAPSHOT_CREATE, team.id, payload(
+                name, "template", outcome="error", error=exc.message, metadata={"sandbox_id": capsule.id}))
+        raise
     row = Template(id=template_id, team_id=team.id, name=name, vcpus=runtime.vcpus, memory_mb=runtime.memory_mb,
                    size_bytes=runtime.size_bytes, source_capsule_id=capsule.id, created_at=utcnow())
     replaced: str | None = None
@@ -78,7 +85,8 @@ async def create_snapshot(body: SnapshotCreate, team: CurrentTeam, ops: OpsDep, 
         raise _taken(name) from None
     if replaced is not None:
         await _delete_host_template(host, replaced)
-    events.publish("template.snapshot.created", team.id, _out(row).model_dump(mode="json"))
+    events.publish(TEMPLATE_SNAPSHOT_CREATE, team.id, payload(
+        name, "template", outcome="success", metadata={"sandbox_id": capsule.id}))
     return _out(row)
 
 
@@ -118,9 +126,11 @@ async def delete_snapshot(name: str, team: CurrentTeam, host: HostDep, db: Datab
     except TemplateNotFound:
         pass  # already gone from the host: finish forgetting it
     except HostAgentError as exc:
+        events.publish(TEMPLATE_SNAPSHOT_DELETE, team.id, payload(name, "template", outcome="error",
+                                                                  error=exc.message))
         raise agent_error(exc) from exc
     with db.session() as s:
         s.execute(delete(Template).where(Template.id == row.id))
         s.commit()
-    events.publish("template.snapshot.deleted", team.id, _out(row).model_dump(mode="json"))
+    events.publish(TEMPLATE_SNAPSHOT_DELETE, team.id, payload(name, "template", outcome="success"))
     return Response(status_code=204)

@@ -116,6 +116,8 @@ class LocalHostAgent(api.HostAgent):
             if cap.guest is not None:
                 await cap.guest.close()
                 cap.guest = None
+        with contextlib.suppress(OSError):  # kept while running capsules have sockets in it
+            self.paths.run.rmdir()
 
     def health(self) -> dict[str, Any]:
         running = sum(1 for c in self._capsules.values() if c.machine is not None and c.machine.is_alive())

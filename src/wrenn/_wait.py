@@ -25,7 +25,10 @@ if TYPE_CHECKING:
     from wrenn._client import AsyncWrennClient, WrennClient
 
 DEFAULT_WAIT_TIMEOUT = 60.0  # seconds; generous because a cold boot under TCG takes seconds
-_FIRST_POLL = 0.1
+# A create or resume usually completes in a few hundred ms: poll briskly for the first seconds (a
+# GET costs the server ~5 ms), then back off for slow cold boots.
+_FIRST_POLL = 0.05
+_BRISK_FOR = 2.0
 _MAX_POLL = 1.0
 
 GET = "get"  # step: fetch the capsule; the reply is a CapsuleInfo
@@ -42,7 +45,8 @@ def wait_flow(
 ) -> _Flow:
     """Poll until the capsule's status is in ``targets``; fail fast on a dead state."""
     want = frozenset(targets)  # Status values equal (and hash as) their strings
-    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    deadline = started + timeout
     delay = _FIRST_POLL
     while True:
         try:
@@ -71,7 +75,8 @@ def wait_flow(
                 str(info.status),
             )
         yield min(delay, left)
-        delay = min(delay * 2, _MAX_POLL)
+        if time.monotonic() - started > _BRISK_FOR:
+            delay = min(delay * 2, _MAX_POLL)
 
 
 def connect_flow(capsule_id: str, timeout: float) -> _Flow:

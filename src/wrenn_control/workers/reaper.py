@@ -10,7 +10,6 @@ pause wins, and a capsule with a request in flight (a long exec) is skipped.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from datetime import datetime, timedelta
 
@@ -22,36 +21,23 @@ from wrenn_control.db.session import Database
 from wrenn_control.errors import APIError
 from wrenn_control.lifecycle import Status
 from wrenn_control.operations import CapsuleOps
+from wrenn_control.workers import PeriodicWorker
 from wrenn_host.api import CapsuleNotFound, HostAgentError
 
 log = logging.getLogger(__name__)
 
 
-class Reaper:
+class Reaper(PeriodicWorker):
+    name = "reaper"
+
     def __init__(self, db: Database, ops: CapsuleOps, interval_sec: float):
         self.db = db
         self.ops = ops
         self.interval_sec = interval_sec
-        self._task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="reaper")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _loop(self) -> None:
-        while True:
-            try:
-                await self.mark_dead()
-                await self.run_once()
-            except Exception:  # keep reaping; one bad pass must not end auto-pause for good
-                log.exception("reaper pass failed")
-            await asyncio.sleep(self.interval_sec)
+    async def tick(self) -> None:
+        await self.mark_dead()
+        await self.run_once()
 
     async def run_once(self, now: datetime | None = None) -> list[str]:
         """One auto-pause pass; returns the ids it paused."""

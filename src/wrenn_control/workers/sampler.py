@@ -13,7 +13,6 @@ chart bucket of the same size holds one pass.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import time
@@ -28,6 +27,7 @@ from wrenn_control.db.session import Database
 from wrenn_control.lifecycle import Status
 from wrenn_control.observability import to_ms
 from wrenn_control.operations import CapsuleOps
+from wrenn_control.workers import PeriodicWorker
 from wrenn_host.api import HostAgentError
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,9 @@ def _float(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-class Sampler:
+class Sampler(PeriodicWorker):
+    name = "sampler"
+
     def __init__(self, db: Database, ops: CapsuleOps, interval_sec: float, *, metrics_timeout_sec: float = 2.0,
                  metrics_retention_sec: float = 2 * 86400, stats_retention_sec: float = 31 * 86400):
         self.db = db
@@ -60,26 +62,14 @@ class Sampler:
         self.metrics_timeout_sec = metrics_timeout_sec
         self.metrics_retention_sec = metrics_retention_sec
         self.stats_retention_sec = stats_retention_sec
-        self._task: asyncio.Task[None] | None = None
         self._last_prune: float | None = None
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="sampler")
+    async def tick(self) -> None:
+        await self.run_once()
 
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _loop(self) -> None:
-        while True:
-            try:
-                await self.run_once()
-            except Exception:  # keep sampling; one bad pass must not end it for good
-                log.exception("sampler pass failed")
-            await asyncio.sleep(self.interval_sec - time.time() % self.interval_sec)
+    def next_delay(self) -> float:
+        # Ticks aligned to the clock, so points of different capsules share timestamps.
+        return self.interval_sec - time.time() % self.interval_sec
 
     async def run_once(self, now: datetime | None = None) -> SamplePass:
         now = now or utcnow()

@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from wrenn_control.api.routes import api_router, system
+from wrenn_control.auth import load_jwt_secret
 from wrenn_control.bootstrap import bootstrap
 from wrenn_control.config import Settings
 from wrenn_control.db.migrate import run_migrations
@@ -60,6 +61,7 @@ def create_app(settings: Settings, host: HostAgent) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         run_migrations(db)
+        app.state.jwt_secret = load_jwt_secret(settings)
         # A freshly generated key, for the caller to show once (None if none was made).
         app.state.bootstrap_key = bootstrap(db, settings)
         app.state.reconcile_report = await reconcile(ops)

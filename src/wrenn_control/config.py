@@ -23,6 +23,8 @@ class Settings(BaseModel):
     database_url: str | None = Field(default_factory=lambda: _env("WRENN_DATABASE_URL"))
     # An operator-chosen key registered at first start (and never printed); else a fresh key is made.
     bootstrap_api_key: str | None = Field(default_factory=lambda: _env("WRENN_BOOTSTRAP_API_KEY"))
+    # Signs the accounts' JWTs; else a secret is made once and kept in data_dir/jwt.secret.
+    jwt_secret: str | None = Field(default_factory=lambda: _env("WRENN_JWT_SECRET"))
     reaper_interval_sec: float = Field(default=1.0, gt=0)
     # files/write is buffered, so it has a cap; files/stream/write has none.
     max_upload_bytes: int = Field(default=100 * 1024 * 1024, gt=0)

@@ -37,3 +37,7 @@ def hash_api_key(key: str) -> str:
 def key_prefix(key: str) -> str:
     """What may be shown of a key after creation (e.g. in a key list)."""
     return key[:12]
+
+
+def user_id() -> str:
+    return "user-" + secrets.token_hex(8)

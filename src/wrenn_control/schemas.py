@@ -292,3 +292,80 @@ class UsageResponse(BaseModel):
     from_: str = Field(alias="from")
     to: str
     points: list[UsagePoint]
+
+
+# ---- accounts -------------------------------------------------------------------------------
+
+Role = Literal["owner", "admin", "member"]
+
+
+class SignupRequest(_Input):
+    email: StrictStr = Field(max_length=320)
+    password: StrictStr = Field(min_length=8, max_length=1024)
+    team_name: StrictStr | None = Field(default=None, min_length=1, max_length=200,
+                                        description="name of the personal team (default: the email)")
+
+
+class LoginRequest(_Input):
+    email: StrictStr = Field(max_length=320)
+    password: StrictStr = Field(max_length=1024)
+    team_id: StrictStr | None = Field(default=None, description="the team the token acts for (default: the oldest)")
+
+
+class TokenOut(BaseModel):
+    token: str
+
+
+class UserOut(BaseModel):
+    id: str
+    email: str
+    created_at: Timestamp
+
+
+class TeamOut(BaseModel):
+    id: str
+    name: str
+    role: Role  # the caller's role in it
+    created_at: Timestamp
+
+
+class SignupOut(BaseModel):
+    token: str
+    user: UserOut
+    team: TeamOut
+
+
+class MeOut(BaseModel):
+    user: UserOut
+    team: TeamOut | None  # the token's current team
+
+
+class TeamCreate(_Input):
+    name: StrictStr = Field(min_length=1, max_length=200)
+
+
+class MemberAdd(_Input):
+    email: StrictStr = Field(max_length=320)
+    role: Role = "member"
+
+
+class MemberOut(BaseModel):
+    user_id: str
+    email: str
+    role: Role
+    created_at: Timestamp
+
+
+class ApiKeyCreate(_Input):
+    name: StrictStr | None = Field(default=None, min_length=1, max_length=200)
+
+
+class ApiKeyOut(BaseModel):
+    id: str
+    name: str
+    prefix: str
+    created_at: Timestamp
+
+
+class ApiKeyCreated(ApiKeyOut):
+    key: str = Field(description="the full key: shown only once, only its hash is stored")

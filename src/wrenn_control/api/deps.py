@@ -7,13 +7,14 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request, Security
-from fastapi.security import APIKeyHeader
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from wrenn_control import ids
 from wrenn_control.config import Settings
-from wrenn_control.db.models import ApiKey, Capsule, Team
+from wrenn_control.auth import InvalidToken, decode_jwt
+from wrenn_control.db.models import ApiKey, Capsule, Team, TeamMember, User
 from wrenn_control.db.session import Database
 from wrenn_control.errors import APIError
 from wrenn_control.events import EventBus, current_actor
@@ -80,7 +81,78 @@ async def _current_team(db: DatabaseDep, key: Annotated[str | None, Security(api
     return TeamInfo(team.id, team.name)
 
 
-CurrentTeam = Annotated[TeamInfo, Depends(_current_team)]
+# ---- accounts: a user's JWT (Authorization: Bearer) --------------------------------------------
+
+bearer_scheme = HTTPBearer(auto_error=False, description="a JWT from /v1/auth/login or /v1/auth/signup")
+BearerDep = Annotated[HTTPAuthorizationCredentials | None, Security(bearer_scheme)]
+
+
+@dataclasses.dataclass(frozen=True)
+class UserInfo:
+    id: str
+    email: str
+    # The token's current team, None if the user is no longer a member of it (checked each request).
+    team_id: str | None
+    role: str | None
+
+
+async def _user_from_token(db: Database, secret: str, token: str) -> UserInfo:
+    try:
+        claims = decode_jwt(secret, token)
+    except InvalidToken as exc:
+        raise APIError(401, "unauthorized", f"invalid token: {exc}") from None
+    with db.session() as session:
+        user = session.get(User, claims["sub"])
+        if user is None:
+            raise APIError(401, "unauthorized", "invalid token: no such user")
+        team_id: str | None = claims.get("team")
+        role = None
+        if team_id is not None:
+            role = session.scalar(select(TeamMember.role).where(TeamMember.team_id == team_id,
+                                                                TeamMember.user_id == user.id))
+            if role is None:
+                team_id = None
+    current_actor.set({"type": "user", "id": user.id, "name": user.email})
+    return UserInfo(user.id, user.email, team_id, role)
+
+
+async def _current_user(request: Request, db: DatabaseDep, creds: BearerDep) -> UserInfo:
+    if creds is None:
+        raise APIError(401, "unauthorized", "missing Authorization: Bearer token")
+    return await _user_from_token(db, request.app.state.jwt_secret, creds.credentials)
+
+
+CurrentUser = Annotated[UserInfo, Depends(_current_user)]
+
+
+async def _key_manager(request: Request, db: DatabaseDep, creds: BearerDep,
+                       key: Annotated[str | None, Security(api_key_header)]) -> TeamInfo:
+    """The team whose API keys are managed: the Bearer token's current team, or the X-API-Key's."""
+    if creds is not None:
+        user = await _user_from_token(db, request.app.state.jwt_secret, creds.credentials)
+        if user.team_id is None:
+            raise APIError(403, "forbidden", "the token has no current team; log in again")
+        with db.session() as session:
+            team = session.get(Team, user.team_id)
+            assert team is not None  # a membership row implies the team
+            return TeamInfo(team.id, team.name)
+    if key:
+        return await _current_team(db, key)
+    raise APIError(401, "unauthorized", "missing Authorization: Bearer token or X-API-Key header")
+
+
+KeyManagerTeam = Annotated[TeamInfo, Depends(_key_manager)]
+
+
+async def _team_from_key_or_token(request: Request, db: DatabaseDep, creds: BearerDep,
+                                  key: Annotated[str | None, Security(api_key_header)]) -> TeamInfo:
+    """X-API-Key, as Wrenn; a user's Bearer token (its current team) is accepted too."""
+    if not key and creds is not None:
+        return await _key_manager(request, db, creds, None)
+    return await _current_team(db, key)
+
+
+CurrentTeam = Annotated[TeamInfo, Depends(_team_from_key_or_token)]
 
 
 async def _team_capsule(capsule_id: str, team: CurrentTeam, ops: OpsDep) -> Capsule:

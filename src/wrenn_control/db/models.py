@@ -160,3 +160,28 @@ class TeamStatsSample(Base):
     running_count: Mapped[int]
     vcpus: Mapped[int]
     memory_mb: Mapped[int]
+
+
+# ---- accounts (migration 0003) --------------------------------------------------------------
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[str] = mapped_column(Str(40), primary_key=True)
+    # Stored lowercased (and trimmed), so uniqueness is case-insensitive on every backend.
+    email: Mapped[str] = mapped_column(Str(320), unique=True)
+    # scrypt$n$r$p$salt$hash (see auth.py)
+    password_hash: Mapped[str] = mapped_column(Str(256))
+    created_at: Mapped[datetime]
+
+
+class TeamMember(Base):
+    """A user's membership of a team, with a role: owner, admin or member."""
+
+    __tablename__ = "team_members"
+
+    team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"), primary_key=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True, index=True)
+    role: Mapped[str] = mapped_column(Str(16))
+    created_at: Mapped[datetime]

@@ -1,0 +1,250 @@
+"""Accounts: signup / login (JWT), the caller, API keys, teams and their members.
+
+Users act through a JWT (`Authorization: Bearer`) carrying their current team; API keys belong
+to a team. `/v1/api-keys` also takes a team's X-API-Key, so a self-hoster with only the
+bootstrap key can manage keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+from fastapi import APIRouter, Request, Response
+from sqlalchemy import delete, func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from wrenn_control import ids
+from wrenn_control.api.deps import CurrentUser, DatabaseDep, KeyManagerTeam
+from wrenn_control.auth import burn_password_check, encode_jwt, hash_password, verify_password
+from wrenn_control.bootstrap import add_team
+from wrenn_control.clock import utcnow
+from wrenn_control.db.models import ApiKey, Team, TeamMember, User
+from wrenn_control.errors import APIError, invalid, not_found
+from wrenn_control.schemas import (
+    ApiKeyCreate,
+    ApiKeyCreated,
+    ApiKeyOut,
+    ErrorBody,
+    LoginRequest,
+    MeOut,
+    MemberAdd,
+    MemberOut,
+    SignupOut,
+    SignupRequest,
+    TeamCreate,
+    TeamOut,
+    TokenOut,
+    UserOut,
+)
+
+router = APIRouter(tags=["accounts"], responses={401: {"model": ErrorBody}})
+
+_EMAIL_RE = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
+_BAD_LOGIN = "invalid email or password"
+MANAGERS = ("owner", "admin")
+
+
+def _email(raw: str) -> str:
+    return raw.strip().lower()
+
+
+def _forbidden(message: str) -> APIError:
+    return APIError(403, "forbidden", message)
+
+
+def _user_out(user: User) -> UserOut:
+    return UserOut(id=user.id, email=user.email, created_at=user.created_at)
+
+
+def _team_out(team: Team, role: str) -> TeamOut:
+    return TeamOut(id=team.id, name=team.name, role=role, created_at=team.created_at)  # type: ignore[arg-type]
+
+
+def _key_out(row: ApiKey) -> ApiKeyOut:
+    return ApiKeyOut(id=row.id, name=row.name, prefix=row.prefix, created_at=row.created_at)
+
+
+def _role(session: Session, team_id: str, user_id: str) -> str:
+    """The user's role in the team; a team they are not in is not found."""
+    role = session.scalar(select(TeamMember.role).where(TeamMember.team_id == team_id,
+                                                        TeamMember.user_id == user_id))
+    if role is None:
+        raise not_found("team")
+    return role
+
+
+# ---- signup / login / me -----------------------------------------------------------------
+
+
+@router.post("/auth/signup", status_code=201, response_model=SignupOut,
+             responses={400: {"model": ErrorBody}, 409: {"model": ErrorBody}})
+async def signup(body: SignupRequest, db: DatabaseDep, request: Request) -> SignupOut:
+    """Create a user and their personal team (they are its owner); returns a token for it."""
+    email = _email(body.email)
+    if not _EMAIL_RE.fullmatch(email):
+        raise invalid("email: not a valid email address")
+    password_hash = await asyncio.to_thread(hash_password, body.password)
+    taken = APIError(409, "conflict", "an account with this email already exists")
+    now = utcnow()
+    with db.session() as s:
+        if s.scalar(select(User.id).where(User.email == email)) is not None:
+            raise taken
+        user = User(id=ids.user_id(), email=email, password_hash=password_hash, created_at=now)
+        s.add(user)
+        try:
+            s.flush()
+        except IntegrityError:  # signed up concurrently
+            s.rollback()
+            raise taken from None
+        team = add_team(s, body.team_name or email)
+        s.add(TeamMember(team_id=team.id, user_id=user.id, role="owner", created_at=now))
+        s.commit()
+        token = encode_jwt(request.app.state.jwt_secret, user.id, team.id)
+        return SignupOut(token=token, user=_user_out(user), team=_team_out(team, "owner"))
+
+
+@router.post("/auth/login", response_model=TokenOut, responses={400: {"model": ErrorBody}, 404: {"model": ErrorBody}})
+async def login(body: LoginRequest, db: DatabaseDep, request: Request) -> TokenOut:
+    """A token (valid 24 h) for the user's oldest team, or for `team_id` if given."""
+    with db.session() as s:
+        found = s.execute(select(User.id, User.password_hash).where(User.email == _email(body.email))).first()
+    if found is None:
+        await asyncio.to_thread(burn_password_check, body.password)
+        raise APIError(401, "unauthorized", _BAD_LOGIN)
+    user_id, password_hash = found
+    if not await asyncio.to_thread(verify_password, body.password, password_hash):
+        raise APIError(401, "unauthorized", _BAD_LOGIN)
+    with db.session() as s:
+        query = select(TeamMember.team_id).where(TeamMember.user_id == user_id)
+        if body.team_id is not None:
+            team_id = s.scalar(query.where(TeamMember.team_id == body.team_id))
+            if team_id is None:
+                raise not_found("team")
+        else:
+            team_id = s.scalar(query.order_by(TeamMember.created_at, TeamMember.team_id).limit(1))
+    return TokenOut(token=encode_jwt(request.app.state.jwt_secret, user_id, team_id))
+
+
+@router.get("/me", response_model=MeOut)
+async def me(user: CurrentUser, db: DatabaseDep) -> MeOut:
+    """The caller and the token's current team (null if they are no longer in it)."""
+    with db.session() as s:
+        row = s.get(User, user.id)
+        assert row is not None
+        team = s.get(Team, user.team_id) if user.team_id else None
+        return MeOut(user=_user_out(row), team=_team_out(team, user.role or "member") if team else None)
+
+
+# ---- API keys ------------------------------------------------------------------------------
+
+
+@router.post("/api-keys", status_code=201, response_model=ApiKeyCreated, responses={400: {"model": ErrorBody}})
+async def create_api_key(team: KeyManagerTeam, db: DatabaseDep, body: ApiKeyCreate | None = None) -> ApiKeyCreated:
+    """A new key for the team. The full key is in this answer only; only its hash is stored."""
+    key = ids.new_api_key()
+    row = ApiKey(id=ids.api_key_id(), team_id=team.id, name=(body.name if body and body.name else "default"),
+                 key_hash=ids.hash_api_key(key), prefix=ids.key_prefix(key), created_at=utcnow())
+    with db.session() as s:
+        s.add(row)
+        s.commit()
+    return ApiKeyCreated(**_key_out(row).model_dump(), key=key)
+
+
+@router.get("/api-keys", response_model=list[ApiKeyOut])
+async def list_api_keys(team: KeyManagerTeam, db: DatabaseDep) -> list[ApiKeyOut]:
+    with db.session() as s:
+        rows = s.scalars(select(ApiKey).where(ApiKey.team_id == team.id).order_by(ApiKey.created_at, ApiKey.id))
+        return [_key_out(r) for r in rows]
+
+
+@router.delete("/api-keys/{key_id}", status_code=204, response_class=Response,
+               responses={404: {"model": ErrorBody}})
+async def delete_api_key(key_id: str, team: KeyManagerTeam, db: DatabaseDep) -> Response:
+    """Revoke a key of the team: it stops working at once."""
+    with db.session() as s:
+        gone = s.execute(delete(ApiKey).where(ApiKey.id == key_id, ApiKey.team_id == team.id)).rowcount
+        s.commit()
+    if not gone:
+        raise not_found("api key")
+    return Response(status_code=204)
+
+
+# ---- teams and members ---------------------------------------------------------------------
+
+
+@router.get("/teams", response_model=list[TeamOut])
+async def list_teams(user: CurrentUser, db: DatabaseDep) -> list[TeamOut]:
+    """The caller's teams, with their role in each."""
+    with db.session() as s:
+        rows = s.execute(select(Team, TeamMember.role).join(TeamMember, TeamMember.team_id == Team.id)
+                         .where(TeamMember.user_id == user.id)
+                         .order_by(TeamMember.created_at, Team.id)).all()
+        return [_team_out(team, role) for team, role in rows]
+
+
+@router.post("/teams", status_code=201, response_model=TeamOut, responses={400: {"model": ErrorBody}})
+async def create_team(body: TeamCreate, user: CurrentUser, db: DatabaseDep) -> TeamOut:
+    """A new team with the caller as its owner (log in with its `team_id` to act for it)."""
+    with db.session() as s:
+        team = add_team(s, body.name)
+        s.add(TeamMember(team_id=team.id, user_id=user.id, role="owner", created_at=utcnow()))
+        s.commit()
+        return _team_out(team, "owner")
+
+
+@router.get("/teams/{team_id}/members", response_model=list[MemberOut], responses={404: {"model": ErrorBody}})
+async def list_members(team_id: str, user: CurrentUser, db: DatabaseDep) -> list[MemberOut]:
+    with db.session() as s:
+        _role(s, team_id, user.id)
+        rows = s.execute(select(TeamMember, User.email).join(User, User.id == TeamMember.user_id)
+                         .where(TeamMember.team_id == team_id)
+                         .order_by(TeamMember.created_at, TeamMember.user_id)).all()
+        return [MemberOut(user_id=m.user_id, email=email, role=m.role, created_at=m.created_at)  # type: ignore[arg-type]
+                for m, email in rows]
+
+
+@router.post("/teams/{team_id}/members", status_code=201, response_model=MemberOut,
+             responses={403: {"model": ErrorBody}, 404: {"model": ErrorBody}, 409: {"model": ErrorBody}})
+async def add_member(team_id: str, body: MemberAdd, user: CurrentUser, db: DatabaseDep) -> MemberOut:
+    """Add an existing user by email (owners and admins; only owners may add owners)."""
+    with db.session() as s:
+        role = _role(s, team_id, user.id)
+        if role not in MANAGERS:
+            raise _forbidden("only a team's owners and admins may add members")
+        if body.role == "owner" and role != "owner":
+            raise _forbidden("only an owner may add an owner")
+        target = s.scalar(select(User).where(User.email == _email(body.email)))
+        if target is None:
+            raise not_found("user")
+        member = TeamMember(team_id=team_id, user_id=target.id, role=body.role, created_at=utcnow())
+        s.add(member)
+        try:
+            s.commit()
+        except IntegrityError:
+            s.rollback()
+            raise APIError(409, "conflict", "this user is already a member of the team") from None
+        return MemberOut(user_id=target.id, email=target.email, role=body.role, created_at=member.created_at)
+
+
+@router.delete("/teams/{team_id}/members/{user_id}", status_code=204, response_class=Response,
+               responses={403: {"model": ErrorBody}, 404: {"model": ErrorBody}, 409: {"model": ErrorBody}})
+async def remove_member(team_id: str, user_id: str, user: CurrentUser, db: DatabaseDep) -> Response:
+    """Remove a member (owners and admins; anyone may leave). Only owners remove owners, and a
+    team always keeps at least one owner."""
+    with db.session() as s:
+        role = _role(s, team_id, user.id)
+        target = s.scalar(select(TeamMember).where(TeamMember.team_id == team_id, TeamMember.user_id == user_id))
+        if target is None:
+            raise not_found("member")
+        if user_id != user.id and (role not in MANAGERS or (target.role == "owner" and role != "owner")):
+            raise _forbidden("only owners may remove owners, and only owners and admins may remove members")
+        if target.role == "owner":
+            owners = s.scalar(select(func.count()).select_from(TeamMember)
+                              .where(TeamMember.team_id == team_id, TeamMember.role == "owner"))
+            if owners <= 1:
+                raise APIError(409, "conflict", "a team must keep at least one owner")
+        s.delete(target)
+        s.commit()
+    return Response(status_code=204)

@@ -61,6 +61,13 @@ def images_build(
     _build_images(force)
 
 
+async def _prepare(agent) -> None:
+    try:
+        await agent.prepare()
+    finally:
+        await agent.close()
+
+
 def server(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
@@ -80,7 +87,7 @@ def server(
     _build_images(force=False)
     with console.status("preparing template snapshots (the first start boots each template once)"):
         # A throwaway agent on its own event loop: the serving one must live on uvicorn's loop.
-        asyncio.run(LocalHostAgent(data_dir).prepare())
+        asyncio.run(_prepare(LocalHostAgent(data_dir)))
     agent = LocalHostAgent(data_dir)
     console.print(f"accelerator: {agent.accel}; data: {data_dir}")
     run(host, port, Settings(data_dir=data_dir), agent)

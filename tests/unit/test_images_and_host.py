@@ -72,7 +72,10 @@ def test_host_paths_keep_sockets_short(tmp_path):
     assert len(str(files.agent)) < 100 and len(str(files.qmp)) < 100
     assert files.memory.parent == paths.capsule_dir("cl-" + "a" * 25)
     # Two data dirs never share a socket directory.
-    assert HostPaths(tmp_path / "other").run != paths.run
+    other = HostPaths(tmp_path / "other")
+    assert other.run != paths.run
+    for p in (paths, other):
+        p.run.rmdir()
 
 
 def test_sparse_copy_keeps_holes_and_data(tmp_path):

@@ -31,4 +31,7 @@ def run(host: str, port: int, settings: Settings, host_agent: HostAgent) -> None
               f"  export WRENN_BASE_URL=http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/api",
               flush=True)
     app = create_app(settings, host_agent)
-    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=15)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=15)
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown has run
+        pass

@@ -37,6 +37,16 @@ def start_server() -> ServerHandle:
     return server
 
 
+def stop_server(server: ServerHandle, capsule_ids: list[str]) -> None:
+    """Stop the server, say if any destroyed capsule left a QEMU behind, remove its data."""
+    server.stop()
+    left = [cid for cid in capsule_ids if qemu_pids(cid)]
+    kill_qemus(server.data_dir)
+    shutil.rmtree(server.data_dir, ignore_errors=True)
+    if left:
+        print(f"warning: QEMU was left for {left} (killed)")
+
+
 def ms_since(t: float) -> float:
     return (time.perf_counter() - t) * 1000
 
@@ -128,12 +138,7 @@ def main(args: argparse.Namespace) -> None:
             except Exception:  # noqa: BLE001 - cleanup goes on
                 pass
         http.close()
-        server.stop()
-        left = [cid for cid in created if qemu_pids(cid)]
-        kill_qemus(server.data_dir)
-        shutil.rmtree(server.data_dir, ignore_errors=True)
-        if left:
-            print(f"warning: QEMU was left for {left} (killed)")
+        stop_server(server, created)
 
 
 if __name__ == "__main__":

@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _stats import summary  # noqa: E402
-from bench_api import ms_since, start_server  # noqa: E402
+from bench_api import ms_since, start_server, stop_server  # noqa: E402
 
-from tests.conftest import kill_qemus, qemu_pids  # noqa: E402
 from wrenn import Capsule  # noqa: E402
 
 
@@ -81,12 +79,7 @@ def main(args: argparse.Namespace) -> None:
             except Exception:  # noqa: BLE001 - cleanup goes on
                 pass
             c.close()
-        server.stop()
-        left = [cid for cid in ids if qemu_pids(cid)]
-        kill_qemus(server.data_dir)
-        shutil.rmtree(server.data_dir, ignore_errors=True)
-        if left:
-            print(f"warning: QEMU was left for {left} (killed)")
+        stop_server(server, ids)
 
 
 if __name__ == "__main__":

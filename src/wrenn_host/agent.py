@@ -23,7 +23,7 @@ from typing import Any
 
 from wrenn_guest.protocol import MAX_PAYLOAD
 from wrenn_host import api
-from wrenn_host.api import CapsuleNotFound, GuestError, HostAgentError, InvalidShape, TemplateNotFound, VMMError
+from wrenn_host.api import CapsuleNotFound, HostAgentError, InvalidShape, TemplateNotFound, VMMError
 from wrenn_host.guest import GuestClient
 from wrenn_host.paths import HostPaths
 from wrenn_host.templates import BuiltinTemplates, TemplateSnapshot, make_overlay_seed, qemu_img, sparse_copy
@@ -547,4 +547,4 @@ class LocalHostAgent(api.HostAgent):
         return len(cap.guest._pending) if cap.guest is not None else 0
 
 
-__all__ = ["LocalHostAgent", "GuestError"]
+__all__ = ["LocalHostAgent"]

@@ -83,14 +83,16 @@ class Capsule:
 
 
 class LocalHostAgent(api.HostAgent):
-    def __init__(self, data_dir: Path):
+    def __init__(self, data_dir: Path, *, network: bool | None = None):
+        """`network`: give capsules a NIC (default: on unless WRENN_NETWORK=off, and the host
+        can; see wrenn_host.network)."""
         self.paths = HostPaths(Path(data_dir) / "host")
         self._capsules: dict[str, Capsule] = {}
         self._accel: str | None = None
         self._builtin: BuiltinTemplates | None = None
         self._vmm_version = ""
         self._refills: dict[Path, asyncio.Task] = {}
-        self.net = CapsuleNetwork(self.paths.tag)
+        self.net = CapsuleNetwork(self.paths.tag, enabled=network)
 
     # ------------------------------------------------------------------ setup
 

@@ -257,3 +257,26 @@ def test_real_fetch_from_the_package_registry(api: Api) -> None:
     out = api.sh(cid, "cd /tmp && pip download --no-deps --no-cache-dir -q six && ls six-*.whl", timeout_sec=180)
     assert out["exit_code"] == 0, out
     assert out["stdout"].startswith("six-")
+
+
+def test_without_networking_capsules_start_without_a_nic(tmp_path, monkeypatch, testhost) -> None:
+    import secrets as _secrets
+
+    from tests.conftest import ServerHandle, _free_port, kill_qemus
+
+    monkeypatch.setenv("WRENN_NETWORK", "off")
+    port = _free_port()
+    server = ServerHandle(f"http://127.0.0.1:{port}/api", "wrn_" + _secrets.token_hex(16), tmp_path, port)
+    server.start()
+    api = Api(server)
+    try:
+        assert api.get("/health").json()["network"] == {"enabled": False, "reason": "disabled by WRENN_NETWORK=off"}
+        cid = api.running()["id"]
+        assert api.sh(cid, "echo ok")["stdout"] == "ok\n"
+        assert api.sh(cid, "ip link show eth0")["exit_code"] != 0
+        assert curl(api, cid, f"http://{HOST_IP}/", timeout=3)[0] != 0
+        assert namespaces(tag_of(tmp_path)) == set()
+    finally:
+        api.cleanup()
+        server.stop()
+        kill_qemus(tmp_path)

@@ -280,3 +280,22 @@ def test_without_networking_capsules_start_without_a_nic(tmp_path, monkeypatch, 
         api.cleanup()
         server.stop()
         kill_qemus(tmp_path)
+
+
+def test_port_proxy_uses_the_nic_and_falls_back_for_loopback_services(api: Api, wrenn_server) -> None:
+    import httpx
+
+    cid = api.running()["id"]
+    api.sh(cid, "mkdir -p /srv/a /srv/b && echo on-nic > /srv/a/index.html && echo on-lo > /srv/b/index.html && "
+                "(cd /srv/a && nohup python3 -m http.server 8001 >/tmp/a.log 2>&1 &) && "
+                "(cd /srv/b && nohup python3 -m http.server 8002 --bind 127.0.0.1 >/tmp/b.log 2>&1 &) && "
+                "for i in $(seq 100); do curl -sf 127.0.0.1:8001 >/dev/null && curl -sf 127.0.0.1:8002 >/dev/null "
+                "&& break; sleep 0.2; done")
+    base = f"http://127.0.0.1:{wrenn_server.port}/"
+    for port, body in ((8001, "on-nic\n"), (8002, "on-lo\n")):
+        resp = httpx.get(base, headers={"Host": f"{port}-{cid}.localhost"}, timeout=30)
+        assert (resp.status_code, resp.text) == (200, body)
+    logs = api.sh(cid, "cat /tmp/a.log; echo ---; cat /tmp/b.log")["stdout"]
+    nic_log, lo_log = logs.split("---")
+    assert "169.254.0.22" in nic_log  # came in over the NIC, from the namespace's side
+    assert "127.0.0.1" in lo_log  # through the guest agent, on the loopback

@@ -64,6 +64,7 @@ class CapsuleNetwork:
         self._in_use: dict[str, tuple[Slot, EgressPolicy]] = {}  # slot ns_ip -> (slot, policy)
         self._proxied: set[str] = set()
         self._refill: asyncio.Task | None = None
+        self._closing = False
         self._lock = asyncio.Lock()  # index allocation and the host table
         self._host_addrs: set[str] = set()
         self.proxy = EgressProxy(self._lookup, self._forbidden)
@@ -122,9 +123,10 @@ class CapsuleNetwork:
 
     async def close(self) -> None:
         """Ready slots go; slots of running capsules stay (the capsules keep running)."""
+        self._closing = True
         if self._refill is not None:
-            self._refill.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
+            # Not cancelled: a slot being made in a thread would be finished after we are gone.
+            with contextlib.suppress(Exception):
                 await self._refill
         for slot in self._ready:
             await asyncio.to_thread(slot.destroy)
@@ -211,11 +213,11 @@ class CapsuleNetwork:
         raise NetworkError(f"the address pool {self.pool} has no free slot left")
 
     def _start_refill(self) -> None:
-        if self.enabled and (self._refill is None or self._refill.done()) and len(self._ready) < self.ready_target:
+        if self.enabled and not self._closing and (self._refill is None or self._refill.done()) and len(self._ready) < self.ready_target:
             self._refill = asyncio.create_task(self._fill(), name="network slot refill")
 
     async def _fill(self) -> None:
-        while len(self._ready) < self.ready_target:
+        while len(self._ready) < self.ready_target and not self._closing:
             try:
                 self._ready.append(await self._new_slot(EgressPolicy(), background=True))
             except NetworkError as e:

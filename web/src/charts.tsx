@@ -55,7 +55,9 @@ export function LineChart({ title, points, format, max, height = 150, testId }: 
     pen = true;
   }
   const area = valid.length > 1 ? `${d}L${sx(valid[valid.length - 1].x).toFixed(1)},${PAD.top + h}L${sx(valid[0].x).toFixed(1)},${PAD.top + h}Z` : "";
-  const time = (x: number) => new Date(x * 1000).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+  const short = x1 - x0 < 600; // a few minutes: label to the second
+  const time = (x: number) =>
+    new Date(x * 1000).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", ...(short ? { second: "2-digit" } : {}) });
   return (
     <div class="chart" ref={ref} data-testid={testId} data-points={valid.length}>
       <div class="chart-head">

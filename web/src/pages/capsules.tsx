@@ -63,7 +63,7 @@ export function CapsulesPage() {
           onCreated={(c) => {
             upsert(c);
             setCreating(false);
-            toast(`Capsule ${c.id} is ${c.status}`);
+            toast(`Capsule ${c.id} created`);
             navigate(`/capsules/${c.id}`);
           }}
         />

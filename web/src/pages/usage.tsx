@@ -12,7 +12,8 @@ interface Stats {
 }
 
 const day = (d: Date) => d.toISOString().slice(0, 10);
-const num = (v: number) => (v >= 100 ? Math.round(v).toLocaleString() : v.toFixed(v >= 10 ? 0 : 1));
+const num = (v: number) =>
+  v >= 100 ? Math.round(v).toLocaleString() : v >= 10 ? v.toFixed(0) : v >= 1 || v === 0 ? v.toFixed(1) : v.toFixed(2);
 
 export function UsagePage() {
   const [days, setDays] = useState(14);

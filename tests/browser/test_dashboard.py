@@ -195,7 +195,7 @@ def test_create_and_delete_an_api_key(browser, wrenn_server):
         assert c.get("/v1/capsules").status_code == 401  # revoked at once
 
 
-def test_other_pages_and_a_narrow_window(browser):
+def test_other_pages_and_a_narrow_window(browser, capsule):
     page = browser.page
     browser.sign_in()
     for link, shows in (("Templates", "tr[data-template='minimal']"), ("Usage", ".stat"),
@@ -209,6 +209,13 @@ def test_other_pages_and_a_narrow_window(browser):
     width = page.evaluate("() => document.documentElement.scrollWidth")
     assert width <= 400, f"the page scrolls sideways at 400 px ({width} px wide)"
     browser.shot("narrow")
+    open_capsule(browser, capsule)
+    page.get_by_test_id("terminal-state").filter(has_text="Connected").wait_for(timeout=60_000)
+    page.wait_for_function("""() => [...document.querySelectorAll('[data-testid=terminal] .xterm-rows > div')]
+        .some(r => r.textContent.includes('#'))""")  # the shell's prompt
+    width = page.evaluate("() => document.documentElement.scrollWidth")
+    assert width <= 400, f"the capsule page scrolls sideways at 400 px ({width} px wide)"
+    browser.shot("narrow-capsule")
 
 
 def test_sign_out(browser):
@@ -244,3 +251,24 @@ def test_sign_in_with_email_and_see_the_team(browser, wrenn_server):
     page.locator("td", has_text=email).wait_for()
     page.locator(".badge.role-owner").wait_for()
     browser.shot("team")
+
+
+def test_background_process_its_port_link_and_kill(browser, capsule, wrenn_server):
+    page = browser.page
+    browser.sign_in()
+    open_capsule(browser, capsule)
+    page.get_by_role("tab", name="Processes & ports").click()
+    page.get_by_placeholder("Run in the background", exact=False).fill("python3 -m http.server 8000 --bind 127.0.0.1")
+    page.get_by_role("button", name="Start").click()
+    proc = page.locator("tr[data-pid]", has_text="http.server")
+    proc.wait_for()
+    link = page.locator(".port-list a", has_text=f"8000-{capsule}.localhost:{wrenn_server.port}")
+    for _ in range(30):  # the server needs a moment to listen; Refresh reads the guest's sockets again
+        if link.count():
+            break
+        page.get_by_role("button", name="Refresh").last.click()
+        page.wait_for_timeout(500)
+    assert link.get_attribute("href") == f"http://8000-{capsule}.localhost:{wrenn_server.port}/"
+    browser.shot("processes")
+    proc.get_by_role("button", name="Kill").click()
+    page.locator("tr[data-pid]", has_text="http.server").filter(has_text="running").wait_for(state="detached")

@@ -211,6 +211,7 @@ def test_other_pages_and_a_narrow_window(browser, capsule):
     browser.shot("narrow")
     open_capsule(browser, capsule)
     page.get_by_test_id("terminal-state").filter(has_text="Connected").wait_for(timeout=60_000)
+    page.get_by_test_id("terminal").scroll_into_view_if_needed()  # xterm.js draws only what is on screen
     page.wait_for_function("""() => [...document.querySelectorAll('[data-testid=terminal] .xterm-rows > div')]
         .some(r => r.textContent.includes('#'))""")  # the shell's prompt
     width = page.evaluate("() => document.documentElement.scrollWidth")
@@ -272,3 +273,29 @@ def test_background_process_its_port_link_and_kill(browser, capsule, wrenn_serve
     browser.shot("processes")
     proc.get_by_role("button", name="Kill").click()
     page.locator("tr[data-pid]", has_text="http.server").filter(has_text="running").wait_for(state="detached")
+
+
+def test_snapshot_from_the_page_then_delete_it_on_templates(destroy_later, browser, wrenn_server):
+    page = browser.page
+    with wrenn_server.client() as c:
+        cid = c.post("/v1/capsules", json={}).json()["id"]
+    destroy_later.append(cid)
+    browser.sign_in()
+    open_capsule(browser, cid)
+    status_badge(page).filter(has_text="running").wait_for(timeout=60_000)
+    page.get_by_role("button", name="Snapshot").click()
+    dialog = page.get_by_role("dialog")
+    dialog.get_by_label("Template name").fill("browser-snap")
+    dialog.get_by_label("Replace a template of that name").check()
+    dialog.get_by_role("button", name="Save snapshot").click()
+    dialog.wait_for(state="detached", timeout=120_000)
+    status_badge(page).filter(has_text="paused").wait_for(timeout=60_000)  # a snapshot leaves it paused
+    page.get_by_role("link", name="Templates", exact=True).click()
+    row = page.locator("tr[data-template='browser-snap']")
+    row.locator(".badge", has_text="snapshot").wait_for()
+    browser.shot("templates")
+    row.get_by_role("button", name="Delete").click()
+    page.get_by_role("dialog").get_by_role("button", name="Delete").click()
+    row.wait_for(state="detached")
+    with wrenn_server.client() as c:
+        assert "browser-snap" not in [t["name"] for t in c.get("/v1/snapshots").json()]

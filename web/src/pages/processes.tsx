@@ -1,11 +1,15 @@
 // Background processes (list, start, kill) and links to the ports the capsule listens on.
-import { useState } from "preact/hooks";
+import { useEffect, useState } from "preact/hooks";
 import { type Process, del, get, humanError, portHost, post } from "../api";
 import { ActionButton, Empty, ErrorBox, Spinner, toast, useLoad } from "../ui";
 
 export function ProcessesPane({ capsuleId }: { capsuleId: string }) {
   const procs = useLoad<Process[]>(async () => (await get(`/v1/capsules/${capsuleId}/processes`)).processes, [capsuleId]);
   const [cmd, setCmd] = useState("");
+  useEffect(() => {
+    const t = setInterval(procs.reload, 3000); // processes end by themselves too
+    return () => clearInterval(t);
+  }, [procs.reload]);
   const start = async (e: Event) => {
     e.preventDefault();
     try {

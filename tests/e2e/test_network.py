@@ -257,3 +257,45 @@ def test_real_fetch_from_the_package_registry(api: Api) -> None:
     out = api.sh(cid, "cd /tmp && pip download --no-deps --no-cache-dir -q six && ls six-*.whl", timeout_sec=180)
     assert out["exit_code"] == 0, out
     assert out["stdout"].startswith("six-")
+
+
+def test_without_networking_capsules_start_without_a_nic(tmp_path, monkeypatch, testhost) -> None:
+    import secrets as _secrets
+
+    from tests.conftest import ServerHandle, _free_port, kill_qemus
+
+    monkeypatch.setenv("WRENN_NETWORK", "off")
+    port = _free_port()
+    server = ServerHandle(f"http://127.0.0.1:{port}/api", "wrn_" + _secrets.token_hex(16), tmp_path, port)
+    server.start()
+    api = Api(server)
+    try:
+        assert api.get("/health").json()["network"] == {"enabled": False, "reason": "disabled by WRENN_NETWORK=off"}
+        cid = api.running()["id"]
+        assert api.sh(cid, "echo ok")["stdout"] == "ok\n"
+        assert api.sh(cid, "ip link show eth0")["exit_code"] != 0
+        assert curl(api, cid, f"http://{HOST_IP}/", timeout=3)[0] != 0
+        assert namespaces(tag_of(tmp_path)) == set()
+    finally:
+        api.cleanup()
+        server.stop()
+        kill_qemus(tmp_path)
+
+
+def test_port_proxy_uses_the_nic_and_falls_back_for_loopback_services(api: Api, wrenn_server) -> None:
+    import httpx
+
+    cid = api.running()["id"]
+    api.sh(cid, "mkdir -p /srv/a /srv/b && echo on-nic > /srv/a/index.html && echo on-lo > /srv/b/index.html && "
+                "(cd /srv/a && nohup python3 -m http.server 8001 >/tmp/a.log 2>&1 &) && "
+                "(cd /srv/b && nohup python3 -m http.server 8002 --bind 127.0.0.1 >/tmp/b.log 2>&1 &) && "
+                "for i in $(seq 100); do curl -sf 127.0.0.1:8001 >/dev/null && curl -sf 127.0.0.1:8002 >/dev/null "
+                "&& break; sleep 0.2; done")
+    base = f"http://127.0.0.1:{wrenn_server.port}/"
+    for port, body in ((8001, "on-nic\n"), (8002, "on-lo\n")):
+        resp = httpx.get(base, headers={"Host": f"{port}-{cid}.localhost"}, timeout=30)
+        assert (resp.status_code, resp.text) == (200, body)
+    logs = api.sh(cid, "cat /tmp/a.log; echo ---; cat /tmp/b.log")["stdout"]
+    nic_log, lo_log = logs.split("---")
+    assert "169.254.0.22" in nic_log  # came in over the NIC, from the namespace's side
+    assert "127.0.0.1" in lo_log  # through the guest agent, on the loopback

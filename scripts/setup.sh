@@ -4,10 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# chromium: the dashboard's browser tests (driven by Playwright's Python package, never its own
+# browser download); nodejs (npm): builds the dashboard.
 # postgresql: the control plane's unit tests also run on a throwaway PostgreSQL server
 # (the packaged cluster is not used; it need not be running).
 APT_PACKAGES=(qemu-system-x86 qemu-utils debootstrap e2fsprogs lz4 cpio busybox-static file
-              iproute2 nftables procps tmux postgresql)
+              iproute2 nftables procps tmux postgresql
+              chromium nodejs)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -28,6 +31,14 @@ if ! $PYTHON -c "import wrenn_cli, pytest_asyncio" 2>/dev/null || [ pyproject.to
   echo "setup: installing the Python package and test dependencies"
   $PYTHON -m pip install -q --disable-pip-version-check -e '.[test]'
   touch .setup-stamp
+fi
+
+# The web dashboard (web/ -> src/wrenn_control/dashboard/), rebuilt only when its sources changed.
+DASH_OUT=src/wrenn_control/dashboard/index.html
+if [ ! -f "$DASH_OUT" ] || [ -n "$(find web -path web/node_modules -prune -o -type f -newer "$DASH_OUT" -print -quit)" ]; then
+  echo "setup: building the web dashboard"
+  (cd web && { [ -d node_modules ] && [ node_modules/.package-lock.json -nt package-lock.json ] || npm ci --no-audit --no-fund --loglevel=error; } \
+    && npm run build --silent)
 fi
 
 # Kernel + root filesystems (debootstrap: a few minutes the first time, cached afterwards).

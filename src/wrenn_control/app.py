@@ -24,6 +24,8 @@ from wrenn_control.errors import install_error_handlers
 from wrenn_control.events import EventBus
 from wrenn_control.operations import CapsuleOps
 from wrenn_control.proxy import PortProxy
+from wrenn_control.tickets import TicketStore
+from wrenn_control.web import DashboardFallback
 from wrenn_control.workers.reaper import Reaper
 from wrenn_control.workers.reconcile import reconcile
 from wrenn_control.workers.sampler import Sampler
@@ -95,10 +97,13 @@ def create_app(settings: Settings, host: HostAgent) -> FastAPI:
     app.state.reaper = reaper
     app.state.sampler = sampler
     app.state.bootstrap_key = None
+    app.state.tickets = TicketStore()  # browsers' single-use stream tickets (api/routes/tickets.py)
     install_error_handlers(app)
     app.add_middleware(FormEncodedJSON)
     # Outermost: `{port}-{capsule_id}.{domain}` Hosts go to the capsule, untouched by the API's middleware.
     app.add_middleware(PortProxy)
     app.include_router(system.router, prefix="/api")
     app.include_router(api_router, prefix="/api/v1")
+    # What no route matched: the web dashboard at / (GET outside /api), else the JSON 404.
+    app.router.default = DashboardFallback(app.router.default)
     return app

@@ -3,7 +3,8 @@
 Each message: `event: <kind>` and one `data:` line, a JSON object with `event` (the kind again:
 the published SDK reads only the data), `timestamp` and the payload of `wrenn_control.events`
 (`resource`, `actor`, `outcome`, `error`, `metadata`, `sandbox`). The stream opens with a
-`connected` event; a `: keepalive` comment follows every quiet 15 s.
+`connected` event; a `: keepalive` comment follows every quiet 15 s. Browsers (EventSource sends
+no headers) authenticate with `?ticket=` from `POST /v1/auth/ticket`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from wrenn_control.api.deps import CurrentTeam, EventsDep
+from wrenn_control.api.deps import EventsDep
+from wrenn_control.api.routes.tickets import StreamTeam
 from wrenn_control.clock import iso_z
 from wrenn_control.events import CONNECTED, Event, Subscription
 
@@ -45,7 +47,7 @@ async def sse_stream(sub: Subscription, request: Request | None = None,
 
 @router.get("/events/stream", response_class=StreamingResponse,
             responses={200: {"content": {"text/event-stream": {}}}})
-async def event_stream(team: CurrentTeam, events: EventsDep, request: Request) -> StreamingResponse:
+async def event_stream(team: StreamTeam, events: EventsDep, request: Request) -> StreamingResponse:
     sub = events.subscribe(team.id)
     return StreamingResponse(sse_stream(sub, request), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -1,6 +1,7 @@
 """WebSocket routes: streamed commands, attaching to background processes, interactive terminals.
 
-Auth is the `X-API-Key` header of the upgrade request, as for every other route. The socket is
+Auth is the `X-API-Key` header of the upgrade request, as for every other route, or (browsers,
+which cannot set it) `?ticket=` from `POST /v1/auth/ticket` (single use, 30 s). The socket is
 accepted first, so that every failure can be told in the protocol's own terms: a bad key, an
 unknown capsule, a capsule that is not running or a malformed request gets
 `{"type": "error", "data": <message>}` (PTY: plus `"fatal": true`) and a close with 1008 (policy
@@ -46,6 +47,7 @@ from typing import Any
 from fastapi import APIRouter, WebSocket
 
 from wrenn_control.api.deps import TeamInfo, _current_team
+from wrenn_control.api.routes.tickets import team_from_ticket
 from wrenn_control.api.streams import (
     INTERNAL_ERROR,
     POLICY_VIOLATION,
@@ -91,7 +93,9 @@ class _Stream:
         ws = self.sock.ws
         await ws.accept()
         try:
-            team: TeamInfo = await _current_team(ws.app.state.db, ws.headers.get("x-api-key"))
+            ticket = ws.query_params.get("ticket")
+            team: TeamInfo = (team_from_ticket(ws.app, ws.app.state.db, ticket) if ticket
+                              else await _current_team(ws.app.state.db, ws.headers.get("x-api-key")))
             capsule = self.ops.get_for_team(team.id, capsule_id)
         except APIError as exc:
             await self.sock.fail(exc.message)

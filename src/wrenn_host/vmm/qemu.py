@@ -98,6 +98,7 @@ class QemuMachine:
         self.files = files
         self.pid = pid
         self._proc: asyncio.subprocess.Process | None = None
+        self.nice = 0  # > 0: start QEMU at a lower CPU priority (spare VMs, see set_nice)
 
     # -------------------------------------------------------------- start
 
@@ -109,8 +110,10 @@ class QemuMachine:
         logf = open(self.files.qemu_log, "ab")
         try:
             # Own session: QEMU must outlive a restart of the server (capsules keep running).
+            nice = self.nice
             self._proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True,
+                preexec_fn=(lambda: os.nice(nice)) if nice else None,
             )
         finally:
             logf.close()
@@ -249,16 +252,30 @@ class QemuMachine:
 
     @classmethod
     def adopt(cls, spec: MachineSpec, files: MachineFiles) -> QemuMachine | None:
-        """Find a QEMU left running by an earlier server process (by pidfile + command line)."""
+        """Find a QEMU left running by an earlier server process (by pidfile + memory file)."""
         try:
             pid = int(files.pidfile.read_text().strip())
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except (OSError, ValueError):
             return None
-        if str(files.memory).encode() not in cmdline:
+        if not uses_file(pid, files.memory):
             return None
         machine = cls(spec, files, pid=pid)
         return machine if machine.is_alive() else None
+
+    def set_nice(self, value: int) -> None:
+        """CPU priority of every QEMU thread (Linux nice values are per thread)."""
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{self.pid}/task").iterdir():
+                with contextlib.suppress(OSError):
+                    os.setpriority(os.PRIO_PROCESS, int(task.name), value)
+        self.nice = value
+
+    def moved(self, files: MachineFiles) -> QemuMachine:
+        """The same process after its directories were renamed (a spare VM handed to a capsule):
+        QEMU keeps its open files and listening sockets, only our paths to them change."""
+        other = QemuMachine(self.spec, files, pid=self.pid)
+        other._proc, other.nice = self._proc, self.nice
+        return other
 
     def rss_bytes(self) -> int:
         try:
@@ -275,6 +292,22 @@ class QemuMachine:
             with contextlib.suppress(OSError):
                 parts.append(f.read_bytes()[-n:].decode(errors="replace").strip())
         return " | ".join(p for p in parts if p) or "(no output)"
+
+
+def uses_file(pid: int, path: Path) -> bool:
+    """Whether QEMU process `pid` runs with `path` as its memory file: named on its command line,
+    or mapped under that name now (a renamed spare's command line has its old name)."""
+    name = str(path).encode()
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        if not cmdline.startswith(b"qemu-system"):
+            return False
+        if name in cmdline:
+            return True
+        with open(f"/proc/{pid}/maps", "rb") as f:
+            return any(line.rstrip().endswith(b" " + name) for line in f)
+    except OSError:
+        return False
 
 
 async def _pass_fd(qmp: QMPClient, fd: int, name: str) -> None:

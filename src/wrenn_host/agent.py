@@ -288,6 +288,7 @@ class LocalHostAgent(api.HostAgent):
             # the file ops' first lookups (NSS for owner names).
             await cap.guest.call("exec", cmd="/bin/sh", args=["-c", "echo ok"], envs={}, cwd=None, timeout_sec=30)
             await cap.guest.call("list", path="/", depth=1)
+            await cap.guest.call("metrics")  # GET of one capsule asks for its disk usage
         except BaseException:
             await self._teardown(cap)
             raise
@@ -440,7 +441,8 @@ class LocalHostAgent(api.HostAgent):
             cap.machine = None
         else:
             await self._kill_leftover(cap.id)
-        self._remove_files(cap.id)
+        # Off the event loop: unlinking a memory file with data in it takes milliseconds.
+        await asyncio.to_thread(self._remove_files, cap.id)
         if cap.meta.spawned_as:
             self.paths.disk_link(cap.meta.spawned_as).unlink(missing_ok=True)
         self._capsules.pop(cap.id, None)

@@ -110,10 +110,10 @@ class QemuMachine:
         logf = open(self.files.qemu_log, "ab")
         try:
             # Own session: QEMU must outlive a restart of the server (capsules keep running).
-            nice = self.nice
+            if self.nice:  # `nice` execs QEMU in its place: same pid, QEMU's command line
+                argv = ["nice", "-n", str(self.nice), *argv]
             self._proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True,
-                preexec_fn=(lambda: os.nice(nice)) if nice else None,
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True
             )
         finally:
             logf.close()

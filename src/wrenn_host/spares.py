@@ -81,9 +81,11 @@ class SparePool:
                  budget_mb: int | None = None):
         self._boot = boot
         self._discard = discard
-        # WRENN_SPARE_VMS=0 turns the pool off.
-        self.per_key = per_key if per_key is not None else _env_int("WRENN_SPARE_VMS", 2)
-        self.budget_mb = budget_mb if budget_mb is not None else _env_int("WRENN_SPARE_MEMORY_MB", 2048)
+        # WRENN_SPARE_VMS=0 turns the pool off. 10 per shape: a burst of 10 creates finds all of
+        # them warm (measured: burst of 10 on the host agent, median create -> first answer 356 ms
+        # with 10 spares, 1749 ms without). An idle spare costs ~105 MiB RSS and ~0.4% of a core.
+        self.per_key = per_key if per_key is not None else _env_int("WRENN_SPARE_VMS", 10)
+        self.budget_mb = budget_mb if budget_mb is not None else _env_int("WRENN_SPARE_MEMORY_MB", 5120)
         self._ready: dict[tuple[Any, ...], list[Spare]] = {}
         self._booting: dict[tuple[Any, ...], int] = {}
         self._wanted: dict[tuple[Any, ...], TemplateSnapshot] = {}  # keys to keep filled

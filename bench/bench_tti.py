@@ -31,6 +31,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _stats import pct  # noqa: E402
 from bench_api import start_server, stop_server  # noqa: E402
 
+from wrenn_host.spares import SparePool  # noqa: E402
+
 PUBLISHED = "0.3.0"
 PYTHON313 = [Path("~/.pyenv/versions/3.13.0/bin/python3").expanduser(), shutil.which("python3.13")]
 VENV = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "wrenn" / "bench-published-sdk"
@@ -38,8 +40,18 @@ VENV = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "wren
 # Run by each SDK's interpreter: sequential runs then bursts, one JSON line of timings (ms).
 DRIVER = r'''
 import json, os, sys, threading, time
+import httpx
 from wrenn import Capsule
 n, gap, bursts = int(sys.argv[1]), float(sys.argv[2]), [int(b) for b in sys.argv[3].split(",") if b]
+spares = int(sys.argv[4])
+
+def settle():
+    """Until the server's spare VMs are back (its /health says how many are ready)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if httpx.get(os.environ["WRENN_BASE_URL"] + "/health").json().get("spare_vms", 0) >= spares:
+            return
+        time.sleep(0.1)
 
 def tti(start):
     c = Capsule(template="minimal", wait=True)
@@ -50,7 +62,7 @@ def tti(start):
 
 out = {"sequential": [], "bursts": {}}
 tti(time.perf_counter())[0].destroy()  # warm: first create of the shape, imports, connections
-time.sleep(gap)
+settle()
 for _ in range(n):
     c, ms = tti(time.perf_counter())
     out["sequential"].append(ms)
@@ -76,7 +88,8 @@ for size in bursts:
         try: c.destroy()
         except Exception: pass
     out["bursts"][str(size)] = {"ms": times, "errors": errors}
-    time.sleep(max(gap, 2.0))  # let the host settle (and refill) between bursts
+    time.sleep(2.0)
+    settle()  # bursts start from a full pool
 print("RESULT " + json.dumps(out))
 '''
 
@@ -118,6 +131,8 @@ async def floor(n: int, gap: float) -> tuple[list[float], list[float], list[floa
                 create.append((c - t) * 1000)
                 first.append((e - c) * 1000)
             await agent.destroy(cid)
+            if i == 0:
+                await agent.spares.wait_full(60)
             await asyncio.sleep(gap)
     finally:
         await agent.close()
@@ -125,12 +140,13 @@ async def floor(n: int, gap: float) -> tuple[list[float], list[float], list[floa
     return total, create, first
 
 
-def run_driver(python: Path | str, server, n: int, gap: float, bursts: list[int], src: Path | None) -> dict:
+def run_driver(python: Path | str, server, n: int, gap: float, bursts: list[int], src: Path | None,
+               spares: int) -> dict:
     env = dict(os.environ, WRENN_API_KEY=server.api_key, WRENN_BASE_URL=server.base_url)
     env.pop("PYTHONPATH", None)
     if src is not None:
         env["PYTHONPATH"] = str(src)
-    proc = subprocess.run([str(python), "-c", DRIVER, str(n), str(gap), ",".join(map(str, bursts))],
+    proc = subprocess.run([str(python), "-c", DRIVER, str(n), str(gap), ",".join(map(str, bursts)), str(spares)],
                           env=env, capture_output=True, text=True, timeout=900)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -150,8 +166,8 @@ def main(args: argparse.Namespace) -> None:
     bursts = [int(b) for b in args.bursts.split(",") if b]
     pub = published_python() if not args.skip_published else None
     total, create, first = asyncio.run(floor(args.n, args.gap))
-    print(f"gap between sequential creates: {args.gap} s; spare VMs per shape: "
-          f"{os.environ.get('WRENN_SPARE_VMS', '2 (default)')}")
+    print(f"gap between sequential creates: {args.gap} s; spare VMs per shape: {SparePool(None, None).per_key}; "
+          f"load average {os.getloadavg()[0]:.1f}")
     fl = statistics.median(total)
     print(line("floor: host create + first exec", total))
     print(line("  host create", create))
@@ -161,10 +177,11 @@ def main(args: argparse.Namespace) -> None:
     ids: list[str] = []
     try:
         results = {}
+        spares = SparePool(None, None).per_key  # what the server's pool holds per shape (same env)
         results["our SDK"] = run_driver(sys.executable, server, args.n, args.gap, bursts,
-                                        Path(__file__).resolve().parents[1] / "src")
+                                        Path(__file__).resolve().parents[1] / "src", spares)
         if pub is not None:
-            results[f"published SDK {PUBLISHED}"] = run_driver(pub, server, args.n, args.gap, bursts, None)
+            results[f"published SDK {PUBLISHED}"] = run_driver(pub, server, args.n, args.gap, bursts, None, spares)
         ids = [c["id"] for c in server.client().get("/v1/capsules").json()]
     finally:
         stop_server(server, ids)

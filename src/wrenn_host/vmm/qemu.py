@@ -24,6 +24,7 @@ from wrenn_host.api import VMMError
 log = logging.getLogger(__name__)
 
 AGENT_PORT = "wrenn.agent"
+TCG_TB_SIZE_MB = 0  # 0: QEMU's default (see _accel_option)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,11 +59,20 @@ def qemu_version() -> str:
     return out.split("\n", 1)[0].removeprefix("QEMU emulator version ").split(" ")[0]
 
 
+def _accel_option(accel: str) -> str:
+    """TCG's translation buffer is QEMU's own memory, grown as guest code is translated (1 GiB
+    virtual by default): bounded, an idle capsule's QEMU stays small. Not part of the device
+    state, so it can change between a save and a restore."""
+    tb_mb = int(os.environ.get("WRENN_TCG_TB_SIZE_MB") or TCG_TB_SIZE_MB)
+    return f"tcg,tb-size={tb_mb}" if accel == "tcg" and tb_mb > 0 else accel
+
+
 def build_argv(spec: MachineSpec, files: MachineFiles, *, incoming: bool) -> list[str]:
     mem = f"{spec.memory_mb}M"
     argv = [
         "qemu-system-x86_64",
-        "-M", f"microvm,accel={spec.accel},acpi=on,pit=off,pic=off,rtc=on,isa-serial=on",
+        "-M", "microvm,acpi=on,pit=off,pic=off,rtc=on,isa-serial=on",
+        "-accel", _accel_option(spec.accel),
         "-cpu", "host" if spec.accel == "kvm" else "max",
         "-smp", str(spec.vcpus),
         "-m", mem,

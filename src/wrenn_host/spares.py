@@ -37,6 +37,7 @@ if TYPE_CHECKING:  # agent.py imports this module
 
 log = logging.getLogger(__name__)
 
+REFILL_DELAY_S = 0.3
 SPARE_PREFIX = "sp-"  # spare ids; the control plane never knows them, so a restart's reconcile removes them
 
 
@@ -198,6 +199,8 @@ class SparePool:
         self._refill_task = asyncio.get_running_loop().create_task(self._refill(), name="spare refill")
 
     async def _refill(self) -> None:
+        # A capsule just taken runs its first command now: leave it the CPU for a moment.
+        await asyncio.sleep(REFILL_DELAY_S)
         while not self._closed and (key := self._next_to_fill()) is not None:
             snap = self._wanted[key]
             self._booting[key] = self._booting.get(key, 0) + 1

@@ -18,8 +18,17 @@ import pytest
 import pytest_asyncio
 
 
+def _maps_mention(proc: Path, marker: bytes) -> bool:
+    """A spare VM handed to a capsule has the spare's name on its command line; its memory
+    file is mapped under the capsule's name."""
+    try:
+        return marker in (proc / "maps").read_bytes()
+    except OSError:
+        return False
+
+
 def qemu_pids(marker: str | Path) -> list[int]:
-    """QEMU processes whose command line mentions `marker` (a data dir or capsule id)."""
+    """QEMU processes whose command line or mapped files mention `marker` (a data dir or capsule id)."""
     pids = []
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
@@ -29,7 +38,9 @@ def qemu_pids(marker: str | Path) -> list[int]:
             stat = (d / "stat").read_text()
         except OSError:
             continue
-        if cmd.startswith(b"qemu-system") and str(marker).encode() in cmd and ") Z" not in stat:
+        if not cmd.startswith(b"qemu-system") or ") Z" in stat:
+            continue
+        if str(marker).encode() in cmd or _maps_mention(d, str(marker).encode()):
             pids.append(int(d.name))
     return pids
 

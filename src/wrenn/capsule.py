@@ -155,7 +155,7 @@ class Capsule(_CapsuleState):
             self._id = self._info.id
         self.commands = Commands(self._id, self._client)
         self.files = Files(self._id, self._client)
-        if wait:
+        if wait and self._info.status != Status.running:  # the server may answer running
             try:
                 self.wait_ready()
             except BaseException:
@@ -268,7 +268,7 @@ class Capsule(_CapsuleState):
     def _resume_here(self, wait: bool = False) -> CapsuleInfo:
         """Resume this paused capsule; ``wait=True`` polls until it is ``running``."""
         self._info = self._client.capsules.resume(self._id)
-        if wait:
+        if wait and self._info.status != Status.running:
             self._info = self._wait_for(_RUNNING)
         return self._info
 
@@ -283,7 +283,7 @@ class Capsule(_CapsuleState):
         """Resume a capsule by ID."""
         with WrennClient(api_key=api_key, base_url=base_url) as client:
             info = client.capsules.resume(capsule_id)
-            if wait:
+            if wait and info.status != Status.running:
                 info = client.capsules.wait(capsule_id, _RUNNING)
             return info
 
@@ -528,7 +528,7 @@ class AsyncCapsule(_CapsuleState):
             await self._client.aclose()
             raise
         self._bind(self._info.id)
-        if self._wait:
+        if self._wait and self._info.status != Status.running:
             try:
                 await self.wait_ready()
             except BaseException:
@@ -635,7 +635,7 @@ class AsyncCapsule(_CapsuleState):
     async def _resume_here(self, wait: bool = False) -> CapsuleInfo:
         """Resume this paused capsule; ``wait=True`` polls until it is ``running``."""
         self._info = await self._client.capsules.resume(self.id)
-        if wait:
+        if wait and self._info.status != Status.running:
             self._info = await self._wait_for(_RUNNING)
         return self._info
 
@@ -650,7 +650,7 @@ class AsyncCapsule(_CapsuleState):
         """Resume a capsule by ID."""
         async with AsyncWrennClient(api_key=api_key, base_url=base_url) as client:
             info = await client.capsules.resume(capsule_id)
-            if wait:
+            if wait and info.status != Status.running:
                 info = await client.capsules.wait(capsule_id, _RUNNING)
             return info
 

@@ -53,7 +53,7 @@ class FormEncodedJSON:
 def create_app(settings: Settings, host: HostAgent) -> FastAPI:
     db = Database(settings.db_url)
     events = EventBus()
-    ops = CapsuleOps(db, host, events)
+    ops = CapsuleOps(db, host, events, create_wait_sec=settings.create_wait_sec)
     reaper = Reaper(db, ops, settings.reaper_interval_sec)
     sampler = Sampler(db, ops, settings.sampler_interval_sec,
                       metrics_timeout_sec=settings.sampler_metrics_timeout_sec,

@@ -28,6 +28,10 @@ class Settings(BaseModel):
     reaper_interval_sec: float = Field(default=1.0, gt=0)
     # files/write is buffered, so it has a cap; files/stream/write has none.
     max_upload_bytes: int = Field(default=100 * 1024 * 1024, gt=0)
+    # POST /v1/capsules answers once the capsule is running, or after this many seconds with
+    # `starting` while the boot goes on (the first create of a new shape cold-boots, ~6 s on TCG).
+    create_wait_sec: float = Field(
+        default_factory=lambda: float(_env("WRENN_CREATE_WAIT_SEC") or 5.0), ge=0)
     # On shutdown, how long in-flight boots may finish before they are cancelled.
     shutdown_grace_sec: float = Field(default=10.0, ge=0)
     # The port proxy ({port}-{capsule_id}.{domain}) is public-by-URL like Wrenn's; set to require

@@ -47,10 +47,11 @@ S = Status
 
 
 class CapsuleOps:
-    def __init__(self, db: Database, host: HostAgent, events: EventBus):
+    def __init__(self, db: Database, host: HostAgent, events: EventBus, *, create_wait_sec: float = 5.0):
         self.db = db
         self.host = host
         self.events = events
+        self.create_wait_sec = create_wait_sec
         self._boot_tasks: dict[str, asyncio.Task[None]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         # Requests in flight per capsule (exec, file transfer): the reaper leaves these alone.
@@ -118,9 +119,26 @@ class CapsuleOps:
 
     # ---- create ---------------------------------------------------------------------------
 
-    def create(self, team_id: str, *, template: str, template_id: str, vcpus: int, memory_mb: int,
-               timeout_sec: int, labels: dict[str, str], network: EgressPolicy | None = None) -> Capsule:
-        """Write the row as `pending` and boot in the background; the caller answers at once."""
+    async def create(self, team_id: str, *, template: str, template_id: str, vcpus: int, memory_mb: int,
+                     timeout_sec: int, labels: dict[str, str], network: EgressPolicy | None = None) -> Capsule:
+        """Write the row as `pending`, boot, and answer once the capsule is running, as Wrenn's
+        server does. A boot longer than `create_wait_sec` (a new shape's first, cold, boot) goes
+        on in the background and the answer says `starting`. A failed boot raises 502
+        agent_error; the capsule stays recorded as `error` with the reason."""
+        row = self.start_create(team_id, template=template, template_id=template_id, vcpus=vcpus,
+                                memory_mb=memory_mb, timeout_sec=timeout_sec, labels=labels, network=network)
+        task = self._boot_tasks.get(row.id)
+        if task is not None and self.create_wait_sec > 0:
+            # asyncio.wait never cancels the boot: a client that hangs up leaves it to finish.
+            await asyncio.wait({task}, timeout=self.create_wait_sec)
+        now = self.get(row.id) or row
+        if now.status == S.ERROR.value and task is not None and task.done():
+            raise agent_error(now.error or "create failed")
+        return now
+
+    def start_create(self, team_id: str, *, template: str, template_id: str, vcpus: int, memory_mb: int,
+                     timeout_sec: int, labels: dict[str, str], network: EgressPolicy | None = None) -> Capsule:
+        """Write the row as `pending` and start the boot in the background."""
         now = utcnow()
         network = network or EgressPolicy()
         rules = network.to_dict()

@@ -29,14 +29,16 @@ from wrenn_host.network import CapsuleNetwork, EgressPolicy, NetworkError, Slot
 from wrenn_host.network.inbound import StreamTunnel, connect_in_netns
 from wrenn_host.network.slots import GUEST_IP
 from wrenn_host.paths import HostPaths
+from wrenn_host.spares import SparePool
 from wrenn_host.templates import BuiltinTemplates, TemplateSnapshot, make_overlay_seed, qemu_img, sparse_copy
 from wrenn_host.vmm.accel import choose_accelerator
-from wrenn_host.vmm.qemu import QemuMachine, qemu_version
+from wrenn_host.vmm.qemu import MachineFiles, QemuMachine, qemu_version, uses_file
 from wrenn_images import builder
 
 log = logging.getLogger(__name__)
 
 AGENT_CONNECT_TIMEOUT_S = 30.0
+SPARE_NICE = 10  # spares are restored and warmed at a low CPU priority: creates and execs go first
 SPARE_MEMORY_FILES = 2  # per template shape: the sparse copy (~25 ms) happens off the create path
 
 
@@ -53,6 +55,7 @@ class CapsuleMeta:
     agent_version: str = ""
     network: dict[str, Any] | None = None  # the egress policy (EgressPolicy.to_dict)
     slot: int | None = None  # the network slot while the VM runs
+    spawned_as: str = ""  # the spare id its QEMU was started under (its disk symlink is named so)
 
     @property
     def policy(self) -> EgressPolicy:
@@ -95,6 +98,8 @@ class LocalHostAgent(api.HostAgent):
         self._vmm_version = ""
         self._refills: dict[Path, asyncio.Task] = {}
         self.net = CapsuleNetwork(self.paths.tag, enabled=network)
+        # Capsules restored ahead under placeholder ids: a create takes one (see spares.py).
+        self.spares = SparePool(self._boot_spare, self._teardown)
 
     # ------------------------------------------------------------------ setup
 
@@ -128,9 +133,14 @@ class LocalHostAgent(api.HostAgent):
         for cap in self._capsules.values():
             if cap.machine is not None and cap.meta.slot is not None:
                 cap.slot = Slot(self.net.tag, cap.meta.slot, self.net.pool)
+        # Spares for the default template and shape, if its snapshot is built already.
+        default = self.builtin.dir_for("minimal", 1, 512) if "minimal" in self.builtin.names else None
+        if default is not None and (default / "meta.json").exists():
+            self.spares.want(TemplateSnapshot.load(default))
         return report
 
     async def close(self) -> None:
+        await self.spares.close()  # spares are nobody's capsules: they do not outlive the agent
         for task in self._refills.values():
             task.cancel()
         # Capsules keep running across a server restart; only our connections go.
@@ -146,7 +156,7 @@ class LocalHostAgent(api.HostAgent):
         running = sum(1 for c in self._capsules.values() if c.machine is not None and c.machine.is_alive())
         return {"accelerator": self.accel, "vmm": f"qemu {self._vmm_version}".strip(),
                 "capsules_running": running, "capsules_known": len(self._capsules),
-                "network": self.net.status()}
+                "network": self.net.status(), "spare_vms": self.spares.count()}
 
     def limits(self) -> dict[str, int]:
         total_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024)
@@ -193,6 +203,10 @@ class LocalHostAgent(api.HostAgent):
         # Spare memory copies may belong to templates that changed or are gone: start afresh.
         for f in self.paths.spare.iterdir():
             f.unlink(missing_ok=True)
+        # Disk links of spares and capsules that are gone.
+        for f in self.paths.links.iterdir():
+            if not f.exists():
+                f.unlink(missing_ok=True)
         # Stray socket directories from builds or capsules that are gone.
         for d in self.paths.run.iterdir():
             if d.name not in self._capsules:
@@ -210,7 +224,7 @@ class LocalHostAgent(api.HostAgent):
         files = self.paths.machine_files(cid)
         with contextlib.suppress(OSError, ValueError):
             pid = int(files.pidfile.read_text().strip())
-            if str(files.memory).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+            if uses_file(pid, files.memory):
                 os.kill(pid, _signal.SIGKILL)
                 for _ in range(200):
                     if not Path(f"/proc/{pid}").exists():
@@ -249,23 +263,101 @@ class LocalHostAgent(api.HostAgent):
         if capsule_id in self._capsules or self.paths.capsule_dir(capsule_id).exists():
             raise HostAgentError(f"capsule {capsule_id} already exists", code="exists")
         snap = await self._template(template_id, vcpus, memory_mb)
+        spare = self.spares.take(snap)
+        if spare is not None:
+            cap = await self._from_spare(spare, capsule_id, template_id, network or EgressPolicy())
+            if cap is not None:
+                return self._runtime(cap)
         meta = CapsuleMeta(capsule_id, template_id, str(snap.dir), snap.spec.vcpus, snap.spec.memory_mb,
                            snap.kernel_version, network=(network or EgressPolicy()).to_dict())
         cap = Capsule(meta, snap)
         self._capsules[capsule_id] = cap
         async with cap.lock:
+            await self._build(cap)
+        return self._runtime(cap)
+
+    async def _build(self, cap: Capsule, *, spare: bool = False) -> None:
+        """Files, restore from the template, identity; on any failure everything goes again."""
+        snap = cap.snapshot
+        try:
+            files = self.paths.machine_files(cap.id)
+            files.disk.parent.mkdir(parents=True)
+            files.agent.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(snap.overlay_seed, files.disk)
+            await self._take_memory(snap, files.memory)
+            spawn_files = files
+            if spare:
+                cap.meta.spawned_as = cap.id
+                link = self.paths.disk_link(cap.id)
+                link.unlink(missing_ok=True)
+                link.symlink_to(files.disk)
+                spawn_files = dataclasses.replace(files, disk=link)
+            cap.meta.save(self.paths.capsule_meta(cap.id))
+            await self._restore(cap, snap.state, spawn_files, nice=SPARE_NICE if spare else 0)
+        except BaseException:
+            await self._teardown(cap)
+            raise
+
+    async def _boot_spare(self, spare_id: str, snap: TemplateSnapshot) -> Capsule:
+        """A capsule under a placeholder id, with the path of a first command already run once
+        (QEMU's translation cache is warm: see spares.py). Not registered as a capsule."""
+        cap = Capsule(CapsuleMeta(spare_id, snap.template_id, str(snap.dir), snap.spec.vcpus,
+                                  snap.spec.memory_mb, snap.kernel_version), snap)
+        await self._build(cap, spare=True)
+        try:
+            assert cap.guest is not None
+            # What a first command goes through: the worker thread, fork + exec of a shell, and
+            # the file ops' first lookups (NSS for owner names).
+            await cap.guest.call("exec", cmd="/bin/sh", args=["-c", "echo ok"], envs={}, cwd=None, timeout_sec=30)
+            await cap.guest.call("list", path="/", depth=1)
+            await cap.guest.call("metrics")  # GET of one capsule asks for its disk usage
+        except BaseException:
+            await self._teardown(cap)
+            raise
+        return cap
+
+    async def _from_spare(self, cap: Capsule, capsule_id: str, template_id: str,
+                          network: EgressPolicy) -> Capsule | None:
+        """Hand a spare to `capsule_id`: rename its directories, push the capsule's identity.
+        None if the rename failed (the caller then creates the usual way)."""
+        old = cap.id
+        try:
+            self.paths.capsule_dir(old).rename(self.paths.capsule_dir(capsule_id))
+        except OSError as e:
+            log.warning("spare %s not usable: %s", old, e)
+            await self._teardown(cap)
+            return None
+        try:
+            self.paths.capsule_run_dir(old).rename(self.paths.capsule_run_dir(capsule_id))
+        except OSError as e:
+            log.warning("spare %s not usable: %s", old, e)
+            self.paths.capsule_dir(capsule_id).rename(self.paths.capsule_dir(old))
+            await self._teardown(cap)
+            return None
+        cap.meta.capsule_id, cap.meta.template_id = capsule_id, template_id
+        cap.meta.network = network.to_dict()
+        assert cap.machine is not None
+        cap.machine = cap.machine.moved(self.paths.machine_files(capsule_id))
+        cap.machine.set_nice(0)
+        self._capsules[capsule_id] = cap
+        async with cap.lock:
             try:
-                files = self.paths.machine_files(capsule_id)
-                files.disk.parent.mkdir(parents=True)
-                files.agent.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(snap.overlay_seed, files.disk)
-                await self._take_memory(snap, files.memory)
-                meta.save(self.paths.capsule_meta(capsule_id))
-                await self._restore(cap, snap.state)
+                link = self.paths.disk_link(cap.meta.spawned_as)
+                tmp = link.with_suffix(".new")
+                tmp.unlink(missing_ok=True)
+                tmp.symlink_to(self.paths.machine_files(capsule_id).disk)
+                tmp.replace(link)  # atomic: QEMU never finds the name missing
+                cap.meta.save(self.paths.capsule_meta(capsule_id))
+                if cap.slot is not None and not network.is_default:  # spares run the default rules
+                    try:
+                        await self.net.apply(cap.slot, network)
+                    except NetworkError as e:
+                        raise VMMError(f"egress rules not applied: {e}") from e
+                await self._push_identity(cap)
             except BaseException:
                 await self._teardown(cap)
                 raise
-        return self._runtime(cap)
+        return cap
 
     async def _take_memory(self, snap: TemplateSnapshot, dest: Path) -> None:
         """Give `dest` a private copy of the template's memory: a spare one if ready, else copy."""
@@ -295,10 +387,12 @@ class LocalHostAgent(api.HostAgent):
                 tmp.unlink(missing_ok=True)
                 return
 
-    async def _restore(self, cap: Capsule, state: Path) -> None:
+    async def _restore(self, cap: Capsule, state: Path, files: MachineFiles | None = None,
+                       nice: int = 0) -> None:
         """Start the machine from `state` (on a network slot if it has a NIC), reconnect the
         guest agent, push identity + clock."""
-        machine = QemuMachine(cap.snapshot.spec, self.paths.machine_files(cap.id))
+        machine = QemuMachine(cap.snapshot.spec, files or self.paths.machine_files(cap.id))
+        machine.nice = nice
         cap.machine = machine
         if cap.snapshot.spec.nic:
             try:
@@ -313,6 +407,11 @@ class LocalHostAgent(api.HostAgent):
             cap.guest = await GuestClient.connect_unix(str(machine.files.agent), timeout=AGENT_CONNECT_TIMEOUT_S)
 
         await machine.restore(state, before_cont=connect_agent)
+        await self._push_identity(cap)
+
+    async def _push_identity(self, cap: Capsule) -> None:
+        """What differs between clones of one snapshot: id, hostname, RNG seed, clock."""
+        assert cap.guest is not None and cap.machine is not None
         try:
             ident, _ = await cap.guest.call(
                 "identity", capsule_id=cap.id, hostname=cap.id,
@@ -321,7 +420,7 @@ class LocalHostAgent(api.HostAgent):
                 cap.meta.agent_version = str(ident.get("version", ""))
                 cap.meta.save(self.paths.capsule_meta(cap.id))
         except Exception as e:
-            raise VMMError(f"guest agent did not answer after restore: {e}: {machine.log_tail()}") from e
+            raise VMMError(f"guest agent did not answer after restore: {e}: {cap.machine.log_tail()}") from e
 
     async def pause(self, capsule_id: str) -> None:
         cap = self._get(capsule_id)
@@ -393,7 +492,10 @@ class LocalHostAgent(api.HostAgent):
         else:
             await self._kill_leftover(cap.id)
         await self._release_slot(cap)
-        self._remove_files(cap.id)
+        # Off the event loop: unlinking a memory file with data in it takes milliseconds.
+        await asyncio.to_thread(self._remove_files, cap.id)
+        if cap.meta.spawned_as:
+            self.paths.disk_link(cap.meta.spawned_as).unlink(missing_ok=True)
         self._capsules.pop(cap.id, None)
         self._sweep_template(Path(cap.meta.template_dir))
 
@@ -466,6 +568,7 @@ class LocalHostAgent(api.HostAgent):
         # Capsules made from it use its disk as their overlay's backing file: keep the files until
         # the last of them is destroyed (the marker hides the template meanwhile).
         (d / "deleted").touch()
+        self.spares.drop(d)
         self._sweep_template(d)
 
     def _sweep_template(self, d: Path) -> None:
@@ -475,6 +578,7 @@ class LocalHostAgent(api.HostAgent):
 
     def _drop_spares(self, template_dir: Path) -> None:
         """Spare copies of a template's memory that is being replaced or deleted."""
+        self.spares.drop(template_dir)
         refill = self._refills.pop(template_dir, None)
         if refill is not None:
             refill.cancel()

@@ -29,13 +29,16 @@ class HostPaths:
         self.capsules = self.root / "capsules"
         self.templates = self.root / "templates"
         self.spare = self.root / "spare"  # pre-copied template memory files, ready for a create
+        # Spare VMs open their disk through a symlink named after the spare, re-pointed when the
+        # spare becomes a capsule: QEMU re-opens its disk by name at the end of a pause.
+        self.links = self.root / "links"
         # Unix socket paths are limited to 107 bytes: keep sockets under a short run directory,
         # one per data directory so two servers on one host never collide.
         tag = hashlib.sha256(str(self.root).encode()).hexdigest()[:10]
         self.tag = tag  # names this server's sockets, network slots and firewall table
         base = Path("/run") if os.access("/run", os.W_OK) else Path("/tmp")
         self.run = base / "wrenn" / tag
-        for d in (self.capsules, self.templates, self.spare, self.run):
+        for d in (self.capsules, self.templates, self.spare, self.links, self.run):
             d.mkdir(parents=True, exist_ok=True)
 
     # capsules
@@ -63,6 +66,9 @@ class HostPaths:
             qemu_log=d / "qemu.log",
             pidfile=d / "qemu.pid",
         )
+
+    def disk_link(self, spare_id: str) -> Path:
+        return self.links / f"{check_id(spare_id)}.qcow2"
 
     def spare_memory(self, template_dir: Path, n: int) -> Path:
         key = hashlib.sha256(str(template_dir).encode()).hexdigest()[:16]

@@ -335,7 +335,7 @@ def test_published_sdk_is_the_expected_version(results: dict[str, Any]) -> None:
 
 def test_client_capsules(results: dict[str, Any]) -> None:
     created = ok(results, "capsules.create")
-    assert created["id"].startswith("cl-") and created["status"] in ("pending", "starting")
+    assert created["id"].startswith("cl-") and created["status"] in ("running", "starting")
     assert (created["template"], created["vcpus"], created["memory_mb"], created["timeout_sec"]) == (
         "minimal", 1, 512, 0)
     got = ok(results, "capsules.get")

@@ -20,7 +20,51 @@ async def h(tmp_path):
         yield harness
 
 
-async def test_create_with_defaults_then_running(h):
+@pytest.fixture
+async def h_nowait(tmp_path):
+    """A server that never waits for the boot: create answers `pending` and the boot goes on."""
+    async with running_app(make_settings(tmp_path, create_wait_sec=0)) as harness:
+        yield harness
+
+
+async def test_create_answers_once_running(h):
+    resp = await h.client.post("/v1/capsules", json={})
+    assert resp.status_code == 201, resp.text
+    c = resp.json()
+    assert ID_RE.match(c["id"])
+    assert c["status"] == "running"
+    assert (c["template"], c["vcpus"], c["memory_mb"], c["timeout_sec"]) == ("minimal", 1, 512, 0)
+    assert TS_RE.match(c["started_at"]) and c["last_active_at"] is None
+    assert TS_RE.match(c["created_at"]) and TS_RE.match(c["last_updated"])
+    assert c["metadata"]["kernel_version"] == "6.1.0-fake"
+    assert h.fake.capsules[c["id"]].state == "running"
+    # exec works at once, without any wait
+    assert (await h.client.post(f"/v1/capsules/{c['id']}/exec", json={"cmd": "true"})).status_code == 200
+
+
+async def test_create_slower_than_the_bound_answers_starting(tmp_path):
+    async with running_app(make_settings(tmp_path, create_wait_sec=0.1)) as h:
+        h.fake.delays["create"] = 0.4
+        resp = await h.client.post("/v1/capsules", json={})
+        assert resp.status_code == 201, resp.text
+        c = resp.json()
+        assert c["status"] == "starting" and c["started_at"] is None
+        running = await h.wait_status(c["id"], "running")  # the boot went on
+        assert TS_RE.match(running["started_at"])
+
+
+async def test_create_agent_failure_is_502_and_recorded_as_error(h):
+    h.fake.fail("create", VMMError("qemu exited with status 1: no kernel"))
+    err = assert_error(await h.client.post("/v1/capsules", json={"metadata": {"owner": "ci"}}), 502, "agent_error")
+    assert "no kernel" in err["message"]
+    [row] = (await h.client.get("/v1/capsules")).json()
+    assert row["status"] == "error" and "no kernel" in row["metadata"]["error"]
+    assert row["metadata"]["owner"] == "ci"
+    assert h.fake.ops("destroy") == [row["id"]]  # half-made leftovers are cleaned
+
+
+async def test_create_with_defaults_then_running(h_nowait):
+    h = h_nowait
     resp = await h.client.post("/v1/capsules", json={})
     assert resp.status_code == 201, resp.text
     c = resp.json()
@@ -160,7 +204,8 @@ async def test_pause_and_resume(h):
     assert_error(await h.client.post(f"/v1/capsules/{c['id']}/resume"), 409, "invalid_state")
 
 
-async def test_pause_while_booting_is_409(h):
+async def test_pause_while_booting_is_409(h_nowait):
+    h = h_nowait
     h.fake.delays["create"] = 0.3
     cid = (await h.client.post("/v1/capsules", json={})).json()["id"]
     err = assert_error(await h.client.post(f"/v1/capsules/{cid}/pause"), 409, "invalid_state")
@@ -188,7 +233,8 @@ async def test_destroy_paused_capsule(h):
     assert (await h.client.get(f"/v1/capsules/{c['id']}")).json()["status"] == "stopped"
 
 
-async def test_destroy_while_booting_does_not_leak_the_vm(h):
+async def test_destroy_while_booting_does_not_leak_the_vm(h_nowait):
+    h = h_nowait
     h.fake.delays["create"] = 0.3
     cid = (await h.client.post("/v1/capsules", json={})).json()["id"]
     await asyncio.sleep(0.05)  # the boot is inside host.create now
@@ -200,7 +246,8 @@ async def test_destroy_while_booting_does_not_leak_the_vm(h):
     assert (await h.client.get(f"/v1/capsules/{cid}")).json()["status"] == "stopped"
 
 
-async def test_destroy_before_the_boot_task_ran(h):
+async def test_destroy_before_the_boot_task_ran(h_nowait):
+    h = h_nowait
     # No await between create and destroy on the server side besides the requests themselves.
     cids = [(await h.client.post("/v1/capsules", json={})).json()["id"] for _ in range(3)]
     await asyncio.gather(*(h.client.delete(f"/v1/capsules/{cid}") for cid in cids))
@@ -210,7 +257,8 @@ async def test_destroy_before_the_boot_task_ran(h):
         assert (await h.client.get(f"/v1/capsules/{cid}")).json()["status"] == "stopped"
 
 
-async def test_boot_failure_records_error_and_can_be_destroyed(h):
+async def test_boot_failure_records_error_and_can_be_destroyed(h_nowait):
+    h = h_nowait
     h.fake.fail("create", VMMError("qemu exited with status 1: no kernel"))
     cid = (await h.client.post("/v1/capsules", json={})).json()["id"]
     c = await h.wait_status(cid, "error")

@@ -114,7 +114,7 @@ async def test_restart_reconciles_with_what_the_host_found(tmp_path):
 
 
 async def test_restart_with_interrupted_boot(tmp_path):
-    settings = make_settings(tmp_path, shutdown_grace_sec=0.05)
+    settings = make_settings(tmp_path, shutdown_grace_sec=0.05, create_wait_sec=0.05)
     fake1 = FakeHostAgent()
     fake1.delays["create"] = 5
     async with running_app(settings, fake1) as h:

@@ -102,6 +102,7 @@ async def test_capsule_must_exist_in_team_and_be_running_or_paused(h, cap):
     async with h.new_team() as other:
         assert_error(await snap(h, cap["id"], "x", client=other), 404, "not_found")
     h.fake.delays["create"] = 0.3
+    h.app.state.ops.create_wait_sec = 0  # answer while it boots
     booting = (await h.client.post("/v1/capsules", json={})).json()
     err = assert_error(await snap(h, booting["id"], "x"), 409, "invalid_state")
     assert "running or paused" in err["message"]

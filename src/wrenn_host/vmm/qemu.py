@@ -25,6 +25,7 @@ from wrenn_host.network.slots import GUEST_MAC
 log = logging.getLogger(__name__)
 
 AGENT_PORT = "wrenn.agent"
+TCG_TB_SIZE_MB = 0  # 0: QEMU's default (see _accel_option)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,11 +61,20 @@ def qemu_version() -> str:
     return out.split("\n", 1)[0].removeprefix("QEMU emulator version ").split(" ")[0]
 
 
+def _accel_option(accel: str) -> str:
+    """TCG's translation buffer is QEMU's own memory, grown as guest code is translated (1 GiB
+    virtual by default): bounded, an idle capsule's QEMU stays small. Not part of the device
+    state, so it can change between a save and a restore."""
+    tb_mb = int(os.environ.get("WRENN_TCG_TB_SIZE_MB") or TCG_TB_SIZE_MB)
+    return f"tcg,tb-size={tb_mb}" if accel == "tcg" and tb_mb > 0 else accel
+
+
 def build_argv(spec: MachineSpec, files: MachineFiles, *, incoming: bool, tap_fd: int | None = None) -> list[str]:
     mem = f"{spec.memory_mb}M"
     argv = [
         "qemu-system-x86_64",
-        "-M", f"microvm,accel={spec.accel},acpi=on,pit=off,pic=off,rtc=on,isa-serial=on",
+        "-M", "microvm,acpi=on,pit=off,pic=off,rtc=on,isa-serial=on",
+        "-accel", _accel_option(spec.accel),
         "-cpu", "host" if spec.accel == "kvm" else "max",
         "-smp", str(spec.vcpus),
         "-m", mem,
@@ -114,6 +124,7 @@ class QemuMachine:
         self.pid = pid
         self.tap_fd = tap_fd
         self._proc: asyncio.subprocess.Process | None = None
+        self.nice = 0  # > 0: start QEMU at a lower CPU priority (spare VMs, see set_nice)
 
     # -------------------------------------------------------------- start
 
@@ -125,6 +136,8 @@ class QemuMachine:
         logf = open(self.files.qemu_log, "ab")
         try:
             # Own session: QEMU must outlive a restart of the server (capsules keep running).
+            if self.nice:  # `nice` execs QEMU in its place: same pid, QEMU's command line
+                argv = ["nice", "-n", str(self.nice), *argv]
             self._proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True,
                 pass_fds=() if self.tap_fd is None else (self.tap_fd,),
@@ -275,16 +288,30 @@ class QemuMachine:
 
     @classmethod
     def adopt(cls, spec: MachineSpec, files: MachineFiles) -> QemuMachine | None:
-        """Find a QEMU left running by an earlier server process (by pidfile + command line)."""
+        """Find a QEMU left running by an earlier server process (by pidfile + memory file)."""
         try:
             pid = int(files.pidfile.read_text().strip())
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except (OSError, ValueError):
             return None
-        if str(files.memory).encode() not in cmdline:
+        if not uses_file(pid, files.memory):
             return None
         machine = cls(spec, files, pid=pid)
         return machine if machine.is_alive() else None
+
+    def set_nice(self, value: int) -> None:
+        """CPU priority of every QEMU thread (Linux nice values are per thread)."""
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{self.pid}/task").iterdir():
+                with contextlib.suppress(OSError):
+                    os.setpriority(os.PRIO_PROCESS, int(task.name), value)
+        self.nice = value
+
+    def moved(self, files: MachineFiles) -> QemuMachine:
+        """The same process after its directories were renamed (a spare VM handed to a capsule):
+        QEMU keeps its open files and listening sockets, only our paths to them change."""
+        other = QemuMachine(self.spec, files, pid=self.pid)
+        other._proc, other.nice = self._proc, self.nice
+        return other
 
     def rss_bytes(self) -> int:
         try:
@@ -301,6 +328,22 @@ class QemuMachine:
             with contextlib.suppress(OSError):
                 parts.append(f.read_bytes()[-n:].decode(errors="replace").strip())
         return " | ".join(p for p in parts if p) or "(no output)"
+
+
+def uses_file(pid: int, path: Path) -> bool:
+    """Whether QEMU process `pid` runs with `path` as its memory file: named on its command line,
+    or mapped under that name now (a renamed spare's command line has its old name)."""
+    name = str(path).encode()
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        if not cmdline.startswith(b"qemu-system"):
+            return False
+        if name in cmdline:
+            return True
+        with open(f"/proc/{pid}/maps", "rb") as f:
+            return any(line.rstrip().endswith(b" " + name) for line in f)
+    except OSError:
+        return False
 
 
 async def _pass_fd(qmp: QMPClient, fd: int, name: str) -> None:

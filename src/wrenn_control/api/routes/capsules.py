@@ -24,7 +24,8 @@ DEFAULT_MEMORY_MB = 512
              responses={400: {"model": ErrorBody}, 502: {"model": ErrorBody}})
 async def create_capsule(team: CurrentTeam, ops: OpsDep, host: HostDep, db: DatabaseDep,
                          body: Annotated[CapsuleCreate | None, Body()] = None) -> CapsuleOut:
-    """Answers at once with status `pending`; the VM boots in the background (poll GET)."""
+    """Answers once the VM is running (201 `running`), or 502 if the host agent failed; a boot
+    longer than the create wait setting answers 201 `starting` and goes on (poll GET)."""
     body = body or CapsuleCreate()
     network = egress_policy(body.allow_internet_access, body.network.allow_out if body.network else None,
                             body.network.deny_out if body.network else None)
@@ -53,8 +54,8 @@ async def create_capsule(team: CurrentTeam, ops: OpsDep, host: HostDep, db: Data
                 raise invalid(f"template {name!r} is a snapshot with {field}={fixed}; it cannot be changed "
                               f"(got {asked}); omit {field}")
         template_id, vcpus, memory_mb = snap.id, snap.vcpus, snap.memory_mb
-    row = ops.create(team.id, template=name, template_id=template_id, vcpus=vcpus, memory_mb=memory_mb,
-                     timeout_sec=body.timeout_sec or 0, labels=body.metadata or {}, network=network)
+    row = await ops.create(team.id, template=name, template_id=template_id, vcpus=vcpus, memory_mb=memory_mb,
+                           timeout_sec=body.timeout_sec or 0, labels=body.metadata or {}, network=network)
     return CapsuleOut.of(row)
 
 

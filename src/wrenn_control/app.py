@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from wrenn_control.api.guard import RequestGuard
 from wrenn_control.api.routes import api_router, system
 from wrenn_control.auth import load_jwt_secret
 from wrenn_control.bootstrap import bootstrap
@@ -96,6 +97,8 @@ def create_app(settings: Settings, host: HostAgent) -> FastAPI:
     app.state.sampler = sampler
     app.state.bootstrap_key = None
     install_error_handlers(app)
+    # Auth and size checks before any body is read (innermost of these, after the Host routing).
+    app.add_middleware(RequestGuard)
     app.add_middleware(FormEncodedJSON)
     # Outermost: `{port}-{capsule_id}.{domain}` Hosts go to the capsule, untouched by the API's middleware.
     app.add_middleware(PortProxy)

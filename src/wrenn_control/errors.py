@@ -14,10 +14,28 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from wrenn_host.api import CapsuleNotFound, GuestError, HostAgentError
 
 log = logging.getLogger(__name__)
+
+
+SHORT = 64  # characters of a caller's value quoted in an error message
+MAX_MESSAGE = 1024  # and the longest message passed on from the guest
+
+
+def short(value: object, limit: int = SHORT) -> str:
+    """repr() of a caller's value, cut to a short prefix: an error never echoes a huge input."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f" ({len(value)} characters)" if isinstance(value, (str, bytes)) else ""
+    return f"{text[:limit]}...{size}"
+
+
+def _clip(message: str) -> str:
+    return message if len(message) <= MAX_MESSAGE else message[:MAX_MESSAGE] + "..."
 
 
 class APIError(Exception):
@@ -60,7 +78,7 @@ _GUEST_CODES: dict[str, tuple[int, str]] = {
 def from_guest_error(exc: GuestError, overrides: dict[str, tuple[int, str]] | None = None) -> APIError:
     """A guest's answer is the user's problem (4xx); anything else it says is an agent failure."""
     status, code = (overrides or {}).get(exc.code) or _GUEST_CODES.get(exc.code, (502, "agent_error"))
-    return APIError(status, code, exc.message)
+    return APIError(status, code, _clip(exc.message))
 
 
 _STATUS_CODES = {
@@ -71,6 +89,7 @@ _STATUS_CODES = {
     405: "method_not_allowed",
     409: "conflict",
     413: "too_large",
+    429: "rate_limited",
     415: "invalid_request",
     422: "invalid_request",
     500: "internal_error",
@@ -86,10 +105,13 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
 def _validation_message(errors: list[dict[str, Any]]) -> str:
     parts: list[str] = []
     for err in errors[:5]:
-        loc = [str(x) for x in err.get("loc", ())]
+        loc = [str(x) if len(str(x)) <= SHORT else str(x)[:SHORT] + "..." for x in err.get("loc", ())]
         if loc and loc[0] in ("body", "query", "path", "header", "cookie"):
             loc = loc[1:]
         kind = err.get("type")
+        if kind == "extra_forbidden":
+            parts.append(f"unknown field {'.'.join(loc)!r}")
+            continue
         if kind == "json_invalid":
             detail = (err.get("ctx") or {}).get("error", "")
             return f"request body is not valid JSON: {detail}".rstrip(": ")
@@ -98,7 +120,7 @@ def _validation_message(errors: list[dict[str, Any]]) -> str:
         if kind == "missing" and not loc:
             return "request body is required"
         field = ".".join(loc)
-        msg = err.get("msg", "invalid value")
+        msg = _clip(err.get("msg", "invalid value"))
         parts.append(f"{field}: {msg}" if field else msg)
     return "; ".join(parts) or "invalid request"
 
@@ -120,9 +142,26 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         message = f"no route for {request.method} {request.url.path}"
     elif exc.status_code == 405:
         message = f"method {request.method} not allowed on {request.url.path}"
+        allowed = allowed_methods(request.app, request.scope)
+        if allowed:
+            return error_response(405, code, message, {"Allow": ", ".join(allowed)})
     else:
         message = str(exc.detail)
     return error_response(exc.status_code, code, message, getattr(exc, "headers", None))
+
+
+def allowed_methods(app: Any, scope: dict[str, Any]) -> list[str]:
+    """Every method some route of `app` answers on this path (several routes can share one),
+    plus OPTIONS, which RequestGuard answers for any routed path; [] if no route has the path."""
+    found: set[str] = set()
+    for route in app.router.routes:
+        methods = getattr(route, "methods", None)
+        if not methods:
+            continue  # WebSocket routes, mounts
+        match, _ = route.matches({**scope, "type": "http"})
+        if match != Match.NONE:
+            found |= set(methods)
+    return sorted(found | {"OPTIONS"}) if found else []
 
 
 async def _host_error(_: Request, exc: Exception) -> JSONResponse:

@@ -27,6 +27,7 @@ from wrenn_control.operations import CapsuleOps
 from wrenn_control.proxy import PortProxy
 from wrenn_control.workers.reaper import Reaper
 from wrenn_control.workers.reconcile import reconcile
+from wrenn_control.workers.retention import Retention
 from wrenn_control.workers.sampler import Sampler
 from wrenn_host.api import HostAgent
 
@@ -53,7 +54,9 @@ def create_app(settings: Settings, host: HostAgent) -> FastAPI:
     db = Database(settings.db_url)
     events = EventBus()
     ops = CapsuleOps(db, host, events)
+    ops.drain_sec = settings.pause_drain_sec
     reaper = Reaper(db, ops, settings.reaper_interval_sec)
+    retention = Retention(db, settings.stopped_retention_sec, settings.retention_interval_sec)
     sampler = Sampler(db, ops, settings.sampler_interval_sec,
                       metrics_timeout_sec=settings.sampler_metrics_timeout_sec,
                       metrics_retention_sec=settings.metrics_retention_sec,
@@ -68,9 +71,11 @@ def create_app(settings: Settings, host: HostAgent) -> FastAPI:
         app.state.reconcile_report = await reconcile(ops)
         reaper.start()
         sampler.start()
+        retention.start()
         try:
             yield
         finally:
+            await retention.stop()
             await sampler.stop()
             await reaper.stop()
             await ops.shutdown(settings.shutdown_grace_sec)
@@ -95,6 +100,7 @@ def create_app(settings: Settings, host: HostAgent) -> FastAPI:
     app.state.ops = ops
     app.state.reaper = reaper
     app.state.sampler = sampler
+    app.state.retention = retention
     app.state.bootstrap_key = None
     install_error_handlers(app)
     # Auth and size checks before any body is read (innermost of these, after the Host routing).

@@ -77,7 +77,7 @@ class Settings(BaseModel):
     host_reserve_disk_mb: int = Field(default_factory=lambda: int(_num("WRENN_HOST_RESERVE_DISK_MB", 1024)), ge=0)
     # Stopped capsules are purged from the database this long after they stopped (0: never).
     stopped_retention_sec: float = Field(
-        default_factory=lambda: _num("WRENN_STOPPED_RETENTION_SEC", 7 * 86400.0), ge=0)
+        default_factory=lambda: _num("WRENN_STOPPED_RETENTION_SEC", 30 * 86400.0), ge=0)
     retention_interval_sec: float = Field(default=600.0, gt=0)
     # How long a pause waits for the capsule's in-flight guest calls (exec, files) to end.
     pause_drain_sec: float = Field(default_factory=lambda: _num("WRENN_PAUSE_DRAIN_SEC", 10.0), ge=0)

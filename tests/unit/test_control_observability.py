@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+from sqlalchemy import insert as sa_insert
+
 import asyncio
 import time
 from datetime import date, datetime, timedelta, timezone
@@ -13,10 +17,9 @@ from sqlalchemy import func, select
 
 from wrenn._models import EventType, SSEEvent
 from wrenn_control.api.routes.events import format_sse
-from wrenn_control.bootstrap import add_team
 from wrenn_control.clock import utcnow
 from wrenn_control.db.migrate import alembic_config, run_migrations
-from wrenn_control.db.models import Capsule, CapsuleMetric, CapsuleRun, TeamStatsSample
+from wrenn_control.db.models import Capsule, CapsuleMetric, CapsuleRun, Team, TeamStatsSample
 from wrenn_control.db.session import Database
 from wrenn_control.observability import to_ms
 from wrenn_control.workers.sampler import Sampler
@@ -391,7 +394,9 @@ def test_migration_opens_runs_for_capsules_already_running(database_url):
             command.upgrade(cfg, "0001")
         started = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
         with db.session() as s:
-            team = add_team(s, "t")
+            # Core insert of the 0001 columns only (the model has columns of later migrations).
+            team = SimpleNamespace(id="team-0001")
+            s.execute(sa_insert(Team.__table__).values(id=team.id, name="t", created_at=started))
             for cid, status in (("cl-run", "running"), ("cl-paused", "paused")):
                 s.add(Capsule(id=cid, team_id=team.id, status=status, template="minimal", template_id="minimal",
                               vcpus=2, memory_mb=512, timeout_sec=0, meta={}, created_at=started,

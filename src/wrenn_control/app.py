@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from wrenn_control.api import openapi
 from wrenn_control.api.guard import RequestGuard
 from wrenn_control.api.routes import api_router, system
 from wrenn_control.auth import load_jwt_secret
@@ -110,4 +111,5 @@ def create_app(settings: Settings, host: HostAgent) -> FastAPI:
     app.add_middleware(PortProxy)
     app.include_router(system.router, prefix="/api")
     app.include_router(api_router, prefix="/api/v1")
+    openapi.install(app, host)
     return app

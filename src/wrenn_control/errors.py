@@ -14,7 +14,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
 
 from wrenn_host.api import CapsuleNotFound, GuestError, HostAgentError
 
@@ -142,26 +141,14 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         message = f"no route for {request.method} {request.url.path}"
     elif exc.status_code == 405:
         message = f"method {request.method} not allowed on {request.url.path}"
-        allowed = allowed_methods(request.app, request.scope)
+        from wrenn_control.api.openapi import allowed_methods  # (the API's module; errors.py is below it)
+
+        allowed = allowed_methods(request.app, request.url.path)
         if allowed:
             return error_response(405, code, message, {"Allow": ", ".join(allowed)})
     else:
         message = str(exc.detail)
     return error_response(exc.status_code, code, message, getattr(exc, "headers", None))
-
-
-def allowed_methods(app: Any, scope: dict[str, Any]) -> list[str]:
-    """Every method some route of `app` answers on this path (several routes can share one),
-    plus OPTIONS, which RequestGuard answers for any routed path; [] if no route has the path."""
-    found: set[str] = set()
-    for route in app.router.routes:
-        methods = getattr(route, "methods", None)
-        if not methods:
-            continue  # WebSocket routes, mounts
-        match, _ = route.matches({**scope, "type": "http"})
-        if match != Match.NONE:
-            found |= set(methods)
-    return sorted(found | {"OPTIONS"}) if found else []
 
 
 async def _host_error(_: Request, exc: Exception) -> JSONResponse:

@@ -88,7 +88,11 @@ def _parse_date(name: str, value: str | None) -> date | None:
 def usage_window(from_: str | None, to: str | None, today: date) -> tuple[date, date]:
     start, end = _parse_date("from", from_), _parse_date("to", to)
     end = end or today
-    start = start or end - timedelta(days=USAGE_DEFAULT_DAYS)
+    try:  # (date.min and date.max have no day before / after them)
+        start = start or end - timedelta(days=USAGE_DEFAULT_DAYS)
+        end + timedelta(days=1)
+    except OverflowError:
+        raise invalid("from and to must be between 0001-02-01 and 9999-12-30") from None
     if start > end:
         raise invalid(f"from ({start.isoformat()}) is after to ({end.isoformat()})")
     if (end - start).days + 1 > USAGE_MAX_DAYS:

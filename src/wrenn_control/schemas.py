@@ -21,6 +21,7 @@ from pydantic import (
     StrictFloat,
     StrictInt,
     StrictStr,
+    WithJsonSchema,
     field_validator,
 )
 
@@ -83,7 +84,9 @@ class CapsuleCreate(_Input):
     memory_mb: Annotated[StrictInt, Field(ge=1)] | None = Field(default=None, description="Default 512.")
     timeout_sec: Annotated[StrictInt, Field(ge=0, le=INT32_MAX)] | None = Field(
         default=None, description="Inactivity TTL before auto-pause; 0 (default) disables it.")
-    metadata: Annotated[dict[MetadataKey, MetadataValue], Field(max_length=20)] | None = Field(
+    metadata: Annotated[dict[MetadataKey, MetadataValue], Field(max_length=20), WithJsonSchema({
+        "type": "object", "maxProperties": 20, "propertyNames": {"pattern": METADATA_KEY_PATTERN},
+        "additionalProperties": {"type": "string", "maxLength": 64}})] | None = Field(
         default=None, description="User labels: at most 20 keys, values at most 64 characters; "
         f"the keys {', '.join(sorted(RESERVED_METADATA_KEYS))} are the platform's.")
 
@@ -138,11 +141,13 @@ class CapsuleDetail(CapsuleOut):
 class ExecRequest(_Input):
     cmd: Annotated[NoNulStr, Field(min_length=1)]
     args: list[NoNulStr] | None = None
-    timeout_sec: Annotated[StrictInt | StrictFloat, Field(gt=0, le=86400)] | None = Field(
+    timeout_sec: Annotated[float, Field(gt=0, le=86400, strict=True)] | None = Field(
         default=None, description="Foreground timeout, default 30 s.")
     background: StrictBool | None = False
     tag: Annotated[NoNulStr, Field(min_length=1, max_length=128)] | None = None
-    envs: dict[EnvName, NoNulStr] | None = None
+    envs: Annotated[dict[EnvName, NoNulStr], WithJsonSchema({
+        "type": "object", "propertyNames": {"pattern": ENV_NAME_PATTERN, "minLength": 1},
+        "additionalProperties": {"type": "string", "pattern": NO_NUL_PATTERN}})] | None = None
     cwd: Annotated[NoNulStr, Field(min_length=1, max_length=4096)] | None = None
 
 
@@ -329,8 +334,11 @@ class UsageResponse(BaseModel):
 Role = Literal["owner", "admin", "member"]
 
 
+EMAIL_PATTERN = r"^\s*[^@\s]+@[^@\s]+\.[^@\s]+\s*$"
+
+
 class SignupRequest(_Input):
-    email: StrictStr = Field(max_length=320)
+    email: StrictStr = Field(max_length=320, pattern=EMAIL_PATTERN)
     password: StrictStr = Field(min_length=8, max_length=1024)
     team_name: StrictStr | None = Field(default=None, min_length=1, max_length=200,
                                         description="name of the personal team (default: the email)")

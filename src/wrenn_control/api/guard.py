@@ -22,7 +22,8 @@ from starlette.responses import Response
 from wrenn_control import ids
 from wrenn_control.auth import InvalidToken, decode_jwt
 from wrenn_control.db.models import ApiKey
-from wrenn_control.errors import allowed_methods, error_response
+from wrenn_control.api.openapi import allowed_methods
+from wrenn_control.errors import error_response
 
 PUBLIC = frozenset({"/api/v1/auth/signup", "/api/v1/auth/login"})
 # Uploads stream their body to the guest and cap it themselves (files/write) or not at all.
@@ -46,7 +47,7 @@ class RequestGuard:
             return
         path: str = scope["path"]
         if scope["method"] == "OPTIONS":
-            allowed = allowed_methods(scope["app"], scope)
+            allowed = allowed_methods(scope["app"], path)
             if allowed:  # which methods the path takes (no CORS here)
                 await Response(status_code=204, headers={"Allow": ", ".join(allowed)})(scope, receive, send)
                 return

@@ -3,21 +3,18 @@
 the `X-Next-Token` response header. Without any of them the answer is the spec's: every capsule,
 newest first, as a plain array.
 
-The cursor is the (created_at, seq) of the last row given, so a page never repeats or skips a
-row when capsules are created or purged meanwhile. Metadata is matched in Python (a JSON column
+Rows are ordered by `seq` (insertion order, never reused: newest first is creation order) and
+the cursor is the seq of the last row given, so a page never repeats or skips a row when
+capsules are created or purged meanwhile; any number is a valid cursor ("older than that"). Metadata is matched in Python (a JSON column
 is not portably queryable); rows are read in batches and the scan stops once the page is full.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
-from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import Query
-from sqlalchemy import and_, or_, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from wrenn_control.db.models import Capsule
@@ -34,27 +31,12 @@ StatusFilter = Annotated[list[StatusName] | None, Query(description="Only capsul
 MetadataFilter = Annotated[list[Annotated[str, Query(pattern=METADATA_KEY_PATTERN[:-1] + "=.{0,64}$")]] | None, Query(
     description="key=value: only capsules whose metadata has that label (all of those given).")]
 Limit = Annotated[int | None, Query(ge=1, le=MAX_LIMIT, description=f"Page size (1-{MAX_LIMIT}).")]
-Cursor = Annotated[str | None, Query(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_-]+=*$",
+Cursor = Annotated[str | None, Query(pattern=r"^[0-9]{1,18}$",
                                      description=f"The {NEXT_HEADER} header of the previous page.")]
 
 OPENAPI: dict[str, Any] = {"responses": {"200": {"headers": {NEXT_HEADER: {
     "description": "Cursor of the next page (pass it as `next`); only with `limit`, absent on the last page.",
     "schema": {"type": "string"}}}}}}
-
-
-def encode_cursor(row: Capsule) -> str:
-    raw = json.dumps([row.created_at.isoformat(), row.seq]).encode()
-    return base64.urlsafe_b64encode(raw).decode()
-
-
-def decode_cursor(token: str) -> tuple[datetime, int]:
-    try:
-        created, seq = json.loads(base64.urlsafe_b64decode(token.encode()))
-        if not isinstance(seq, int) or isinstance(seq, bool):
-            raise ValueError
-        return datetime.fromisoformat(created), seq
-    except (ValueError, TypeError, binascii.Error):
-        raise invalid(f"next: not a cursor from {NEXT_HEADER}: {short(token)}") from None
 
 
 def _labels(pairs: list[str] | None) -> dict[str, str]:
@@ -75,10 +57,8 @@ def page(session: Session, team_id: str, statuses: list[str] | None, metadata: l
     if statuses:
         query = query.where(Capsule.status.in_(statuses))
     if cursor is not None:
-        created, seq = decode_cursor(cursor)
-        query = query.where(or_(Capsule.created_at < created,
-                                and_(Capsule.created_at == created, Capsule.seq < seq)))
-    query = query.order_by(Capsule.created_at.desc(), Capsule.seq.desc())
+        query = query.where(Capsule.seq < int(cursor))
+    query = query.order_by(Capsule.seq.desc())
     out: list[CapsuleOut] = []
     last: Capsule | None = None
     for row in session.scalars(query.execution_options(yield_per=_BATCH)):
@@ -86,7 +66,7 @@ def page(session: Session, team_id: str, statuses: list[str] | None, metadata: l
         if any(item.metadata.get(k) != v for k, v in labels.items()):
             continue
         if limit is not None and len(out) == limit:
-            return out, encode_cursor(last) if last is not None else None
+            return out, str(last.seq) if last is not None else None
         out.append(item)
         last = row
     return out, None

@@ -27,9 +27,11 @@ MAX_FIELD_BYTES = 64 * 1024  # the `path` form field
 MULTIPART_SLACK = 64 * 1024  # boundaries and part headers around the file in a Content-Length
 
 _MULTIPART_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-    "type": "object", "required": ["path", "file"],
-    "properties": {"path": {"type": "string"}, "file": {"type": "string", "format": "binary"}}}}}}}
-_RAW_OR_MULTIPART_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {
+    "type": "object", "required": ["file"],
+    "properties": {"path": {"type": "string", "description": "destination (or ?path=); before the file part"},
+                   "file": {"type": "string", "format": "binary"}}}}}}}
+# (an empty raw body with ?path= is an empty file, so the body is not required)
+_RAW_OR_MULTIPART_BODY: dict[str, Any] = {"requestBody": {"required": False, "content": {
     **_MULTIPART_BODY["requestBody"]["content"],
     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
 QueryPath = Annotated[str | None, Query(min_length=1, description="Destination (alternative to the path field)")]

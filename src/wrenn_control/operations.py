@@ -43,6 +43,8 @@ from wrenn_host.api import (
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 S = Status
+# A guest call that fails while the capsule is in one of these lost its VM to a lifecycle call.
+_TAKEN_AWAY = frozenset(s.value for s in (S.PAUSING, S.PAUSED, S.SNAPSHOTTING, S.STOPPING, S.STOPPED))
 
 
 class CapsuleOps:
@@ -316,7 +318,7 @@ class CapsuleOps:
         if isinstance(exc, GuestError):
             return from_guest_error(exc, overrides)
         status = self.status(capsule_id)
-        if status is not None and status != S.RUNNING.value:
+        if status in _TAKEN_AWAY:
             # A pause, snapshot or destroy took the VM away under this call: the caller's
             # problem of timing (409), not a broken agent.
             return invalid_state(f"capsule became {status} during the call")

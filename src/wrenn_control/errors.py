@@ -88,7 +88,6 @@ _STATUS_CODES = {
     405: "method_not_allowed",
     409: "conflict",
     413: "too_large",
-    429: "rate_limited",
     415: "invalid_request",
     422: "invalid_request",
     500: "internal_error",

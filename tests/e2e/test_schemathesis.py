@@ -1,5 +1,7 @@
 """schemathesis (pinned in pyproject) over the OpenAPI of a real `wrenn server` with real VMs:
-every check, bounded (--max-examples 30, --max-time), finding no failure.
+all its checks (on by default; tests/e2e/schemathesis.toml turns named ones off for named
+operations, each with the reason: rules a schema cannot state), bounded (--max-examples 30,
+--max-time), finding no failure.
 
 The server has tight team quotas (one capsule, 1 vCPU, 512 MiB) so that generated creates cannot
 boot a VM of every shape; `/v1/events/stream` is left out (an endless SSE stream). The report is
@@ -43,8 +45,8 @@ def tight_server(tmp_path_factory):
 def test_schemathesis_finds_no_failure(tight_server) -> None:
     st = shutil.which("st") or str(Path(sys.executable).with_name("st"))
     cmd = [st, "--config-file", str(CONFIG), "run", f"{tight_server.base_url}/openapi.json",
-           "-H", f"X-API-Key: {tight_server.api_key}", "--checks", "all", "--max-examples", "30",
-           "--max-time", "420", "--exclude-path", "/api/v1/events/stream", "--request-timeout", "60",
+           "-H", f"X-API-Key: {tight_server.api_key}", "--max-examples", "30",
+           "--max-time", "300", "--exclude-path", "/api/v1/events/stream", "--request-timeout", "60",
            "--seed", "1", "--no-color"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     report = proc.stdout + proc.stderr

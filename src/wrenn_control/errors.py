@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 SHORT = 64  # characters of a caller's value quoted in an error message
-MAX_MESSAGE = 1024  # and the longest message passed on from the guest
+MAX_MESSAGE = 300  # and the longest message passed on from the guest
 
 
 def short(value: object, limit: int = SHORT) -> str:

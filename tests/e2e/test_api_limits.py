@@ -100,3 +100,26 @@ def test_400_mb_body_without_a_key_is_refused_with_a_flat_rss(wrenn_server) -> N
     assert b"X-API-Key" in answer
     assert after - before < 50
     assert sent < 100 * MIB
+
+
+def test_a_pause_during_a_3_s_exec_waits_for_it(api: Api, wrenn_server) -> None:
+    import threading
+
+    cid = api.running()["id"]
+    result: dict = {}
+
+    def run() -> None:
+        with wrenn_server.client() as own:  # its own connection, from this thread
+            result["resp"] = own.post(f"/v1/capsules/{cid}/exec",
+                                      json={"cmd": "/bin/sh", "args": ["-c", "sleep 3; echo done"]})
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    time.sleep(1)
+    pause = api.post(f"/v1/capsules/{cid}/pause")
+    worker.join(60)
+    assert pause.status_code == 200, pause.text
+    assert result["resp"].status_code == 200, result["resp"].text
+    assert result["resp"].json()["stdout"] == "done\n"
+    assert api.post(f"/v1/capsules/{cid}/resume").status_code == 200
+    assert api.exec(cid, "/bin/echo", "back")["stdout"] == "back\n"

@@ -326,3 +326,12 @@ async def test_options_and_405_carry_the_right_allow(h):
     assert resp.headers["allow"] == "GET, HEAD, OPTIONS, POST"
     resp = await h.client.patch("/v1/capsules/stats")
     assert resp.status_code == 405 and resp.headers["allow"] == "GET, HEAD, OPTIONS"
+
+
+async def test_a_path_component_over_255_bytes_is_400(h):
+    cap = await h.running_capsule()
+    for op in ("read", "list", "mkdir", "remove"):
+        err = assert_error(await h.client.post(f"/v1/capsules/{cap['id']}/files/{op}",
+                                               json={"path": "/tmp/" + "a" * 256}), 400, "invalid_request")
+        assert "255" in err["message"]
+    assert h.fake.paths_seen == []

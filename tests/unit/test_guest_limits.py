@@ -69,3 +69,10 @@ async def test_remove_refuses_the_root_in_every_spelling(c, path):
 def test_normalise():
     assert normalise("//") == "/" and normalise("//tmp//x/./y/") == "/tmp/x/y"
     assert normalise("a/../b") == "/root/b"
+
+
+async def test_a_name_too_long_is_invalid_not_internal(c):
+    for op in ("stat", "mkdir", "remove", "list"):
+        with pytest.raises(GuestError) as info:
+            await c.call(op, path="/tmp/" + "a" * 300)
+        assert info.value.code == "invalid", (op, info.value.code)

@@ -24,7 +24,8 @@ router = APIRouter(tags=["files"], responses={
 
 MIB = 1024 * 1024
 MAX_FIELD_BYTES = 64 * 1024  # the `path` form field
-MULTIPART_SLACK = 64 * 1024  # boundaries and part headers around the file in a Content-Length
+MULTIPART_SLACK = 64 * 1024
+NAME_MAX = 255  # bytes in one path component (Linux); longer ones cannot exist  # boundaries and part headers around the file in a Content-Length
 
 _MULTIPART_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["file"],
@@ -43,6 +44,8 @@ def guest_path(path: str) -> str:
     Relative paths stay relative: the guest takes them from its home directory."""
     if "\x00" in path:
         raise invalid("path must not contain NUL characters")
+    if any(len(part.encode("utf-8", "surrogatepass")) > NAME_MAX for part in path.split("/")):
+        raise invalid(f"a path component is longer than {NAME_MAX} bytes")
     norm = posixpath.normpath(path)
     return "/" + norm.lstrip("/") if norm.startswith("/") else norm
 

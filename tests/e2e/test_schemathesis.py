@@ -42,13 +42,14 @@ def tight_server(tmp_path_factory):
     kill_qemus(data_dir)
 
 
-def test_schemathesis_finds_no_failure(tight_server) -> None:
+def test_schemathesis_finds_no_failure(tight_server, tmp_path) -> None:
     st = shutil.which("st") or str(Path(sys.executable).with_name("st"))
     cmd = [st, "--config-file", str(CONFIG), "run", f"{tight_server.base_url}/openapi.json",
            "-H", f"X-API-Key: {tight_server.api_key}", "--max-examples", "30",
            "--max-time", "300", "--exclude-path", "/api/v1/events/stream", "--request-timeout", "60",
            "--seed", "1", "--no-color"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    # (in tmp_path: schemathesis keeps a cache directory where it runs)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     report = proc.stdout + proc.stderr
     print(report)
     if os.environ.get("WRENN_SCHEMATHESIS_REPORT"):

@@ -67,9 +67,9 @@ class Settings(BaseModel):
     allow_signup: bool = Field(default_factory=lambda: _flag("WRENN_ALLOW_SIGNUP", True))
     # Per team, what may be active at once (not paused, stopped or error); a team row can
     # override each (teams.max_capsules, ...). 0 means no limit.
-    team_max_capsules: int = Field(default_factory=lambda: int(_num("WRENN_TEAM_MAX_CAPSULES", 20)), ge=0)
-    team_max_vcpus: int = Field(default_factory=lambda: int(_num("WRENN_TEAM_MAX_VCPUS", 64)), ge=0)
-    team_max_memory_mb: int = Field(default_factory=lambda: int(_num("WRENN_TEAM_MAX_MEMORY_MB", 65536)), ge=0)
+    team_max_capsules: int = Field(default_factory=lambda: int(_num("WRENN_TEAM_MAX_CAPSULES", 50)), ge=0)
+    team_max_vcpus: int = Field(default_factory=lambda: int(_num("WRENN_TEAM_MAX_VCPUS", 100)), ge=0)
+    team_max_memory_mb: int = Field(default_factory=lambda: int(_num("WRENN_TEAM_MAX_MEMORY_MB", 102400)), ge=0)
     # A create or resume is refused (503 host_unavailable) when the host would have less than
     # this much memory / disk left after giving the capsule its memory_mb.
     host_reserve_memory_mb: int = Field(

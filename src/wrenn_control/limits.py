@@ -11,8 +11,6 @@ is asked first), so concurrent requests in this process cannot both squeeze past
 
 from __future__ import annotations
 
-import logging
-
 from sqlalchemy import func, select
 
 from wrenn_control.config import Settings
@@ -21,8 +19,6 @@ from wrenn_control.db.session import Database
 from wrenn_control.errors import APIError
 from wrenn_control.lifecycle import Status
 from wrenn_host.api import HostAgent, HostAgentError
-
-log = logging.getLogger(__name__)
 
 # Statuses that hold (or are about to hold) a VM on the host.
 ACTIVE = tuple(s.value for s in (Status.PENDING, Status.STARTING, Status.RUNNING, Status.PAUSING,

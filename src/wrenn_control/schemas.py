@@ -18,7 +18,6 @@ from pydantic import (
     Field,
     PlainSerializer,
     StrictBool,
-    StrictFloat,
     StrictInt,
     StrictStr,
     WithJsonSchema,

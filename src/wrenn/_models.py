@@ -131,6 +131,9 @@ class ExecResult(_Model):
     exit_code: int = -1
     duration_ms: int | None = None
     timed_out: bool = False  # killed by the command timeout (the exit code is then -9)
+    # output past the server's cap (WRENN_EXEC_MAX_OUTPUT_BYTES per stream) was dropped
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
     stdout_bytes: bytes = Field(default=b"", repr=False)
     stderr_bytes: bytes = Field(default=b"", repr=False)
     capsule_id: str | None = Field(
@@ -155,6 +158,8 @@ class ExecResult(_Model):
             exit_code=-1 if exit_code is None else exit_code,
             duration_ms=data.get("duration_ms"),
             timed_out=bool(data.get("timed_out", False)),
+            stdout_truncated=bool(data.get("stdout_truncated", False)),
+            stderr_truncated=bool(data.get("stderr_truncated", False)),
             stdout_bytes=raw["stdout"],
             stderr_bytes=raw["stderr"],
             capsule_id=data.get("sandbox_id"),

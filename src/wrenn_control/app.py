@@ -14,6 +14,8 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from wrenn_control.api import openapi
+from wrenn_control.api.guard import RequestGuard
 from wrenn_control.api.routes import api_router, system
 from wrenn_control.auth import load_jwt_secret
 from wrenn_control.bootstrap import bootstrap
@@ -28,6 +30,7 @@ from wrenn_control.tickets import TicketStore
 from wrenn_control.web import DashboardFallback
 from wrenn_control.workers.reaper import Reaper
 from wrenn_control.workers.reconcile import reconcile
+from wrenn_control.workers.retention import Retention
 from wrenn_control.workers.sampler import Sampler
 from wrenn_host.api import HostAgent
 
@@ -54,7 +57,9 @@ def create_app(settings: Settings, host: HostAgent) -> FastAPI:
     db = Database(settings.db_url)
     events = EventBus()
     ops = CapsuleOps(db, host, events, create_wait_sec=settings.create_wait_sec)
+    ops.drain_sec = settings.pause_drain_sec
     reaper = Reaper(db, ops, settings.reaper_interval_sec)
+    retention = Retention(db, settings.stopped_retention_sec, settings.retention_interval_sec)
     sampler = Sampler(db, ops, settings.sampler_interval_sec,
                       metrics_timeout_sec=settings.sampler_metrics_timeout_sec,
                       metrics_retention_sec=settings.metrics_retention_sec,
@@ -69,9 +74,11 @@ def create_app(settings: Settings, host: HostAgent) -> FastAPI:
         app.state.reconcile_report = await reconcile(ops)
         reaper.start()
         sampler.start()
+        retention.start()
         try:
             yield
         finally:
+            await retention.stop()
             await sampler.stop()
             await reaper.stop()
             await ops.shutdown(settings.shutdown_grace_sec)
@@ -96,14 +103,18 @@ def create_app(settings: Settings, host: HostAgent) -> FastAPI:
     app.state.ops = ops
     app.state.reaper = reaper
     app.state.sampler = sampler
+    app.state.retention = retention
     app.state.bootstrap_key = None
     app.state.tickets = TicketStore()  # browsers' single-use stream tickets (api/routes/tickets.py)
     install_error_handlers(app)
+    # Auth and size checks before any body is read (innermost of these, after the Host routing).
+    app.add_middleware(RequestGuard)
     app.add_middleware(FormEncodedJSON)
     # Outermost: `{port}-{capsule_id}.{domain}` Hosts go to the capsule, untouched by the API's middleware.
     app.add_middleware(PortProxy)
     app.include_router(system.router, prefix="/api")
     app.include_router(api_router, prefix="/api/v1")
+    openapi.install(app, host)
     # What no route matched: the web dashboard at / (GET outside /api), else the JSON 404.
     app.router.default = DashboardFallback(app.router.default)
     return app

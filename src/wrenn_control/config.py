@@ -12,6 +12,18 @@ def _env(name: str) -> str | None:
     return os.environ.get(name) or None
 
 
+def _flag(name: str, default: bool) -> bool:
+    value = (_env(name) or "").strip().lower()
+    if not value:
+        return default
+    return value not in ("0", "false", "no", "off")
+
+
+def _num(name: str, default: float) -> float:
+    value = _env(name)
+    return float(value) if value is not None else default
+
+
 def _default_data_dir() -> Path:
     return Path(os.environ.get("WRENN_DATA_DIR") or "~/.local/share/wrenn").expanduser()
 
@@ -46,6 +58,33 @@ class Settings(BaseModel):
     sampler_metrics_timeout_sec: float = Field(default=2.0, gt=0)
     metrics_retention_sec: float = Field(default=2 * 86400.0, gt=0)
     stats_retention_sec: float = Field(default=31 * 86400.0, gt=0)
+
+    # ---- limits on what a caller controls (see wrenn_control/limits.py) ----
+    # JSON request bodies larger than this are refused with 413 before being read whole (the
+    # file upload routes have their own cap, max_upload_bytes, or none).
+    max_body_bytes: int = Field(default_factory=lambda: int(_num("WRENN_MAX_BODY_BYTES", 1024 * 1024)), gt=0)
+    # A foreground exec keeps at most this many bytes of each of stdout and stderr (the rest is
+    # drained and dropped, and the answer says `stdout_truncated` / `stderr_truncated`).
+    exec_max_output_bytes: int = Field(
+        default_factory=lambda: int(_num("WRENN_EXEC_MAX_OUTPUT_BYTES", 16 * 1024 * 1024)), gt=0)
+    # POST /v1/auth/signup is open unless this is off (then 403).
+    allow_signup: bool = Field(default_factory=lambda: _flag("WRENN_ALLOW_SIGNUP", True))
+    # Per team, what may be active at once (not paused, stopped or error); a team row can
+    # override each (teams.max_capsules, ...). 0 means no limit.
+    team_max_capsules: int = Field(default_factory=lambda: int(_num("WRENN_TEAM_MAX_CAPSULES", 50)), ge=0)
+    team_max_vcpus: int = Field(default_factory=lambda: int(_num("WRENN_TEAM_MAX_VCPUS", 100)), ge=0)
+    team_max_memory_mb: int = Field(default_factory=lambda: int(_num("WRENN_TEAM_MAX_MEMORY_MB", 102400)), ge=0)
+    # A create or resume is refused (503 host_unavailable) when the host would have less than
+    # this much memory / disk left after giving the capsule its memory_mb.
+    host_reserve_memory_mb: int = Field(
+        default_factory=lambda: int(_num("WRENN_HOST_RESERVE_MEMORY_MB", 256)), ge=0)
+    host_reserve_disk_mb: int = Field(default_factory=lambda: int(_num("WRENN_HOST_RESERVE_DISK_MB", 1024)), ge=0)
+    # Stopped capsules are purged from the database this long after they stopped (0: never).
+    stopped_retention_sec: float = Field(
+        default_factory=lambda: _num("WRENN_STOPPED_RETENTION_SEC", 30 * 86400.0), ge=0)
+    retention_interval_sec: float = Field(default=600.0, gt=0)
+    # How long a pause waits for the capsule's in-flight guest calls (exec, files) to end.
+    pause_drain_sec: float = Field(default_factory=lambda: _num("WRENN_PAUSE_DRAIN_SEC", 10.0), ge=0)
 
     @model_validator(mode="after")
     def _default_database_url(self) -> "Settings":

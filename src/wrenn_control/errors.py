@@ -20,6 +20,23 @@ from wrenn_host.api import CapsuleNotFound, GuestError, HostAgentError
 log = logging.getLogger(__name__)
 
 
+SHORT = 64  # characters of a caller's value quoted in an error message
+MAX_MESSAGE = 300  # and the longest message passed on from the guest
+
+
+def short(value: object, limit: int = SHORT) -> str:
+    """repr() of a caller's value, cut to a short prefix: an error never echoes a huge input."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f" ({len(value)} characters)" if isinstance(value, (str, bytes)) else ""
+    return f"{text[:limit]}...{size}"
+
+
+def _clip(message: str) -> str:
+    return message if len(message) <= MAX_MESSAGE else message[:MAX_MESSAGE] + "..."
+
+
 class APIError(Exception):
     def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
@@ -60,7 +77,7 @@ _GUEST_CODES: dict[str, tuple[int, str]] = {
 def from_guest_error(exc: GuestError, overrides: dict[str, tuple[int, str]] | None = None) -> APIError:
     """A guest's answer is the user's problem (4xx); anything else it says is an agent failure."""
     status, code = (overrides or {}).get(exc.code) or _GUEST_CODES.get(exc.code, (502, "agent_error"))
-    return APIError(status, code, exc.message)
+    return APIError(status, code, _clip(exc.message))
 
 
 _STATUS_CODES = {
@@ -86,10 +103,13 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
 def _validation_message(errors: list[dict[str, Any]]) -> str:
     parts: list[str] = []
     for err in errors[:5]:
-        loc = [str(x) for x in err.get("loc", ())]
+        loc = [str(x) if len(str(x)) <= SHORT else str(x)[:SHORT] + "..." for x in err.get("loc", ())]
         if loc and loc[0] in ("body", "query", "path", "header", "cookie"):
             loc = loc[1:]
         kind = err.get("type")
+        if kind == "extra_forbidden":
+            parts.append(f"unknown field {'.'.join(loc)!r}")
+            continue
         if kind == "json_invalid":
             detail = (err.get("ctx") or {}).get("error", "")
             return f"request body is not valid JSON: {detail}".rstrip(": ")
@@ -98,7 +118,7 @@ def _validation_message(errors: list[dict[str, Any]]) -> str:
         if kind == "missing" and not loc:
             return "request body is required"
         field = ".".join(loc)
-        msg = err.get("msg", "invalid value")
+        msg = _clip(err.get("msg", "invalid value"))
         parts.append(f"{field}: {msg}" if field else msg)
     return "; ".join(parts) or "invalid request"
 
@@ -120,6 +140,11 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         message = f"no route for {request.method} {request.url.path}"
     elif exc.status_code == 405:
         message = f"method {request.method} not allowed on {request.url.path}"
+        from wrenn_control.api.openapi import allowed_methods  # (the API's module; errors.py is below it)
+
+        allowed = allowed_methods(request.app, request.url.path)
+        if allowed:
+            return error_response(405, code, message, {"Allow": ", ".join(allowed)})
     else:
         message = str(exc.detail)
     return error_response(exc.status_code, code, message, getattr(exc, "headers", None))

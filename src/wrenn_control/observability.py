@@ -20,7 +20,7 @@ from sqlalchemy import Select, func, insert, literal, or_, select, update
 from sqlalchemy.orm import Session
 
 from wrenn_control.db.models import Capsule, CapsuleMetric, CapsuleRun, TeamStatsSample, UTCDateTime
-from wrenn_control.errors import invalid
+from wrenn_control.errors import invalid, short
 
 RUNNING = "running"
 
@@ -78,17 +78,21 @@ def _parse_date(name: str, value: str | None) -> date | None:
     if value is None:
         return None
     if not _DATE.fullmatch(value):
-        raise invalid(f"{name} must be a date as YYYY-MM-DD; got {value!r}")
+        raise invalid(f"{name} must be a date as YYYY-MM-DD; got {short(value)}")
     try:
         return date.fromisoformat(value)
     except ValueError:
-        raise invalid(f"{name} is not a valid date: {value!r}") from None
+        raise invalid(f"{name} is not a valid date: {short(value)}") from None
 
 
 def usage_window(from_: str | None, to: str | None, today: date) -> tuple[date, date]:
     start, end = _parse_date("from", from_), _parse_date("to", to)
     end = end or today
-    start = start or end - timedelta(days=USAGE_DEFAULT_DAYS)
+    try:  # (date.min and date.max have no day before / after them)
+        start = start or end - timedelta(days=USAGE_DEFAULT_DAYS)
+        end + timedelta(days=1)
+    except OverflowError:
+        raise invalid("from and to must be between 0001-02-01 and 9999-12-30") from None
     if start > end:
         raise invalid(f"from ({start.isoformat()}) is after to ({end.isoformat()})")
     if (end - start).days + 1 > USAGE_MAX_DAYS:

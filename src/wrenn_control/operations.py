@@ -44,6 +44,8 @@ from wrenn_host.api import (
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 S = Status
+# A guest call that fails while the capsule is in one of these lost its VM to a lifecycle call.
+_TAKEN_AWAY = frozenset(s.value for s in (S.PAUSING, S.PAUSED, S.SNAPSHOTTING, S.STOPPING, S.STOPPED))
 
 
 class CapsuleOps:
@@ -56,6 +58,10 @@ class CapsuleOps:
         self._locks: dict[str, asyncio.Lock] = {}
         # Requests in flight per capsule (exec, file transfer): the reaper leaves these alone.
         self._busy: collections.Counter[str] = collections.Counter()
+        # Guest calls in flight per capsule (`guest`, `guest_stream`): a pause or snapshot waits
+        # for them, up to `drain_sec`, before it stops the VM (see `_drain`).
+        self._calls: collections.Counter[str] = collections.Counter()
+        self.drain_sec = 10.0
 
     # ---- reads ----------------------------------------------------------------------------
 
@@ -203,6 +209,7 @@ class CapsuleOps:
         `reason` goes into the event's metadata (the reaper's: ttl_expired)."""
         if not self.transition(capsule_id, S.PAUSING, from_={S.RUNNING}, where=where):
             return False
+        await self._drain(capsule_id)
         async with self._lock(capsule_id):
             self._still(capsule_id, S.PAUSING, "pause")
             try:
@@ -237,6 +244,7 @@ class CapsuleOps:
         if not self.transition(capsule_id, S.SNAPSHOTTING, from_={S.RUNNING, S.PAUSED}):
             raise invalid_state(f"capsule is {self.status(capsule_id)}; "
                                 "only running or paused capsules can be snapshotted")
+        await self._drain(capsule_id)
         async with self._lock(capsule_id):
             self._still(capsule_id, S.SNAPSHOTTING, "snapshot")
             try:
@@ -321,22 +329,45 @@ class CapsuleOps:
                     overrides: dict[str, tuple[int, str]] | None = None) -> T:
         """Await a guest call and translate its failure: the guest's own errors are the user's
         (4xx), a missing or broken VM is the agent's (502) and marks the capsule `error`."""
+        self._calls[capsule_id] += 1
         try:
             return await call
         except HostAgentError as exc:
             raise await self._guest_failure(capsule_id, exc, overrides) from exc
+        finally:
+            self._call_done(capsule_id)
 
     async def guest_stream(self, capsule_id: str, stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        self._calls[capsule_id] += 1
         try:
             async for chunk in stream:
                 yield chunk
         except HostAgentError as exc:
             raise await self._guest_failure(capsule_id, exc, None) from exc
+        finally:
+            self._call_done(capsule_id)
+
+    def _call_done(self, capsule_id: str) -> None:
+        self._calls[capsule_id] -= 1
+        if self._calls[capsule_id] <= 0:
+            del self._calls[capsule_id]
+
+    async def _drain(self, capsule_id: str) -> None:
+        """Let the guest calls in flight end (new ones are refused: the capsule is no longer
+        running), for at most `drain_sec`; those still running then end with 409."""
+        deadline = asyncio.get_running_loop().time() + self.drain_sec
+        while self._calls.get(capsule_id, 0) > 0 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)
 
     async def _guest_failure(self, capsule_id: str, exc: HostAgentError,
                              overrides: dict[str, tuple[int, str]] | None) -> APIError:
         if isinstance(exc, GuestError):
             return from_guest_error(exc, overrides)
+        status = self.status(capsule_id)
+        if status in _TAKEN_AWAY:
+            # A pause, snapshot or destroy took the VM away under this call: the caller's
+            # problem of timing (409), not a broken agent.
+            return invalid_state(f"capsule became {status} during the call")
         if isinstance(exc, CapsuleNotFound):
             self.mark_lost(capsule_id, exc.message)
         else:  # the VMM failed or the guest connection dropped: is the VM still there?

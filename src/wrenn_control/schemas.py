@@ -1,7 +1,8 @@
 """Request and response shapes of the REST API (storage shapes are in db/models.py).
 
-Inputs use strict types (an int is not a bool or a string) and ignore unknown fields, so newer
-clients keep working; `None` for an optional field means "use the default".
+Inputs use strict types (an int is not a bool or a string) and refuse unknown fields (400 naming
+the field: a typo must not be silently ignored); `None` for an optional field means "use the
+default". Constraints are declared on the fields so that the OpenAPI states what is enforced.
 """
 
 from __future__ import annotations
@@ -11,30 +12,55 @@ from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
     PlainSerializer,
     StrictBool,
-    StrictFloat,
     StrictInt,
     StrictStr,
+    WithJsonSchema,
     field_validator,
 )
 
 from wrenn_control.clock import iso_z
 from wrenn_control.db.models import Capsule as CapsuleRow
+from wrenn_control.errors import short
 
 Timestamp = Annotated[datetime, PlainSerializer(iso_z, return_type=str, when_used="json")]
 INT32_MAX = 2**31 - 1
 
 # Keys owned by the platform; users may not set them at create time.
 RESERVED_METADATA_KEYS = frozenset({"kernel_version", "vmm_version", "agent_version", "envd_version", "error"})
-_METADATA_KEY = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9._-]{0,63}")
+METADATA_KEY_PATTERN = r"^[a-zA-Z0-9][a-zA-Z0-9._-]{0,63}$"
+TEMPLATE_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+_METADATA_KEY = re.compile(METADATA_KEY_PATTERN)
+NO_NUL_PATTERN = "^[^\\u0000]*$"
+ENV_NAME_PATTERN = "^[^=\\u0000]+$"
+
+
+def _no_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
+def _env_name(value: str) -> str:
+    if not value or "=" in value or "\x00" in value:
+        raise ValueError("an environment variable name must be non-empty, without '=' or NUL")
+    return value
+
+
+# A string the guest passes to the kernel (exec arguments, paths): C strings end at a NUL.
+NoNulStr = Annotated[StrictStr, AfterValidator(_no_nul), Field(json_schema_extra={"pattern": NO_NUL_PATTERN})]
+EnvName = Annotated[StrictStr, AfterValidator(_env_name), Field(json_schema_extra={"pattern": ENV_NAME_PATTERN})]
+MetadataKey = Annotated[StrictStr, Field(pattern=METADATA_KEY_PATTERN)]
+MetadataValue = Annotated[StrictStr, Field(max_length=64)]
 
 
 class _Input(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
 
 # ---- errors -------------------------------------------------------------------------------
@@ -71,13 +97,17 @@ class NetworkUpdate(_Input):
 
 
 class CapsuleCreate(_Input):
-    template: StrictStr | None = Field(default=None, description='Template name; default "minimal".')
-    vcpus: StrictInt | None = Field(default=None, description="Default 1.")
-    memory_mb: StrictInt | None = Field(default=None, description="Default 512.")
+    template: Annotated[StrictStr, Field(pattern=TEMPLATE_NAME_PATTERN)] | None = Field(
+        default=None, description='Template name; default "minimal".')
+    vcpus: Annotated[StrictInt, Field(ge=1)] | None = Field(default=None, description="Default 1.")
+    memory_mb: Annotated[StrictInt, Field(ge=1)] | None = Field(default=None, description="Default 512.")
     timeout_sec: Annotated[StrictInt, Field(ge=0, le=INT32_MAX)] | None = Field(
         default=None, description="Inactivity TTL before auto-pause; 0 (default) disables it.")
-    metadata: dict[StrictStr, StrictStr] | None = Field(
-        default=None, description="User labels: at most 20 keys, values at most 64 characters.")
+    metadata: Annotated[dict[MetadataKey, MetadataValue], Field(max_length=20), WithJsonSchema({
+        "type": "object", "maxProperties": 20, "propertyNames": {"pattern": METADATA_KEY_PATTERN},
+        "additionalProperties": {"type": "string", "maxLength": 64}})] | None = Field(
+        default=None, description="User labels: at most 20 keys, values at most 64 characters; "
+        f"the keys {', '.join(sorted(RESERVED_METADATA_KEYS))} are the platform's.")
     allow_internet_access: StrictBool | None = Field(
         default=None, description="Default true; false denies 0.0.0.0/0 (allow_out entries still apply).")
     network: NetworkRules | None = Field(default=None, description="Egress rules.")
@@ -90,12 +120,10 @@ class CapsuleCreate(_Input):
         if len(value) > 20:
             raise ValueError("at most 20 metadata keys")
         for key, item in value.items():
-            if not _METADATA_KEY.fullmatch(key):
-                raise ValueError(f"invalid metadata key {key!r}: use [a-zA-Z0-9][a-zA-Z0-9._-]{{0,63}}")
+            if not _METADATA_KEY.fullmatch(key):  # (already checked by the field's type)
+                raise ValueError(f"invalid metadata key {short(key)}: use [a-zA-Z0-9][a-zA-Z0-9._-]{{0,63}}")
             if key in RESERVED_METADATA_KEYS:
                 raise ValueError(f"metadata key {key!r} is reserved")
-            if len(item) > 64:
-                raise ValueError(f"metadata value of {key!r} is longer than 64 characters")
         return value
 
 
@@ -138,14 +166,16 @@ class CapsuleDetail(CapsuleOut):
 # ---- exec and processes --------------------------------------------------------------------
 
 class ExecRequest(_Input):
-    cmd: Annotated[StrictStr, Field(min_length=1)]
-    args: list[StrictStr] | None = None
-    timeout_sec: Annotated[StrictInt | StrictFloat, Field(gt=0, le=86400)] | None = Field(
+    cmd: Annotated[NoNulStr, Field(min_length=1)]
+    args: list[NoNulStr] | None = None
+    timeout_sec: Annotated[float, Field(gt=0, le=86400, strict=True)] | None = Field(
         default=None, description="Foreground timeout, default 30 s.")
     background: StrictBool | None = False
-    tag: Annotated[StrictStr, Field(min_length=1, max_length=128)] | None = None
-    envs: dict[StrictStr, StrictStr] | None = None
-    cwd: Annotated[StrictStr, Field(min_length=1)] | None = None
+    tag: Annotated[NoNulStr, Field(min_length=1, max_length=128)] | None = None
+    envs: Annotated[dict[EnvName, NoNulStr], WithJsonSchema({
+        "type": "object", "propertyNames": {"pattern": ENV_NAME_PATTERN, "minLength": 1},
+        "additionalProperties": {"type": "string", "pattern": NO_NUL_PATTERN}})] | None = None
+    cwd: Annotated[NoNulStr, Field(min_length=1, max_length=4096)] | None = None
 
 
 class ExecResponse(BaseModel):
@@ -157,6 +187,10 @@ class ExecResponse(BaseModel):
     duration_ms: int
     encoding: Literal["utf-8", "base64"]
     timed_out: bool = False
+    # Output past the cap (Settings.exec_max_output_bytes per stream) was dropped.
+    truncated: bool = False
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
 
 
 class BackgroundExecResponse(BaseModel):
@@ -182,7 +216,7 @@ class ProcessList(BaseModel):
 # ---- files -------------------------------------------------------------------------------
 
 class PathRequest(_Input):
-    path: Annotated[StrictStr, Field(min_length=1, max_length=4096)]
+    path: Annotated[NoNulStr, Field(min_length=1, max_length=4096)]
 
 
 class ListDirRequest(PathRequest):
@@ -241,7 +275,7 @@ class MkdirResponse(BaseModel):
 
 class SnapshotCreate(_Input):
     sandbox_id: Annotated[StrictStr, Field(min_length=1)]
-    name: StrictStr | None = None
+    name: Annotated[StrictStr, Field(pattern=TEMPLATE_NAME_PATTERN)] | None = None
 
 
 class TemplateOut(BaseModel):
@@ -327,8 +361,11 @@ class UsageResponse(BaseModel):
 Role = Literal["owner", "admin", "member"]
 
 
+EMAIL_PATTERN = r"^\s*[^@\s]+@[^@\s]+\.[^@\s]+\s*$"
+
+
 class SignupRequest(_Input):
-    email: StrictStr = Field(max_length=320)
+    email: StrictStr = Field(max_length=320, pattern=EMAIL_PATTERN)
     password: StrictStr = Field(min_length=8, max_length=1024)
     team_name: StrictStr | None = Field(default=None, min_length=1, max_length=200,
                                         description="name of the personal team (default: the email)")

@@ -20,8 +20,15 @@ DEFAULT_FILE_MODE = 0o644
 def _path(params: dict) -> str:
     path = params.get("path")
     if not isinstance(path, str) or not path or "\0" in path:
-        raise AgentError("invalid", "path must be a non-empty string")
-    return os.path.normpath(os.path.join(HOME, path))
+        raise AgentError("invalid", "path must be a non-empty string without NUL characters")
+    return normalise(path)
+
+
+def normalise(path: str) -> str:
+    """Absolute, without `.`, `..`, repeated or trailing slashes. normpath keeps a leading `//`
+    (POSIX lets it mean something else), which would slip past a `== "/"` guard."""
+    path = os.path.normpath(os.path.join(HOME, path))
+    return "/" + path.lstrip("/")
 
 
 class _Names:

@@ -29,6 +29,12 @@ _ERRNO_CODES = {
     errno.EEXIST: "exists",
     errno.EACCES: "permission_denied",
     errno.EPERM: "permission_denied",
+    errno.EROFS: "permission_denied",
+    # the caller's path is at fault, not the agent
+    errno.ENAMETOOLONG: "invalid",
+    errno.ELOOP: "invalid",
+    errno.EINVAL: "invalid",
+    errno.ENOTEMPTY: "exists",
 }
 
 

@@ -163,6 +163,9 @@ class LocalHostAgent(api.HostAgent):
         return {"max_vcpus": os.cpu_count() or 1, "min_memory_mb": 128,
                 "max_memory_mb": max(128, (total_mb * 3 // 4) // 64 * 64)}
 
+    async def capacity(self) -> dict[str, int | None]:
+        return await asyncio.to_thread(host_capacity, self.paths.root)
+
     # ------------------------------------------------------------------ reconcile
 
     async def _reconcile(self, known: dict[str, str]) -> api.ReconcileReport:
@@ -603,12 +606,16 @@ class LocalHostAgent(api.HostAgent):
     # ------------------------------------------------------------------ commands
 
     async def exec(self, capsule_id: str, cmd: str, args: list[str], *, envs: dict[str, str] | None = None,
-                   cwd: str | None = None, timeout_sec: float = 30) -> api.ExecResult:
+                   cwd: str | None = None, timeout_sec: float = 30,
+                   max_output_bytes: int | None = None) -> api.ExecResult:
         res, payload = await self._guest(capsule_id).call(
-            "exec", cmd=cmd, args=list(args), envs=envs or {}, cwd=cwd, timeout_sec=timeout_sec)
+            "exec", cmd=cmd, args=list(args), envs=envs or {}, cwd=cwd, timeout_sec=timeout_sec,
+            max_output_bytes=max_output_bytes)
         n = res["stdout_len"]
         return api.ExecResult(stdout=payload[:n], stderr=payload[n:n + res["stderr_len"]], exit_code=res["exit_code"],
-                              duration_ms=res["duration_ms"], timed_out=bool(res.get("timed_out")))
+                              duration_ms=res["duration_ms"], timed_out=bool(res.get("timed_out")),
+                              stdout_truncated=bool(res.get("stdout_truncated")),
+                              stderr_truncated=bool(res.get("stderr_truncated")))
 
     async def spawn(self, capsule_id: str, cmd: str, args: list[str], *, envs: dict[str, str] | None = None,
                     cwd: str | None = None, tag: str | None = None) -> api.ProcessInfo:
@@ -719,6 +726,25 @@ class LocalHostAgent(api.HostAgent):
         """Guest agent requests in flight on this capsule's channel (tests check for leaks)."""
         cap = self._get(capsule_id)
         return len(cap.guest._pending) if cap.guest is not None else 0
+
+
+def host_capacity(data_root: Path) -> dict[str, int | None]:
+    """MemAvailable (what can be given without swapping) and the free space of the data disk."""
+    free_mem: int | None = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    free_mem = int(line.split()[1]) // 1024
+                    break
+    except OSError:
+        pass
+    try:
+        st = os.statvfs(data_root if data_root.exists() else data_root.parent)
+        free_disk: int | None = st.f_bavail * st.f_frsize // (1024 * 1024)
+    except OSError:
+        free_disk = None
+    return {"free_memory_mb": free_mem, "free_disk_mb": free_disk}
 
 
 __all__ = ["LocalHostAgent"]

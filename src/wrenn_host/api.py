@@ -88,6 +88,9 @@ class ExecResult:
     exit_code: int
     duration_ms: int
     timed_out: bool = False
+    # Output past the exec's max_output_bytes was dropped by the guest.
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +174,10 @@ class HostAgent(abc.ABC):
     def limits(self) -> dict[str, int]:
         """{"max_vcpus": n, "max_memory_mb": n, "min_memory_mb": n}"""
 
+    async def capacity(self) -> dict[str, int | None]:
+        """What the host has left now: {"free_memory_mb", "free_disk_mb"} (None: unknown)."""
+        return {"free_memory_mb": None, "free_disk_mb": None}
+
     # lifecycle
     @abc.abstractmethod
     async def create(self, capsule_id: str, template_id: str, vcpus: int | None, memory_mb: int | None,
@@ -210,7 +217,9 @@ class HostAgent(abc.ABC):
     # commands and processes
     @abc.abstractmethod
     async def exec(self, capsule_id: str, cmd: str, args: list[str], *, envs: dict[str, str] | None = None,
-                   cwd: str | None = None, timeout_sec: float = 30) -> ExecResult: ...
+                   cwd: str | None = None, timeout_sec: float = 30,
+                   max_output_bytes: int | None = None) -> ExecResult:
+        """`max_output_bytes`: bytes kept of each of stdout and stderr (None: the guest's default)."""
 
     @abc.abstractmethod
     async def spawn(self, capsule_id: str, cmd: str, args: list[str], *, envs: dict[str, str] | None = None,

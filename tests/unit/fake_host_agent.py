@@ -108,6 +108,10 @@ class FakeHostAgent(HostAgent):
         # tcp_connect(capsule_id, port) reaches 127.0.0.1:forwards[(capsule_id, port)]; others: refused
         self.forwards: dict[tuple[str, int], int] = {}
         self.tunnels_open = 0
+        # what capacity() answers (None: unknown), and the max_output_bytes each exec asked for
+        self.free = {"free_memory_mb": 16384, "free_disk_mb": 100_000}
+        self.exec_caps: list[int | None] = []
+        self.paths_seen: list[tuple[str, str]] = []  # (op, path) as the file calls received them
 
     # ---- knobs -----------------------------------------------------------------------------
 
@@ -244,9 +248,14 @@ class FakeHostAgent(HostAgent):
     def builtin_templates(self) -> list[TemplateRuntime]:
         return list(BUILTINS)
 
+    async def capacity(self) -> dict[str, int | None]:
+        await self._hook("capacity")
+        return dict(self.free)
+
     async def exec(self, capsule_id: str, cmd: str, args: list[str], *, envs: dict[str, str] | None = None,
-                   cwd: str | None = None, timeout_sec: float = 30) -> ExecResult:
+                   cwd: str | None = None, timeout_sec: float = 30, max_output_bytes: int | None = None) -> ExecResult:
         await self._hook("exec", capsule_id)
+        self.exec_caps.append(max_output_bytes)
         cap = self._capsule(capsule_id)
         if cwd is not None and cwd not in cap.dirs:
             raise GuestError(f"no such directory: {cwd}", code="not_found")
@@ -434,6 +443,7 @@ class FakeHostAgent(HostAgent):
 
     async def remove(self, capsule_id: str, path: str) -> None:
         await self._hook("remove", capsule_id)
+        self.paths_seen.append(("remove", path))
         cap = self._capsule(capsule_id)
         if path not in cap.files and path not in cap.dirs:
             raise GuestError(f"{path} not found", code="not_found")

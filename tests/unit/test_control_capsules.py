@@ -91,10 +91,17 @@ async def test_create_without_any_body_and_with_null(h):
     assert resp.status_code == 201, resp.text
 
 
-async def test_create_with_values_labels_and_unknown_fields(h):
+async def test_create_refuses_unknown_fields(h):
+    err = assert_error(await h.client.post("/v1/capsules", json={"template": "minimal", "some_future_field": 1}),
+                       400, "invalid_request")
+    assert "some_future_field" in err["message"]
+    assert h.fake.ops("create") == []
+
+
+async def test_create_with_values_and_labels(h):
     resp = await h.client.post("/v1/capsules", json={
         "template": "base-python", "vcpus": 2, "memory_mb": 1024, "timeout_sec": 300,
-        "metadata": {"owner": "ci"}, "some_future_field": {"x": 1}})
+        "metadata": {"owner": "ci"}})
     assert resp.status_code == 201, resp.text
     c = resp.json()
     assert (c["template"], c["vcpus"], c["memory_mb"], c["timeout_sec"]) == ("base-python", 2, 1024, 300)

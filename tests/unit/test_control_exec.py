@@ -34,7 +34,8 @@ async def test_foreground_exec_shape_and_activity(h, cap):
                                json={"cmd": "/bin/sh", "args": ["-c", "echo hello"], "envs": {"A": "1"}, "cwd": "/tmp"})
     assert resp.status_code == 200, resp.text
     assert resp.json() == {"sandbox_id": cap["id"], "cmd": "/bin/sh", "stdout": "hello\n", "stderr": "warn\n",
-                           "exit_code": 3, "duration_ms": 12, "encoding": "utf-8", "timed_out": False}
+                           "exit_code": 3, "duration_ms": 12, "encoding": "utf-8", "timed_out": False,
+                           "truncated": False, "stdout_truncated": False, "stderr_truncated": False}
     assert seen == {"capsule_id": cap["id"], "cmd": "/bin/sh", "args": ["-c", "echo hello"], "envs": {"A": "1"},
                     "cwd": "/tmp", "timeout_sec": 30}
     got = (await h.client.get(f"/v1/capsules/{cap['id']}")).json()

@@ -3,22 +3,22 @@
 
 from __future__ import annotations
 
-import sqlalchemy as sa
 
 import asyncio
 import time
 from datetime import date, datetime, timedelta, timezone
+from types import SimpleNamespace
 
 import pytest
+import sqlalchemy as sa
 from alembic import command
 from sqlalchemy import func, select
 
 from wrenn._models import EventType, SSEEvent
 from wrenn_control.api.routes.events import format_sse
-from wrenn_control.bootstrap import add_team
 from wrenn_control.clock import utcnow
 from wrenn_control.db.migrate import alembic_config, run_migrations
-from wrenn_control.db.models import Capsule, CapsuleMetric, CapsuleRun, TeamStatsSample
+from wrenn_control.db.models import Capsule, CapsuleMetric, CapsuleRun, Team, TeamStatsSample
 from wrenn_control.db.session import Database
 from wrenn_control.observability import to_ms
 from wrenn_control.workers.sampler import Sampler
@@ -393,7 +393,9 @@ def test_migration_opens_runs_for_capsules_already_running(database_url):
             command.upgrade(cfg, "0001")
         started = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
         with db.session() as s:
-            team = add_team(s, "t")
+            # Core inserts of the 0001 columns only (the models have columns of later migrations).
+            s.execute(sa.insert(Team.__table__).values(id="team-0001", name="t", created_at=started))
+            team = SimpleNamespace(id="team-0001")
             s.commit()
             team_id = team.id
         # Rows as revision 0001 knew them (the ORM model has columns added by later revisions).

@@ -58,6 +58,10 @@ class Team(Base):
     id: Mapped[str] = mapped_column(Str(40), primary_key=True)
     name: Mapped[str] = mapped_column(Str(200))
     created_at: Mapped[datetime]
+    # Quotas of this team (migration 0005); None: the server's default (Settings.team_max_*).
+    max_capsules: Mapped[int | None] = mapped_column(Integer)
+    max_vcpus: Mapped[int | None] = mapped_column(Integer)
+    max_memory_mb: Mapped[int | None] = mapped_column(Integer)
 
 
 class ApiKey(Base):

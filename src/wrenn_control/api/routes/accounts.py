@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import re
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from wrenn_control import ids
-from wrenn_control.api.deps import CurrentUser, DatabaseDep, KeyManagerTeam
+from wrenn_control.api.deps import CurrentUser, DatabaseDep, KeyManagerTeam, SettingsDep
 from wrenn_control.auth import burn_password_check, encode_jwt, hash_password, verify_password
 from wrenn_control.bootstrap import add_team
 from wrenn_control.clock import utcnow
@@ -78,10 +78,17 @@ def _role(session: Session, team_id: str, user_id: str) -> str:
 # ---- signup / login / me -----------------------------------------------------------------
 
 
-@router.post("/auth/signup", status_code=201, response_model=SignupOut,
-             responses={400: {"model": ErrorBody}, 409: {"model": ErrorBody}})
+async def _signup_open(settings: SettingsDep) -> None:
+    # A dependency: refused before the body is even validated.
+    if not settings.allow_signup:
+        raise _forbidden("signup is turned off on this server (WRENN_ALLOW_SIGNUP)")
+
+
+@router.post("/auth/signup", status_code=201, response_model=SignupOut, dependencies=[Depends(_signup_open)],
+             responses={400: {"model": ErrorBody}, 403: {"model": ErrorBody}, 409: {"model": ErrorBody}})
 async def signup(body: SignupRequest, db: DatabaseDep, request: Request) -> SignupOut:
-    """Create a user and their personal team (they are its owner); returns a token for it."""
+    """Create a user and their personal team (they are its owner); returns a token for it.
+    403 when the server has signup turned off (WRENN_ALLOW_SIGNUP=0)."""
     email = _email(body.email)
     if not _EMAIL_RE.fullmatch(email):
         raise invalid("email: not a valid email address")

@@ -7,9 +7,11 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Response
 from sqlalchemy import select
 
-from wrenn_control.api.deps import CurrentTeam, DatabaseDep, HostDep, OpsDep, SessionDep, TeamCapsule
+from wrenn_control.limits import admit
+from wrenn_control.api import listing
+from wrenn_control.api.deps import CurrentTeam, DatabaseDep, HostDep, OpsDep, SessionDep, SettingsDep, TeamCapsule
 from wrenn_control.db.models import Capsule, Template
-from wrenn_control.errors import invalid, invalid_state
+from wrenn_control.errors import invalid, invalid_state, short
 from wrenn_control.schemas import CapsuleCreate, CapsuleDetail, CapsuleOut, ErrorBody, NetworkUpdate
 from wrenn_host.network.policy import EgressPolicy, InvalidPolicy
 
@@ -21,11 +23,14 @@ DEFAULT_MEMORY_MB = 512
 
 
 @router.post("/capsules", status_code=201, response_model=CapsuleOut,
-             responses={400: {"model": ErrorBody}, 502: {"model": ErrorBody}})
-async def create_capsule(team: CurrentTeam, ops: OpsDep, host: HostDep, db: DatabaseDep,
+             responses={400: {"model": ErrorBody}, 403: {"model": ErrorBody}, 502: {"model": ErrorBody},
+                        503: {"model": ErrorBody}})
+async def create_capsule(team: CurrentTeam, ops: OpsDep, host: HostDep, db: DatabaseDep, settings: SettingsDep,
                          body: Annotated[CapsuleCreate | None, Body()] = None) -> CapsuleOut:
     """Answers once the VM is running (201 `running`), or 502 if the host agent failed; a boot
-    longer than the create wait setting answers 201 `starting` and goes on (poll GET)."""
+    longer than the create wait setting answers 201 `starting` and goes on (poll GET).
+    403 `forbidden` past a team quota; 503 `host_unavailable` when the host lacks the memory or
+    disk for it."""
     body = body or CapsuleCreate()
     network = egress_policy(body.allow_internet_access, body.network.allow_out if body.network else None,
                             body.network.deny_out if body.network else None)
@@ -46,25 +51,33 @@ async def create_capsule(team: CurrentTeam, ops: OpsDep, host: HostDep, db: Data
         with db.session() as s:
             snap = s.scalar(select(Template).where(Template.team_id == team.id, Template.name == name))
         if snap is None:
-            raise invalid(f"template {name!r} does not exist")
+            raise invalid(f"template {short(name)} does not exist")
         # A snapshot holds a running VM's memory: its shape is fixed.
         for field, fixed in (("vcpus", snap.vcpus), ("memory_mb", snap.memory_mb)):
             asked = getattr(body, field)
             if asked is not None and asked != fixed:
-                raise invalid(f"template {name!r} is a snapshot with {field}={fixed}; it cannot be changed "
+                raise invalid(f"template {short(name)} is a snapshot with {field}={fixed}; it cannot be changed "
                               f"(got {asked}); omit {field}")
         template_id, vcpus, memory_mb = snap.id, snap.vcpus, snap.memory_mb
+    await admit(db, host, settings, team.id, vcpus, memory_mb)
     row = await ops.create(team.id, template=name, template_id=template_id, vcpus=vcpus, memory_mb=memory_mb,
                            timeout_sec=body.timeout_sec or 0, labels=body.metadata or {}, network=network)
     return CapsuleOut.of(row)
 
 
-@router.get("/capsules", response_model=list[CapsuleOut])
-async def list_capsules(team: CurrentTeam, session: SessionDep) -> list[CapsuleOut]:
-    """Every capsule of the team, stopped ones included, newest first."""
-    rows = session.scalars(select(Capsule).where(Capsule.team_id == team.id)
-                           .order_by(Capsule.created_at.desc(), Capsule.seq.desc())).all()
-    return [CapsuleOut.of(row) for row in rows]
+@router.get("/capsules", response_model=list[CapsuleOut], responses={400: {"model": ErrorBody}},
+            openapi_extra=listing.OPENAPI)
+async def list_capsules(team: CurrentTeam, session: SessionDep, response: Response,
+                        status: listing.StatusFilter = None, metadata: listing.MetadataFilter = None,
+                        limit: listing.Limit = None, next: listing.Cursor = None) -> list[CapsuleOut]:  # noqa: A002
+    """The team's capsules, stopped ones included (until purged, WRENN_STOPPED_RETENTION_SEC),
+    newest first. Optional filters: `status` and `metadata=key=value` (each repeatable: any of
+    the statuses, all of the labels). With `limit`, one page: the `X-Next-Token` response header
+    then holds the cursor of the next page (pass it as `next`); absent on the last page."""
+    rows, cursor = listing.page(session, team.id, status, metadata, limit, next)
+    if cursor is not None:
+        response.headers[listing.NEXT_HEADER] = cursor
+    return rows
 
 
 @router.get("/capsules/{capsule_id}", response_model=CapsuleDetail, responses={404: {"model": ErrorBody}})
@@ -90,8 +103,12 @@ async def pause_capsule(capsule: TeamCapsule, ops: OpsDep) -> CapsuleOut:
 
 
 @router.post("/capsules/{capsule_id}/resume", response_model=CapsuleOut,
-             responses={404: {"model": ErrorBody}, 409: {"model": ErrorBody}, 502: {"model": ErrorBody}})
-async def resume_capsule(capsule: TeamCapsule, ops: OpsDep) -> CapsuleOut:
+             responses={403: {"model": ErrorBody}, 404: {"model": ErrorBody}, 409: {"model": ErrorBody},
+                        502: {"model": ErrorBody}, 503: {"model": ErrorBody}})
+async def resume_capsule(capsule: TeamCapsule, ops: OpsDep, host: HostDep, db: DatabaseDep,
+                         settings: SettingsDep) -> CapsuleOut:
+    if capsule.status == "paused":  # (else the resume below answers 409)
+        await admit(db, host, settings, capsule.team_id, capsule.vcpus, capsule.memory_mb)
     if not await ops.resume(capsule.id):
         raise invalid_state(f"capsule is {ops.status(capsule.id)}; only paused capsules can be resumed")
     return CapsuleOut.of(ops.get_for_team(capsule.team_id, capsule.id))

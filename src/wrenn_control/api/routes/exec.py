@@ -9,7 +9,7 @@ from typing import Literal
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
-from wrenn_control.api.deps import HostDep, OpsDep, TeamCapsule
+from wrenn_control.api.deps import HostDep, OpsDep, SettingsDep, TeamCapsule
 from wrenn_control.errors import agent_error, invalid_state
 from wrenn_control.schemas import (
     BackgroundExecResponse,
@@ -38,9 +38,12 @@ def _encode(stdout: bytes, stderr: bytes) -> tuple[str, str, Literal["utf-8", "b
 
 @router.post("/capsules/{capsule_id}/exec", response_model=ExecResponse,
              responses={202: {"model": BackgroundExecResponse, "description": "background process started"}})
-async def exec_command(capsule: TeamCapsule, body: ExecRequest, ops: OpsDep, host: HostDep) -> ExecResponse | JSONResponse:
+async def exec_command(capsule: TeamCapsule, body: ExecRequest, ops: OpsDep, host: HostDep,
+                       settings: SettingsDep) -> ExecResponse | JSONResponse:
     """Foreground: runs to completion, 200 with its output (a timed-out command is still 200,
-    with `timed_out: true` and exit code -9). Background: 202 with pid and tag."""
+    with `timed_out: true` and exit code -9). Each output stream keeps at most
+    WRENN_EXEC_MAX_OUTPUT_BYTES (16 MiB); past that the rest is dropped and `stdout_truncated` /
+    `stderr_truncated` (and `truncated`) are true. Background: 202 with pid and tag."""
     if not ops.touch(capsule.id):
         raise invalid_state(f"capsule is {ops.status(capsule.id)}; it must be running")
     args = body.args or []
@@ -56,7 +59,8 @@ async def exec_command(capsule: TeamCapsule, body: ExecRequest, ops: OpsDep, hos
         timeout = body.timeout_sec if body.timeout_sec is not None else DEFAULT_TIMEOUT_SEC
         try:
             result = await ops.guest(capsule.id, asyncio.wait_for(
-                host.exec(capsule.id, body.cmd, args, envs=body.envs, cwd=body.cwd, timeout_sec=timeout),
+                host.exec(capsule.id, body.cmd, args, envs=body.envs, cwd=body.cwd, timeout_sec=timeout,
+                          max_output_bytes=settings.exec_max_output_bytes),
                 timeout + HOST_GRACE_SEC))
         except asyncio.TimeoutError:
             raise agent_error(f"the guest did not answer within {timeout + HOST_GRACE_SEC:g} s") from None
@@ -65,7 +69,8 @@ async def exec_command(capsule: TeamCapsule, body: ExecRequest, ops: OpsDep, hos
     stdout, stderr, encoding = _encode(result.stdout, result.stderr)
     return ExecResponse(sandbox_id=capsule.id, cmd=body.cmd, stdout=stdout, stderr=stderr,
                         exit_code=result.exit_code, duration_ms=result.duration_ms, encoding=encoding,
-                        timed_out=result.timed_out)
+                        timed_out=result.timed_out, truncated=result.stdout_truncated or result.stderr_truncated,
+                        stdout_truncated=result.stdout_truncated, stderr_truncated=result.stderr_truncated)
 
 
 @router.get("/capsules/{capsule_id}/processes", response_model=ProcessList)

@@ -3,6 +3,7 @@ the unbuffered stream/write and stream/read for any size."""
 
 from __future__ import annotations
 
+import posixpath
 import tempfile
 from collections.abc import AsyncIterator
 from typing import IO, Annotated, Any
@@ -23,15 +24,30 @@ router = APIRouter(tags=["files"], responses={
 
 MIB = 1024 * 1024
 MAX_FIELD_BYTES = 64 * 1024  # the `path` form field
-MULTIPART_SLACK = 64 * 1024  # boundaries and part headers around the file in a Content-Length
+MULTIPART_SLACK = 64 * 1024
+NAME_MAX = 255  # bytes in one path component (Linux); longer ones cannot exist  # boundaries and part headers around the file in a Content-Length
 
 _MULTIPART_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-    "type": "object", "required": ["path", "file"],
-    "properties": {"path": {"type": "string"}, "file": {"type": "string", "format": "binary"}}}}}}}
-_RAW_OR_MULTIPART_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {
+    "type": "object", "required": ["file"],
+    "properties": {"path": {"type": "string", "description": "destination (or ?path=); before the file part"},
+                   "file": {"type": "string", "format": "binary"}}}}}}}
+# (an empty raw body with ?path= is an empty file, so the body is not required)
+_RAW_OR_MULTIPART_BODY: dict[str, Any] = {"requestBody": {"required": False, "content": {
     **_MULTIPART_BODY["requestBody"]["content"],
     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
 QueryPath = Annotated[str | None, Query(min_length=1, description="Destination (alternative to the path field)")]
+
+
+def guest_path(path: str) -> str:
+    """The path as every guard below and the guest see it: no `.`/`..` parts, no repeated or
+    trailing slashes (normpath keeps a leading `//`: `//` must not get past a guard for `/`).
+    Relative paths stay relative: the guest takes them from its home directory."""
+    if "\x00" in path:
+        raise invalid("path must not contain NUL characters")
+    if any(len(part.encode("utf-8", "surrogatepass")) > NAME_MAX for part in path.split("/")):
+        raise invalid(f"a path component is longer than {NAME_MAX} bytes")
+    norm = posixpath.normpath(path)
+    return "/" + norm.lstrip("/") if norm.startswith("/") else norm
 
 
 def _too_large(limit: int) -> APIError:
@@ -88,6 +104,7 @@ async def write_file(capsule: TeamCapsule, request: Request, ops: OpsDep, host: 
         target = fields["path"].decode("utf-8", "replace") if "path" in fields else path
         if not target:
             raise invalid("missing form field: path")
+        target = guest_path(target)
         if not got_file:
             raise invalid("missing form field: file")
         await ops.guest(capsule.id, host.write_file(capsule.id, target, _spooled(spool)))
@@ -106,7 +123,7 @@ async def stream_write_file(capsule: TeamCapsule, request: Request, ops: OpsDep,
         if not is_multipart(content_type):
             if not path:
                 raise invalid("a raw upload needs the destination as ?path=")
-            await ops.guest(capsule.id, host.write_file(capsule.id, path, request.stream()))
+            await ops.guest(capsule.id, host.write_file(capsule.id, guest_path(path), request.stream()))
             return Response(status_code=204)
 
         events = iter_multipart(content_type, request.stream())
@@ -126,6 +143,7 @@ async def stream_write_file(capsule: TeamCapsule, request: Request, ops: OpsDep,
         target = field.decode("utf-8", "replace") if field else path
         if not target:
             raise invalid("missing form field: path (it must come before the file part)")
+        target = guest_path(target)
 
         async def file_bytes() -> AsyncIterator[bytes]:
             async for item in events:
@@ -142,7 +160,7 @@ async def stream_write_file(capsule: TeamCapsule, request: Request, ops: OpsDep,
 
 async def _read(capsule: Capsule, path: str, ops: CapsuleOps, host: HostAgent) -> StreamingResponse:
     ops.require_running(capsule)
-    stream = ops.guest_stream(capsule.id, host.read_file_stream(capsule.id, path))
+    stream = ops.guest_stream(capsule.id, host.read_file_stream(capsule.id, guest_path(path)))
     # Pull the first chunk before answering, so that a missing file is a 404, not a broken 200.
     try:
         first = await anext(stream)
@@ -176,7 +194,7 @@ async def stream_read_file(capsule: TeamCapsule, body: PathRequest, ops: OpsDep,
 async def list_dir(capsule: TeamCapsule, body: ListDirRequest, ops: OpsDep, host: HostDep) -> ListDirResponse:
     ops.require_running(capsule)
     depth = max(body.depth or 1, 1)
-    entries = await ops.guest(capsule.id, host.list_dir(capsule.id, body.path, depth))
+    entries = await ops.guest(capsule.id, host.list_dir(capsule.id, guest_path(body.path), depth))
     return ListDirResponse(entries=[FileEntry.of(e) for e in entries])
 
 
@@ -184,7 +202,7 @@ async def list_dir(capsule: TeamCapsule, body: ListDirRequest, ops: OpsDep, host
 async def make_dir(capsule: TeamCapsule, body: PathRequest, ops: OpsDep, host: HostDep) -> MkdirResponse:
     """Creates parents too; an existing directory is fine."""
     ops.require_running(capsule)
-    entry = await ops.guest(capsule.id, host.mkdir(capsule.id, body.path))
+    entry = await ops.guest(capsule.id, host.mkdir(capsule.id, guest_path(body.path)))
     return MkdirResponse(entry=FileEntry.of(entry))
 
 
@@ -192,5 +210,8 @@ async def make_dir(capsule: TeamCapsule, body: PathRequest, ops: OpsDep, host: H
 async def remove(capsule: TeamCapsule, body: PathRequest, ops: OpsDep, host: HostDep) -> Response:
     """A file, a symlink, or a directory with everything in it."""
     ops.require_running(capsule)
-    await ops.guest(capsule.id, host.remove(capsule.id, body.path))
+    path = guest_path(body.path)
+    if path == "/":
+        raise invalid("refusing to remove /")
+    await ops.guest(capsule.id, host.remove(capsule.id, path))
     return Response(status_code=204)

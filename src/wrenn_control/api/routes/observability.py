@@ -17,6 +17,8 @@ from wrenn_control.schemas import CapsuleMetrics, CapsuleStats, ErrorBody, Usage
 
 router = APIRouter(tags=["observability"], responses={401: {"model": ErrorBody}, 400: {"model": ErrorBody}})
 
+DATE_PATTERN = r"^\d{4}-\d{2}-\d{2}$"
+_DATE = {"format": "date"}
 MetricsRange = Literal["5m", "10m", "1h", "2h", "6h", "12h", "24h"]
 StatsRange = Literal["5m", "1h", "6h", "24h", "30d"]
 assert set(MetricsRange.__args__) == set(obs.METRICS_RANGES)  # type: ignore[attr-defined]
@@ -33,9 +35,11 @@ async def capsule_stats(team: CurrentTeam, session: SessionDep,
 
 @router.get("/capsules/usage", response_model=UsageResponse)
 async def capsule_usage(team: CurrentTeam, session: SessionDep,
-                        from_: Annotated[str | None, Query(alias="from", description="YYYY-MM-DD (UTC); "
-                                                           "default 30 days before `to`.")] = None,
-                        to: Annotated[str | None, Query(description="YYYY-MM-DD (UTC); default today.")] = None,
+                        from_: Annotated[str | None, Query(alias="from", pattern=DATE_PATTERN, json_schema_extra=_DATE,
+                                                           description="YYYY-MM-DD (UTC); default 30 days before "
+                                                           "`to`; not after `to`, at most 366 days before it.")] = None,
+                        to: Annotated[str | None, Query(pattern=DATE_PATTERN, json_schema_extra=_DATE,
+                                                        description="YYYY-MM-DD (UTC); default today.")] = None,
                         ) -> UsageResponse:
     """Per UTC day, both ends included: cpu_minutes (vCPUs x minutes running) and ram_mb_minutes
     (memory_mb x minutes running). Exact: computed from when each capsule started and stopped running."""

@@ -19,7 +19,7 @@ from wrenn_control import ids
 from wrenn_control.api.deps import CurrentTeam, DatabaseDep, EventsDep, HostDep, OpsDep, SessionDep
 from wrenn_control.clock import utcnow
 from wrenn_control.db.models import Template
-from wrenn_control.errors import APIError, agent_error, invalid, not_found
+from wrenn_control.errors import APIError, agent_error, invalid, not_found, short
 from wrenn_control.events import TEMPLATE_SNAPSHOT_CREATE, TEMPLATE_SNAPSHOT_DELETE, payload
 from wrenn_control.schemas import ErrorBody, SnapshotCreate, TemplateOut
 from wrenn_host.api import HostAgentError, TemplateNotFound
@@ -37,7 +37,7 @@ def _out(row: Template) -> TemplateOut:
 
 
 def _taken(name: str) -> APIError:
-    return APIError(409, "template_name_taken", f"a template named {name!r} already exists; "
+    return APIError(409, "template_name_taken", f"a template named {short(name)} already exists; "
                     "pass overwrite=true to replace it")
 
 
@@ -48,7 +48,7 @@ async def create_snapshot(body: SnapshotCreate, team: CurrentTeam, ops: OpsDep, 
     """The capsule must be running or paused; it is left paused."""
     name = body.name if body.name is not None else f"template-{secrets.token_hex(4)}"
     if not NAME_RE.fullmatch(name):
-        raise invalid(f"invalid template name {name!r}: use 1-63 of a-z, 0-9, '.', '_', '-', "
+        raise invalid(f"invalid template name {short(name)}: use 1-63 of a-z, 0-9, '.', '_', '-', "
                       "starting with a letter or digit")
     if name in {t.template_id for t in host.builtin_templates()}:
         raise APIError(409, "name_reserved", f"{name!r} is the name of a built-in template")

@@ -1,0 +1,52 @@
+"""Purge of old stopped capsules: a stopped capsule stays listed (as `stopped`) for
+`Settings.stopped_retention_sec` after it stopped (its `last_updated`), then its row goes, with its
+metrics and running intervals (cascade): so its usage leaves the usage report too. 0 keeps all.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta
+
+from sqlalchemy import delete, select
+
+from wrenn_control.clock import utcnow
+from wrenn_control.db.models import Capsule
+from wrenn_control.db.session import Database
+from wrenn_control.lifecycle import Status
+from wrenn_control.workers import PeriodicWorker
+
+log = logging.getLogger(__name__)
+BATCH = 500  # rows per DELETE, so that one pass never holds the database for long
+
+
+class Retention(PeriodicWorker):
+    name = "retention"
+
+    def __init__(self, db: Database, retention_sec: float, interval_sec: float):
+        self.db = db
+        self.retention_sec = retention_sec
+        self.interval_sec = interval_sec
+
+    async def tick(self) -> None:
+        self.run_once()
+
+    def run_once(self, now: datetime | None = None) -> int:
+        """Delete what is due; returns how many capsules went."""
+        if not self.retention_sec:
+            return 0
+        cutoff = (now or utcnow()) - timedelta(seconds=self.retention_sec)
+        total = 0
+        while True:
+            with self.db.session() as s:
+                ids = s.scalars(select(Capsule.id).where(Capsule.status == Status.STOPPED.value,
+                                                         Capsule.last_updated < cutoff).limit(BATCH)).all()
+                if not ids:
+                    break
+                s.execute(delete(Capsule).where(Capsule.id.in_(ids), Capsule.status == Status.STOPPED.value)
+                          .execution_options(synchronize_session=False))
+                s.commit()
+            total += len(ids)
+        if total:
+            log.info("purged %d stopped capsules older than %gs", total, self.retention_sec)
+        return total

@@ -25,7 +25,9 @@ from wrenn_guest.protocol import MAX_PAYLOAD
 from wrenn_host import api
 from wrenn_host.api import CapsuleNotFound, HostAgentError, InvalidShape, TemplateNotFound, VMMError
 from wrenn_host.guest import GuestClient
+from wrenn_host.durable import crashpoint, fsync_dir, write_durable
 from wrenn_host.paths import HostPaths
+from wrenn_host.recover import recover
 from wrenn_host.templates import BuiltinTemplates, TemplateSnapshot, make_overlay_seed, qemu_img, sparse_copy
 from wrenn_host.vmm.accel import choose_accelerator
 from wrenn_host.vmm.qemu import QemuMachine, qemu_version
@@ -50,9 +52,7 @@ class CapsuleMeta:
     agent_version: str = ""
 
     def save(self, path: Path) -> None:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(dataclasses.asdict(self)))
-        tmp.rename(path)
+        write_durable(path, json.dumps(dataclasses.asdict(self)).encode())
 
     @classmethod
     def load(cls, path: Path) -> CapsuleMeta:
@@ -82,6 +82,7 @@ class LocalHostAgent(api.HostAgent):
         self._builtin: BuiltinTemplates | None = None
         self._vmm_version = ""
         self._refills: dict[Path, asyncio.Task] = {}
+        self.reconcile_seconds = 0.0  # how long the last start-up reconcile took
 
     # ------------------------------------------------------------------ setup
 
@@ -122,7 +123,8 @@ class LocalHostAgent(api.HostAgent):
     def health(self) -> dict[str, Any]:
         running = sum(1 for c in self._capsules.values() if c.machine is not None and c.machine.is_alive())
         return {"accelerator": self.accel, "vmm": f"qemu {self._vmm_version}".strip(),
-                "capsules_running": running, "capsules_known": len(self._capsules)}
+                "capsules_running": running, "capsules_known": len(self._capsules),
+                "reconcile_seconds": round(self.reconcile_seconds, 3)}
 
     def limits(self) -> dict[str, int]:
         total_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024)
@@ -132,35 +134,39 @@ class LocalHostAgent(api.HostAgent):
     # ------------------------------------------------------------------ reconcile
 
     async def _reconcile(self, known: dict[str, str]) -> api.ReconcileReport:
-        """Match capsule directories with what the control plane believes; nothing is dropped
-        silently: unknown leftovers are removed and reported lost."""
-        running, paused, lost = [], [], []
-        for d in sorted(self.paths.capsules.iterdir()):
-            cid = d.name
+        """Match capsule directories with what the control plane believes. Capsules it does not
+        know are cleaned up (reported lost); the others are recovered from what is on disk and
+        alive (recover.py), all at once; one whose files make no sense is kept aside as `error`."""
+        t0 = time.monotonic()
+        running, paused, lost, errors = [], [], [], {}
+
+        async def one(cid: str) -> None:
             cap = self._load_capsule(cid)
-            if cap is None or cid not in known:
+            if cid not in known:
                 await self._kill_leftover(cid)
                 self._remove_files(cid)
                 lost.append(cid)
-                continue
-            machine = QemuMachine.adopt(cap.snapshot.spec, self.paths.machine_files(cid))
-            if machine is not None:
-                cap.machine = machine
-                try:
-                    cap.guest = await GuestClient.connect_unix(str(machine.files.agent), timeout=5)
-                    await cap.guest.wait_ready(timeout=10)
-                    self._capsules[cid] = cap
-                    running.append(cid)
-                    continue
-                except Exception as e:  # alive but unreachable: it cannot serve anything
-                    log.warning("capsule %s: agent unreachable after restart: %s", cid, e)
-                    await machine.kill()
-            if self.paths.capsule_state(cid).exists():
-                self._capsules[cid] = cap
-                paused.append(cid)
-            else:
-                self._remove_files(cid)
-                lost.append(cid)
+                return
+            if cap is None:
+                await self._kill_leftover(cid)
+                errors[cid] = self._quarantine(cid, "capsule metadata or its template is missing or unreadable")
+                return
+            files = self.paths.machine_files(cid)
+            out = await recover(cid, cap.snapshot.spec, files, self.paths.capsule_state(cid))
+            if out.status == "error":
+                errors[cid] = self._quarantine(cid, out.reason)
+                return
+            cap.machine, cap.guest = out.machine, out.guest
+            self._capsules[cid] = cap
+            (running if out.status == "running" else paused).append(cid)
+
+        cids = sorted(d.name for d in self.paths.capsules.iterdir())
+        results = await asyncio.gather(*(one(cid) for cid in cids), return_exceptions=True)
+        for cid, res in zip(cids, results):
+            if isinstance(res, BaseException):  # an unexpected failure must not hide the capsule
+                log.exception("capsule %s: recovery failed", cid, exc_info=res)
+                await self._kill_leftover(cid)
+                errors[cid] = self._quarantine(cid, f"recovery failed: {res}")
         for d in self.paths.templates.iterdir():
             if d.name.startswith("."):  # an interrupted snapshot
                 shutil.rmtree(d, ignore_errors=True)
@@ -173,7 +179,26 @@ class LocalHostAgent(api.HostAgent):
         for d in self.paths.run.iterdir():
             if d.name not in self._capsules:
                 shutil.rmtree(d, ignore_errors=True)
-        return api.ReconcileReport(running=running, paused=paused, lost=lost)
+        self.reconcile_seconds = time.monotonic() - t0
+        log.info("reconciled %d capsules in %.3f s: %d running, %d paused, %d lost, %d error",
+                 len(cids), self.reconcile_seconds, len(running), len(paused), len(lost), len(errors))
+        return api.ReconcileReport(running=sorted(running), paused=sorted(paused), lost=sorted(lost),
+                                   errors=errors)
+
+    def _quarantine(self, cid: str, reason: str) -> str:
+        """Move a capsule's files aside (never delete what could not be understood) and say where."""
+        src = self.paths.capsule_dir(cid)
+        dest = self.paths.quarantine / f"{cid}-{time.strftime('%Y%m%dT%H%M%S')}"
+        try:
+            self.paths.quarantine.mkdir(mode=0o700, exist_ok=True)
+            src.rename(dest)
+            (dest / "reason.txt").write_text(reason + "\n")
+        except OSError as e:
+            log.error("capsule %s: could not move its files aside: %s", cid, e)
+            return reason
+        shutil.rmtree(self.paths.capsule_run_dir(cid), ignore_errors=True)
+        log.warning("capsule %s: %s; files kept in %s", cid, reason, dest)
+        return f"{reason}; files kept in {dest}"
 
     def _load_capsule(self, cid: str) -> Capsule | None:
         try:
@@ -237,7 +262,7 @@ class LocalHostAgent(api.HostAgent):
                 shutil.copyfile(snap.overlay_seed, files.disk)
                 await self._take_memory(snap, files.memory)
                 meta.save(self.paths.capsule_meta(capsule_id))
-                await self._restore(cap, snap.state)
+                await self._restore(cap, snap.state, steps="create")
             except BaseException:
                 await self._teardown(cap)
                 raise
@@ -271,7 +296,7 @@ class LocalHostAgent(api.HostAgent):
                 tmp.unlink(missing_ok=True)
                 return
 
-    async def _restore(self, cap: Capsule, state: Path) -> None:
+    async def _restore(self, cap: Capsule, state: Path, steps: str = "resume") -> None:
         """Start the machine from `state`, reconnect the guest agent, push identity + clock."""
         machine = QemuMachine(cap.snapshot.spec, self.paths.machine_files(cap.id))
         cap.machine = machine
@@ -279,7 +304,7 @@ class LocalHostAgent(api.HostAgent):
         async def connect_agent() -> None:
             cap.guest = await GuestClient.connect_unix(str(machine.files.agent), timeout=AGENT_CONNECT_TIMEOUT_S)
 
-        await machine.restore(state, before_cont=connect_agent)
+        await machine.restore(state, before_cont=connect_agent, steps=steps)
         try:
             ident, _ = await cap.guest.call(
                 "identity", capsule_id=cap.id, hostname=cap.id,
@@ -289,6 +314,7 @@ class LocalHostAgent(api.HostAgent):
                 cap.meta.save(self.paths.capsule_meta(cap.id))
         except Exception as e:
             raise VMMError(f"guest agent did not answer after restore: {e}: {machine.log_tail()}") from e
+        await crashpoint(f"{steps}.identity")
 
     async def pause(self, capsule_id: str) -> None:
         cap = self._get(capsule_id)
@@ -325,6 +351,9 @@ class LocalHostAgent(api.HostAgent):
                 raise
             # The guest now runs on and changes the memory file: the old state no longer matches it.
             state.unlink()
+            await crashpoint("resume.state-unlinked")
+            fsync_dir(state.parent)
+            await crashpoint("resume.dir-synced")
         return self._runtime(cap)
 
     async def destroy(self, capsule_id: str) -> None:

@@ -29,6 +29,7 @@ class HostPaths:
         self.capsules = self.root / "capsules"
         self.templates = self.root / "templates"
         self.spare = self.root / "spare"  # pre-copied template memory files, ready for a create
+        self.quarantine = self.root / "quarantine"  # capsules whose files made no sense at start-up
         # Unix socket paths are limited to 107 bytes: keep sockets under a short run directory,
         # one per data directory so two servers on one host never collide.
         tag = hashlib.sha256(str(self.root).encode()).hexdigest()[:10]

@@ -160,7 +160,7 @@ async def boot_snapshot(template_id: str, dir: Path, spec: MachineSpec, base_dis
                              seed=base64.b64encode(os.urandom(64)).decode(), time_ns=time.time_ns())
             await guest.call("exec", cmd="/bin/sync", args=[], timeout_sec=30)
             # Saved while connected: clones reconnect before they run and never see a hang-up.
-            await machine.save(work / "state")
+            await machine.save(work / "state", steps="build")
         finally:
             await guest.close()
         make_overlay_seed(files.disk, dir / "disk.qcow2", work / "overlay.qcow2")

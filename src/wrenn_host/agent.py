@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from wrenn_guest.protocol import MAX_PAYLOAD
-from wrenn_host import api
+from wrenn_host import api, perms
 from wrenn_host.api import CapsuleNotFound, HostAgentError, InvalidShape, TemplateNotFound, VMMError
 from wrenn_host.guest import GuestClient
 from wrenn_host.durable import crashpoint, fsync_dir, write_durable
@@ -107,6 +107,9 @@ class LocalHostAgent(api.HostAgent):
 
     async def start(self, known: dict[str, str]) -> api.ReconcileReport:
         self._vmm_version = await asyncio.to_thread(qemu_version)
+        # Older versions left 0644 memory files and disks in 0755 directories: close them.
+        await asyncio.to_thread(perms.lock_down, self.paths.root)
+        await asyncio.to_thread(perms.lock_down_cache, builder.cache_dir())
         return await self._reconcile(known)
 
     async def close(self) -> None:
@@ -192,7 +195,7 @@ class LocalHostAgent(api.HostAgent):
         try:
             self.paths.quarantine.mkdir(mode=0o700, exist_ok=True)
             src.rename(dest)
-            (dest / "reason.txt").write_text(reason + "\n")
+            write_durable(dest / "reason.txt", (reason + "\n").encode())
         except OSError as e:
             log.error("capsule %s: could not move its files aside: %s", cid, e)
             return reason
@@ -257,9 +260,10 @@ class LocalHostAgent(api.HostAgent):
         async with cap.lock:
             try:
                 files = self.paths.machine_files(capsule_id)
-                files.disk.parent.mkdir(parents=True)
+                files.disk.parent.mkdir(parents=True, mode=0o700)
                 files.agent.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(snap.overlay_seed, files.disk)
+                files.disk.chmod(0o600)
                 await self._take_memory(snap, files.memory)
                 meta.save(self.paths.capsule_meta(capsule_id))
                 await self._restore(cap, snap.state, steps="create")
@@ -420,7 +424,7 @@ class LocalHostAgent(api.HostAgent):
             await self._pause_locked(cap)
             work = dest.with_name(f".{template_id}.tmp")
             shutil.rmtree(work, ignore_errors=True)
-            work.mkdir()
+            work.mkdir(mode=0o700)
             try:
                 files = self.paths.machine_files(capsule_id)
                 # Flatten the disk so the template does not depend on the capsule's backing chain.

@@ -11,6 +11,7 @@ import os
 import re
 from pathlib import Path
 
+from wrenn_host.perms import make_private_dir
 from wrenn_host.vmm.qemu import MachineFiles
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -35,8 +36,10 @@ class HostPaths:
         tag = hashlib.sha256(str(self.root).encode()).hexdigest()[:10]
         base = Path("/run") if os.access("/run", os.W_OK) else Path("/tmp")
         self.run = base / "wrenn" / tag
+        make_private_dir(self.root)
+        make_private_dir(self.run.parent)
         for d in (self.capsules, self.templates, self.spare, self.run):
-            d.mkdir(parents=True, exist_ok=True)
+            make_private_dir(d)
 
     # capsules
     def capsule_dir(self, capsule_id: str) -> Path:

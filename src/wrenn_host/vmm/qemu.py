@@ -107,7 +107,9 @@ class QemuMachine:
             with contextlib.suppress(FileNotFoundError):
                 sock.unlink()
         argv = build_argv(self.spec, self.files, incoming=incoming)
-        logf = open(self.files.qemu_log, "ab")
+        # QEMU creates the serial log with its umask: make it (and ours) the platform's own first.
+        os.close(os.open(self.files.serial_log, os.O_WRONLY | os.O_CREAT, 0o600))
+        logf = os.fdopen(os.open(self.files.qemu_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
         try:
             # Own session: QEMU must outlive a restart of the server (capsules keep running).
             self._proc = await asyncio.create_subprocess_exec(

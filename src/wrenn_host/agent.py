@@ -26,8 +26,10 @@ from wrenn_host import api, perms
 from wrenn_host.api import CapsuleNotFound, HostAgentError, InvalidShape, TemplateNotFound, VMMError
 from wrenn_host.guest import GuestClient
 from wrenn_host.durable import crashpoint, fsync_dir, write_durable
+from wrenn_host.jail import Confinement
 from wrenn_host.paths import HostPaths
 from wrenn_host.recover import recover
+from wrenn_host.serial_log import SerialLog
 from wrenn_host.templates import BuiltinTemplates, TemplateSnapshot, make_overlay_seed, qemu_img, sparse_copy
 from wrenn_host.vmm.accel import choose_accelerator
 from wrenn_host.vmm.qemu import QemuMachine, qemu_version
@@ -67,6 +69,7 @@ class Capsule:
         self.snapshot = snapshot  # fixes the machine spec for every restore
         self.machine: QemuMachine | None = None
         self.guest: GuestClient | None = None
+        self.serial: SerialLog | None = None  # copies the console into the capped serial.log
         self.lock = asyncio.Lock()  # one lifecycle operation at a time
 
     @property
@@ -83,6 +86,7 @@ class LocalHostAgent(api.HostAgent):
         self._vmm_version = ""
         self._refills: dict[Path, asyncio.Task] = {}
         self.reconcile_seconds = 0.0  # how long the last start-up reconcile took
+        self.jail = Confinement(self.paths.run, self.paths.run.name)
 
     # ------------------------------------------------------------------ setup
 
@@ -117,17 +121,21 @@ class LocalHostAgent(api.HostAgent):
             task.cancel()
         # Capsules keep running across a server restart; only our connections go.
         for cap in list(self._capsules.values()):
+            await self._stop_serial(cap)
             if cap.guest is not None:
                 await cap.guest.close()
                 cap.guest = None
         with contextlib.suppress(OSError):  # kept while running capsules have sockets in it
+            if [d.name for d in self.paths.run.iterdir()] in ([], [self.jail.empty.name]):
+                with contextlib.suppress(FileNotFoundError):
+                    self.jail.empty.rmdir()
             self.paths.run.rmdir()
 
     def health(self) -> dict[str, Any]:
         running = sum(1 for c in self._capsules.values() if c.machine is not None and c.machine.is_alive())
         return {"accelerator": self.accel, "vmm": f"qemu {self._vmm_version}".strip(),
                 "capsules_running": running, "capsules_known": len(self._capsules),
-                "reconcile_seconds": round(self.reconcile_seconds, 3)}
+                "reconcile_seconds": round(self.reconcile_seconds, 3), "confinement": self.jail.report()}
 
     def limits(self) -> dict[str, int]:
         total_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024)
@@ -161,6 +169,8 @@ class LocalHostAgent(api.HostAgent):
                 return
             cap.machine, cap.guest = out.machine, out.guest
             self._capsules[cid] = cap
+            if out.status == "running":
+                await self._start_serial(cap)
             (running if out.status == "running" else paused).append(cid)
 
         cids = sorted(d.name for d in self.paths.capsules.iterdir())
@@ -178,10 +188,11 @@ class LocalHostAgent(api.HostAgent):
         # Spare memory copies may belong to templates that changed or are gone: start afresh.
         for f in self.paths.spare.iterdir():
             f.unlink(missing_ok=True)
-        # Stray socket directories from builds or capsules that are gone.
+        # Stray socket directories from builds or capsules that are gone, and their cgroups.
         for d in self.paths.run.iterdir():
-            if d.name not in self._capsules:
+            if d.name not in self._capsules and d != self.jail.empty:
                 shutil.rmtree(d, ignore_errors=True)
+        self.jail.reclaim(set(self._capsules))
         self.reconcile_seconds = time.monotonic() - t0
         log.info("reconciled %d capsules in %.3f s: %d running, %d paused, %d lost, %d error",
                  len(cids), self.reconcile_seconds, len(running), len(paused), len(lost), len(errors))
@@ -303,10 +314,13 @@ class LocalHostAgent(api.HostAgent):
     async def _restore(self, cap: Capsule, state: Path, steps: str = "resume") -> None:
         """Start the machine from `state`, reconnect the guest agent, push identity + clock."""
         machine = QemuMachine(cap.snapshot.spec, self.paths.machine_files(cap.id))
+        spec = cap.snapshot.spec
+        machine.confine = lambda: self.jail.plan(cap.id, spec.vcpus, spec.memory_mb, machine.files.disk)
         cap.machine = machine
 
         async def connect_agent() -> None:
             cap.guest = await GuestClient.connect_unix(str(machine.files.agent), timeout=AGENT_CONNECT_TIMEOUT_S)
+            await self._start_serial(cap)
 
         await machine.restore(state, before_cont=connect_agent, steps=steps)
         try:
@@ -319,6 +333,18 @@ class LocalHostAgent(api.HostAgent):
         except Exception as e:
             raise VMMError(f"guest agent did not answer after restore: {e}: {machine.log_tail()}") from e
         await crashpoint(f"{steps}.identity")
+
+    async def _start_serial(self, cap: Capsule) -> None:
+        await self._stop_serial(cap)
+        files = self.paths.machine_files(cap.id)
+        if files.serial_sock is not None:
+            cap.serial = SerialLog(files.serial_sock, files.serial_log)
+            await cap.serial.start()
+
+    async def _stop_serial(self, cap: Capsule) -> None:
+        if cap.serial is not None:
+            await cap.serial.stop()
+            cap.serial = None
 
     async def pause(self, capsule_id: str) -> None:
         cap = self._get(capsule_id)
@@ -334,6 +360,7 @@ class LocalHostAgent(api.HostAgent):
         # believes its host is there: restore reconnects before the vCPUs run (see _restore).
         await cap.machine.save(self.paths.capsule_state(cap.id))
         cap.machine = None
+        await self._stop_serial(cap)
         if cap.guest is not None:
             await cap.guest.close()
             cap.guest = None
@@ -365,12 +392,14 @@ class LocalHostAgent(api.HostAgent):
         if cap is None:
             await self._kill_leftover(capsule_id)
             self._remove_files(capsule_id)
+            self.jail.release(capsule_id)
             return
         async with cap.lock:
             await self._teardown(cap)
 
     async def _teardown(self, cap: Capsule) -> None:
         """Release everything, in order: guest connection, VMM process, files, sockets."""
+        await self._stop_serial(cap)
         if cap.guest is not None:
             with contextlib.suppress(Exception):
                 await cap.guest.close()
@@ -381,6 +410,7 @@ class LocalHostAgent(api.HostAgent):
         else:
             await self._kill_leftover(cap.id)
         self._remove_files(cap.id)
+        self.jail.release(cap.id)
         self._capsules.pop(cap.id, None)
         self._sweep_template(Path(cap.meta.template_dir))
 

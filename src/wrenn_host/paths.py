@@ -65,6 +65,7 @@ class HostPaths:
             serial_log=d / "serial.log",
             qemu_log=d / "qemu.log",
             pidfile=d / "qemu.pid",
+            serial_sock=r / "serial.sock",
         )
 
     def spare_memory(self, template_dir: Path, n: int) -> Path:

@@ -21,6 +21,7 @@ from qemu.qmp import QMPClient
 
 from wrenn_host.api import VMMError
 from wrenn_host.durable import crashpoint, fsync_dir, fsync_file, state_problem
+from wrenn_host.jail import Plan
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,9 @@ class MachineFiles:
     serial_log: Path
     qemu_log: Path
     pidfile: Path
+    # Serial console to a socket the host agent reads into a capped log (serial_log.py); None:
+    # straight to `serial_log` (template cold boots, whose whole console is wanted on failure).
+    serial_sock: Path | None = None
 
 
 def qemu_version() -> str:
@@ -71,7 +75,8 @@ def build_argv(spec: MachineSpec, files: MachineFiles, *, incoming: bool) -> lis
         "-machine", "memory-backend=mem",
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
         "-kernel", str(spec.kernel), "-initrd", str(spec.initrd), "-append", spec.cmdline,
-        "-serial", f"file:{files.serial_log}",
+        *(["-serial", f"file:{files.serial_log}"] if files.serial_sock is None else
+          ["-chardev", f"socket,id=serial0,path={files.serial_sock},server=on,wait=off", "-serial", "chardev:serial0"]),
         "-drive", f"id=root,file={files.disk},format=qcow2,if=none,cache=unsafe,discard=unmap",
         "-device", "virtio-blk-device,drive=root",
         "-device", "virtio-serial-device",
@@ -99,24 +104,30 @@ class QemuMachine:
         self.files = files
         self.pid = pid
         self._proc: asyncio.subprocess.Process | None = None
+        # Set by the host agent: returns the confinement of the next spawn (wrenn_host/jail.py).
+        self.confine: Callable[[], Plan] | None = None
 
     # -------------------------------------------------------------- start
 
     async def _spawn(self, *, incoming: bool) -> None:
-        for sock in (self.files.qmp, self.files.agent):
-            with contextlib.suppress(FileNotFoundError):
-                sock.unlink()
+        for sock in (self.files.qmp, self.files.agent, self.files.serial_sock):
+            if sock is not None:
+                sock.unlink(missing_ok=True)
         argv = build_argv(self.spec, self.files, incoming=incoming)
         # QEMU creates the serial log with its umask: make it (and ours) the platform's own first.
         os.close(os.open(self.files.serial_log, os.O_WRONLY | os.O_CREAT, 0o600))
+        plan = self.confine() if self.confine is not None else Plan()
+        argv = plan.apply(argv)
         logf = os.fdopen(os.open(self.files.qemu_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
         try:
             # Own session: QEMU must outlive a restart of the server (capsules keep running).
             self._proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True,
+                pass_fds=plan.pass_fds,
             )
         finally:
             logf.close()
+            plan.close()
         self.pid = self._proc.pid
 
     async def _qmp(self, timeout: float = 10.0) -> QMPClient:

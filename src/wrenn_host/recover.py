@@ -43,21 +43,24 @@ class Outcome:
 async def recover(cid: str, spec, files, state) -> Outcome:
     """`spec`/`files`: the capsule's MachineSpec and MachineFiles; `state`: its state path."""
     machine = QemuMachine.adopt(spec, files)
-    if machine is not None:
-        try:
-            return await _alive(cid, machine, state)
-        except Exception as e:  # QMP or the agent misbehaves: end the VM, judge by the files
-            log.warning("capsule %s: running VM unusable after restart: %s", cid, e)
-            with contextlib.suppress(Exception):
-                await machine.kill()
-            if state.exists() and state_problem(state) is None:
-                return Outcome("paused")
-            return Outcome("error", f"VM unusable after restart ({e}) and no paused state to go back to")
-    return await _dead(files, state)
+    if machine is None:
+        return await _dead(files, state)
+    status = "unknown"
+    try:
+        status = await machine.status()
+        return await _alive(cid, machine, status, state)
+    except Exception as e:  # QMP or the agent misbehaves: end the VM, never guess
+        log.warning("capsule %s: VM unusable after restart (%s): %s", cid, status, e)
+        with contextlib.suppress(Exception):
+            await machine.kill()
+        # A saved state is only good if the guest cannot have run since: QEMU said it had not.
+        if status not in ("running", "unknown") and state.exists() and state_problem(state) is None:
+            return Outcome("paused")
+        return Outcome("error", f"VM unusable after restart (run state {status}: {e}) and no paused "
+                                "state it is known to match")
 
 
-async def _alive(cid: str, machine: QemuMachine, state) -> Outcome:
-    status = await machine.status()
+async def _alive(cid: str, machine: QemuMachine, status: str, state) -> Outcome:
     if status == "running":
         guest = await GuestClient.connect_unix(str(machine.files.agent), timeout=AGENT_TIMEOUT_S)
         try:

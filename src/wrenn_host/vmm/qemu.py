@@ -86,8 +86,8 @@ def build_argv(spec: MachineSpec, files: MachineFiles, *, incoming: bool) -> lis
         "-qmp", f"unix:{files.qmp},server=on,wait=off",
         "-pidfile", str(files.pidfile),
         # The guest runs untrusted code: confine QEMU with its seccomp filter (no spawning, no
-        # set*uid, no obsolete or scheduler/affinity syscalls). Not yet `-runas`: at the end of a
-        # pause QEMU re-opens its disks, which live where an unprivileged user cannot reach.
+        # set*uid, no obsolete or scheduler/affinity syscalls). jail.py adds the rest (user,
+        # chroot, cgroup, disks as descriptors) and relaxes set*uid for QEMU's own -runas.
         "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
     ]
     if incoming:

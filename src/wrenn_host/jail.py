@@ -108,14 +108,17 @@ class Confinement:
                 plan.sandbox = SANDBOX_RUNAS
             self.empty.mkdir(mode=0o555, parents=True, exist_ok=True)
             plan.extra += ["-chroot", str(self.empty)]
-            if self.cgroup:
+        except OSError as e:  # never fail a create for confinement: run it unconfined, say so
+            log.warning("capsule %s: VMM user and chroot not applied: %s", key, e)
+            plan.close()
+            plan = Plan()
+        if self.cgroup:
+            try:
                 procs = self._make_cgroup(key, vcpus, memory_mb)
                 # Join the cgroup before exec: QEMU's first allocation is already accounted.
                 plan.prefix = ["/bin/sh", "-c", _JOIN, "wrenn-join", *map(str, procs), "--"]
-        except OSError as e:  # never fail a create for confinement: run it unconfined, say so
-            log.warning("capsule %s: VMM confinement not applied: %s", key, e)
-            plan.close()
-            return Plan()
+            except OSError as e:
+                log.warning("capsule %s: VMM cgroup not applied: %s", key, e)
         return plan
 
     def cgroup_dirs(self, key: str) -> list[Path]:

@@ -7,6 +7,7 @@ What a crash of the server can leave (QEMU runs in its own session and outlives 
 |-----------|----------------------|-------------------------------|--------------------------------|---------|
 | alive     | running              | no `state`                    | a running capsule              | running |
 | alive     | running              | `state`                       | resume cut after `cont`        | running (stale `state` removed) |
+| alive     | QMP or agent fails   | -                             | a broken VM                    | paused if QEMU said the guest had not run since `state`, else error |
 | alive     | inmigrate/paused/... | `state`                       | resume cut before `cont`       | paused (QEMU ended: the guest never ran) |
 | alive     | paused/finish-migrate/postmigrate | no `state`       | pause cut after `stop`         | paused (pause completed) |
 | dead      | -                    | `state`                       | paused                         | paused  |
@@ -97,7 +98,7 @@ async def _dead(files, state) -> Outcome:
     tmp = state_tmp(state)
     problem = state_problem(tmp)
     if problem is None:
-        await publish_state(files.memory, tmp, state)  # a pause cut between its write and publish
+        await publish_state(files, tmp, state)  # a pause cut between its write and publish
         await crashpoint("recover.published")
         return Outcome("paused")
     why = "no paused state" if problem == "missing" else f"pause incomplete: state.tmp {problem}"

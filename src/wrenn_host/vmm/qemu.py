@@ -221,7 +221,7 @@ class QemuMachine:
                 await qmp.disconnect()
         await self._wait_exit(5.0)
         await crashpoint(f"{steps}.exited")
-        await publish_state(self.files.memory, tmp, state, steps)
+        await publish_state(self.files, tmp, state, steps)
 
     async def _migrate_out(self, qmp: QMPClient, tmp: Path, timeout: float, steps: str = "pause") -> None:
         await qmp.execute("migrate-set-capabilities",
@@ -264,7 +264,7 @@ class QemuMachine:
             with contextlib.suppress(Exception):
                 await qmp.disconnect()
         await self._wait_exit(5.0)
-        await publish_state(self.files.memory, tmp, state)
+        await publish_state(self.files, tmp, state)
 
     async def status(self, timeout: float = 2.0) -> str:
         """QEMU's run state ("running", "paused", "inmigrate", "postmigrate", ...)."""
@@ -369,10 +369,12 @@ def state_tmp(state: Path) -> Path:
     return state.with_name(state.name + ".tmp")
 
 
-async def publish_state(memory: Path, tmp: Path, state: Path, steps: str = "recover") -> None:
-    """The memory file is written through the shared mapping and QEMU is gone: make it and the
-    device state durable, then publish `state` (its presence means "a complete pause")."""
-    await asyncio.to_thread(fsync_file, memory)
+async def publish_state(files: MachineFiles, tmp: Path, state: Path, steps: str = "recover") -> None:
+    """The memory file is written through the shared mapping, the disk through QEMU's
+    cache=unsafe (no flushes while running), and QEMU is gone: make both and the device state
+    durable, then publish `state` (its presence means "a complete pause")."""
+    await asyncio.to_thread(fsync_file, files.memory)
+    await asyncio.to_thread(fsync_file, files.disk)
     await crashpoint(f"{steps}.memory-synced")
     fsync_file(tmp)
     await crashpoint(f"{steps}.state-synced")

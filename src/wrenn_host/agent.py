@@ -24,9 +24,12 @@ from typing import Any
 from wrenn_guest.protocol import MAX_PAYLOAD
 from wrenn_host import api, perms
 from wrenn_host.api import CapsuleNotFound, HostAgentError, InvalidShape, TemplateNotFound, VMMError
-from wrenn_host.guest import GuestClient
 from wrenn_host.durable import crashpoint, fsync_dir, write_durable
+from wrenn_host.guest import GuestClient
 from wrenn_host.jail import Confinement
+from wrenn_host.network import CapsuleNetwork, EgressPolicy, NetworkError, Slot
+from wrenn_host.network.inbound import StreamTunnel, connect_in_netns
+from wrenn_host.network.slots import GUEST_IP
 from wrenn_host.paths import HostPaths
 from wrenn_host.recover import recover
 from wrenn_host.serial_log import SerialLog
@@ -52,6 +55,12 @@ class CapsuleMeta:
     memory_mb: int
     kernel_version: str
     agent_version: str = ""
+    network: dict[str, Any] | None = None  # the egress policy (EgressPolicy.to_dict)
+    slot: int | None = None  # the network slot while the VM runs
+
+    @property
+    def policy(self) -> EgressPolicy:
+        return EgressPolicy.from_dict(self.network)
 
     def save(self, path: Path) -> None:
         write_durable(path, json.dumps(dataclasses.asdict(self)).encode())
@@ -70,6 +79,7 @@ class Capsule:
         self.machine: QemuMachine | None = None
         self.guest: GuestClient | None = None
         self.serial: SerialLog | None = None  # copies the console into the capped serial.log
+        self.slot: Slot | None = None  # its network namespace, while the VM runs
         self.lock = asyncio.Lock()  # one lifecycle operation at a time
 
     @property
@@ -78,7 +88,9 @@ class Capsule:
 
 
 class LocalHostAgent(api.HostAgent):
-    def __init__(self, data_dir: Path):
+    def __init__(self, data_dir: Path, *, network: bool | None = None):
+        """`network`: give capsules a NIC (default: on unless WRENN_NETWORK=off, and the host
+        can; see wrenn_host.network)."""
         self.paths = HostPaths(Path(data_dir) / "host")
         self._capsules: dict[str, Capsule] = {}
         self._accel: str | None = None
@@ -87,6 +99,7 @@ class LocalHostAgent(api.HostAgent):
         self._refills: dict[Path, asyncio.Task] = {}
         self.reconcile_seconds = 0.0  # how long the last start-up reconcile took
         self.jail = Confinement(self.paths.run, self.paths.run.name)
+        self.net = CapsuleNetwork(self.paths.tag, enabled=network)
 
     # ------------------------------------------------------------------ setup
 
@@ -100,12 +113,13 @@ class LocalHostAgent(api.HostAgent):
     @property
     def builtin(self) -> BuiltinTemplates:
         if self._builtin is None:
-            self._builtin = BuiltinTemplates(self.accel, self.paths.run)
+            self._builtin = BuiltinTemplates(self.accel, self.paths.run, self.net)
         return self._builtin
 
     async def prepare(self, shapes: list[tuple[str, int, int]] | None = None) -> None:
         """Build what capsules need before serving: images and the default-shape snapshots."""
         await asyncio.to_thread(builder.build_all)
+        await self.net.start()
         for name, vcpus, mem in shapes or [(n, 1, 512) for n in self.builtin.names]:
             await self.builtin.get(name, vcpus, mem)
 
@@ -114,7 +128,15 @@ class LocalHostAgent(api.HostAgent):
         # Older versions left 0644 memory files and disks in 0755 directories: close them.
         await asyncio.to_thread(perms.lock_down, self.paths.root)
         await asyncio.to_thread(perms.lock_down_cache, builder.cache_dir())
-        return await self._reconcile(known)
+        await self.net.start()
+        report = await self._reconcile(known)
+        in_use = {c.meta.slot: (c.id, c.meta.policy) for c in self._capsules.values()
+                  if c.machine is not None and c.meta.slot is not None}
+        await self.net.reclaim(in_use)
+        for cap in self._capsules.values():
+            if cap.machine is not None and cap.meta.slot is not None:
+                cap.slot = Slot(self.net.tag, cap.meta.slot, self.net.pool)
+        return report
 
     async def close(self) -> None:
         for task in self._refills.values():
@@ -125,6 +147,7 @@ class LocalHostAgent(api.HostAgent):
             if cap.guest is not None:
                 await cap.guest.close()
                 cap.guest = None
+        await self.net.close()
         with contextlib.suppress(OSError):  # kept while running capsules have sockets in it
             if [d.name for d in self.paths.run.iterdir()] in ([], [self.jail.empty.name]):
                 with contextlib.suppress(FileNotFoundError):
@@ -135,7 +158,8 @@ class LocalHostAgent(api.HostAgent):
         running = sum(1 for c in self._capsules.values() if c.machine is not None and c.machine.is_alive())
         return {"accelerator": self.accel, "vmm": f"qemu {self._vmm_version}".strip(),
                 "capsules_running": running, "capsules_known": len(self._capsules),
-                "reconcile_seconds": round(self.reconcile_seconds, 3), "confinement": self.jail.report()}
+                "reconcile_seconds": round(self.reconcile_seconds, 3), "confinement": self.jail.report(),
+                "network": self.net.status()}
 
     def limits(self) -> dict[str, int]:
         total_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024)
@@ -260,12 +284,12 @@ class LocalHostAgent(api.HostAgent):
             raise InvalidShape(f"memory_mb must be between {lim['min_memory_mb']} and {lim['max_memory_mb']}")
 
     async def create(self, capsule_id: str, template_id: str, vcpus: int | None = None,
-                     memory_mb: int | None = None) -> api.CapsuleRuntime:
+                     memory_mb: int | None = None, network: EgressPolicy | None = None) -> api.CapsuleRuntime:
         if capsule_id in self._capsules or self.paths.capsule_dir(capsule_id).exists():
             raise HostAgentError(f"capsule {capsule_id} already exists", code="exists")
         snap = await self._template(template_id, vcpus, memory_mb)
         meta = CapsuleMeta(capsule_id, template_id, str(snap.dir), snap.spec.vcpus, snap.spec.memory_mb,
-                           snap.kernel_version)
+                           snap.kernel_version, network=(network or EgressPolicy()).to_dict())
         cap = Capsule(meta, snap)
         self._capsules[capsule_id] = cap
         async with cap.lock:
@@ -312,11 +336,20 @@ class LocalHostAgent(api.HostAgent):
                 return
 
     async def _restore(self, cap: Capsule, state: Path, steps: str = "resume") -> None:
-        """Start the machine from `state`, reconnect the guest agent, push identity + clock."""
+        """Start the machine from `state` (on a network slot if it has a NIC), reconnect the
+        guest agent, push identity + clock."""
         machine = QemuMachine(cap.snapshot.spec, self.paths.machine_files(cap.id))
         spec = cap.snapshot.spec
         machine.confine = lambda: self.jail.plan(cap.id, spec.vcpus, spec.memory_mb, machine.files.disk)
         cap.machine = machine
+        if cap.snapshot.spec.nic:
+            try:
+                cap.slot = await self.net.acquire(cap.meta.policy)
+                cap.meta.slot = cap.slot.index
+                cap.meta.save(self.paths.capsule_meta(cap.id))
+                machine.tap_fd = self.net.open_tap(cap.slot)
+            except NetworkError as e:
+                raise VMMError(f"capsule {cap.id} needs a network slot: {e}") from e
 
         async def connect_agent() -> None:
             cap.guest = await GuestClient.connect_unix(str(machine.files.agent), timeout=AGENT_CONNECT_TIMEOUT_S)
@@ -364,6 +397,17 @@ class LocalHostAgent(api.HostAgent):
         if cap.guest is not None:
             await cap.guest.close()
             cap.guest = None
+        await self._release_slot(cap)
+
+    async def _release_slot(self, cap: Capsule) -> None:
+        """A paused or dead capsule needs no namespace: a resume takes a fresh one."""
+        if cap.slot is not None:
+            await self.net.release(cap.slot)
+            cap.slot = None
+        if cap.meta.slot is not None:
+            cap.meta.slot = None
+            with contextlib.suppress(OSError):
+                cap.meta.save(self.paths.capsule_meta(cap.id))
 
     async def resume(self, capsule_id: str) -> api.CapsuleRuntime:
         cap = self._get(capsule_id)
@@ -379,6 +423,7 @@ class LocalHostAgent(api.HostAgent):
                 if cap.machine is not None:
                     await cap.machine.kill()
                     cap.machine = None
+                await self._release_slot(cap)
                 raise
             # The guest now runs on and changes the memory file: the old state no longer matches it.
             state.unlink()
@@ -409,6 +454,7 @@ class LocalHostAgent(api.HostAgent):
             cap.machine = None
         else:
             await self._kill_leftover(cap.id)
+        await self._release_slot(cap)
         self._remove_files(cap.id)
         self.jail.release(cap.id)
         self._capsules.pop(cap.id, None)
@@ -497,6 +543,18 @@ class LocalHostAgent(api.HostAgent):
             refill.cancel()
         for n in range(SPARE_MEMORY_FILES):
             self.paths.spare_memory(template_dir, n).unlink(missing_ok=True)
+
+    async def update_network(self, capsule_id: str, policy: EgressPolicy) -> None:
+        """New egress rules, in force at once for a running capsule (kept for its next resume)."""
+        cap = self._get(capsule_id)
+        async with cap.lock:
+            cap.meta.network = policy.to_dict()
+            cap.meta.save(self.paths.capsule_meta(capsule_id))
+            if cap.slot is not None:
+                try:
+                    await self.net.apply(cap.slot, policy)
+                except NetworkError as e:
+                    raise HostAgentError(f"egress rules not applied: {e}") from e
 
     def builtin_templates(self) -> list[api.TemplateRuntime]:
         return [api.TemplateRuntime(name, 1, 512, 0) for name in self.builtin.names]
@@ -602,7 +660,19 @@ class LocalHostAgent(api.HostAgent):
     # ------------------------------------------------------------------ ports
 
     async def tcp_connect(self, capsule_id: str, port: int) -> api.Tunnel:
-        return await self._guest(capsule_id).open_tunnel("tcp_connect", port=port)
+        """Over the NIC when the service listens on it (faster, see network/inbound.py), else
+        through the guest agent, which reaches the guest's loopback."""
+        guest = self._guest(capsule_id)
+        slot = self._get(capsule_id).slot
+        if slot is not None:
+            try:
+                sock = await asyncio.to_thread(connect_in_netns, slot.netns, (GUEST_IP, port))
+                return await StreamTunnel.open(sock)
+            except ConnectionRefusedError:
+                pass  # nothing on the NIC's address: maybe on loopback only
+            except OSError as e:
+                log.info("capsule %s: port %s over the NIC failed (%s); using the guest agent", capsule_id, port, e)
+        return await guest.open_tunnel("tcp_connect", port=port)
 
     def open_requests(self, capsule_id: str) -> int:
         """Guest agent requests in flight on this capsule's channel (tests check for leaks)."""

@@ -148,6 +148,7 @@ class LocalHostAgent(api.HostAgent):
                 await cap.guest.close()
                 cap.guest = None
         await self.net.close()
+        self.jail.close()
         with contextlib.suppress(OSError):  # kept while running capsules have sockets in it
             if [d.name for d in self.paths.run.iterdir()] in ([], [self.jail.empty.name]):
                 with contextlib.suppress(FileNotFoundError):

@@ -160,16 +160,23 @@ class Confinement:
             with contextlib.suppress(FileNotFoundError, OSError):
                 d.rmdir()
 
+    def close(self) -> None:
+        """The server stops: this data dir's cgroup parents go if no capsule is left in them."""
+        for parent in self._parents():
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+
+    def _parents(self) -> list[Path]:
+        if self.cgroup == "v2":
+            return [CG_ROOT / f"wrenn-{self.tag}"]
+        if self.cgroup == "v1":
+            return [CG_ROOT / c / "wrenn" / self.tag for c in V1_CONTROLLERS]
+        return []
+
     def reclaim(self, keep: set[str]) -> list[str]:
         """Start-up: remove the cgroups of capsules this host no longer has."""
         removed = []
-        if self.cgroup == "v2":
-            parents = [CG_ROOT / f"wrenn-{self.tag}"]
-        elif self.cgroup == "v1":
-            parents = [CG_ROOT / c / "wrenn" / self.tag for c in V1_CONTROLLERS]
-        else:
-            return removed
-        for parent in parents:
+        for parent in self._parents():
             with contextlib.suppress(FileNotFoundError):
                 for d in parent.iterdir():
                     if d.is_dir() and d.name not in keep:

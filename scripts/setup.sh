@@ -21,6 +21,11 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
+# The unprivileged user every QEMU drops to (the server also creates it when missing).
+if ! getent passwd wrenn-vmm >/dev/null; then
+  useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin wrenn-vmm
+fi
+
 # The kernel is fetched with `apt-get download`, which needs current package lists.
 if ! apt-cache policy linux-image-cloud-amd64 2>/dev/null | grep -q "Candidate: [0-9]"; then
   apt-get update -qq

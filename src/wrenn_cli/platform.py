@@ -82,9 +82,18 @@ def server(
     from wrenn_control.server import run
     from wrenn_host.agent import LocalHostAgent
 
+    from wrenn_host import perms
+    from wrenn_images.builder import cache_dir
+
     data_dir = (data_dir or default_data_dir()).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     _build_images(force=False)
+    # From here on every file (database, JWT secret, memory files, disks, logs) is 0600 in 0700
+    # directories; what an older version left is closed too. (Images are built world-readable
+    # first: their modes are the guests' own.)
+    perms.private_umask()
+    perms.lock_down(data_dir)
+    perms.lock_down_cache(cache_dir())
     with console.status("preparing template snapshots (the first start boots each template once)"):
         # A throwaway agent on its own event loop: the serving one must live on uvicorn's loop.
         asyncio.run(_prepare(LocalHostAgent(data_dir)))

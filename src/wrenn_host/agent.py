@@ -22,13 +22,17 @@ from pathlib import Path
 from typing import Any
 
 from wrenn_guest.protocol import MAX_PAYLOAD
-from wrenn_host import api
+from wrenn_host import api, perms
 from wrenn_host.api import CapsuleNotFound, HostAgentError, InvalidShape, TemplateNotFound, VMMError
+from wrenn_host.durable import crashpoint, fsync_dir, write_durable
 from wrenn_host.guest import GuestClient
+from wrenn_host.jail import Confinement
 from wrenn_host.network import CapsuleNetwork, EgressPolicy, NetworkError, Slot
 from wrenn_host.network.inbound import StreamTunnel, connect_in_netns
 from wrenn_host.network.slots import GUEST_IP
 from wrenn_host.paths import HostPaths
+from wrenn_host.recover import recover
+from wrenn_host.serial_log import SerialLog
 from wrenn_host.spares import SparePool
 from wrenn_host.templates import BuiltinTemplates, TemplateSnapshot, make_overlay_seed, qemu_img, sparse_copy
 from wrenn_host.vmm.accel import choose_accelerator
@@ -62,9 +66,7 @@ class CapsuleMeta:
         return EgressPolicy.from_dict(self.network)
 
     def save(self, path: Path) -> None:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(dataclasses.asdict(self)))
-        tmp.rename(path)
+        write_durable(path, json.dumps(dataclasses.asdict(self)).encode())
 
     @classmethod
     def load(cls, path: Path) -> CapsuleMeta:
@@ -79,6 +81,7 @@ class Capsule:
         self.snapshot = snapshot  # fixes the machine spec for every restore
         self.machine: QemuMachine | None = None
         self.guest: GuestClient | None = None
+        self.serial: SerialLog | None = None  # copies the console into the capped serial.log
         self.slot: Slot | None = None  # its network namespace, while the VM runs
         self.lock = asyncio.Lock()  # one lifecycle operation at a time
 
@@ -97,6 +100,8 @@ class LocalHostAgent(api.HostAgent):
         self._builtin: BuiltinTemplates | None = None
         self._vmm_version = ""
         self._refills: dict[Path, asyncio.Task] = {}
+        self.reconcile_seconds = 0.0  # how long the last start-up reconcile took
+        self.jail = Confinement(self.paths.run, self.paths.run.name)
         self.net = CapsuleNetwork(self.paths.tag, enabled=network)
         # Capsules restored ahead under placeholder ids: a create takes one (see spares.py).
         self.spares = SparePool(self._boot_spare, self._teardown)
@@ -125,6 +130,9 @@ class LocalHostAgent(api.HostAgent):
 
     async def start(self, known: dict[str, str]) -> api.ReconcileReport:
         self._vmm_version = await asyncio.to_thread(qemu_version)
+        # Older versions left 0644 memory files and disks in 0755 directories: close them.
+        await asyncio.to_thread(perms.lock_down, self.paths.root)
+        await asyncio.to_thread(perms.lock_down_cache, builder.cache_dir())
         await self.net.start()
         report = await self._reconcile(known)
         in_use = {c.meta.slot: (c.id, c.meta.policy) for c in self._capsules.values()
@@ -145,17 +153,23 @@ class LocalHostAgent(api.HostAgent):
             task.cancel()
         # Capsules keep running across a server restart; only our connections go.
         for cap in list(self._capsules.values()):
+            await self._stop_serial(cap)
             if cap.guest is not None:
                 await cap.guest.close()
                 cap.guest = None
         await self.net.close()
+        self.jail.close()
         with contextlib.suppress(OSError):  # kept while running capsules have sockets in it
+            if [d.name for d in self.paths.run.iterdir()] in ([], [self.jail.empty.name]):
+                with contextlib.suppress(FileNotFoundError):
+                    self.jail.empty.rmdir()
             self.paths.run.rmdir()
 
     def health(self) -> dict[str, Any]:
         running = sum(1 for c in self._capsules.values() if c.machine is not None and c.machine.is_alive())
         return {"accelerator": self.accel, "vmm": f"qemu {self._vmm_version}".strip(),
                 "capsules_running": running, "capsules_known": len(self._capsules),
+                "reconcile_seconds": round(self.reconcile_seconds, 3), "confinement": self.jail.report(),
                 "network": self.net.status(), "spare_vms": self.spares.count()}
 
     def limits(self) -> dict[str, int]:
@@ -169,35 +183,41 @@ class LocalHostAgent(api.HostAgent):
     # ------------------------------------------------------------------ reconcile
 
     async def _reconcile(self, known: dict[str, str]) -> api.ReconcileReport:
-        """Match capsule directories with what the control plane believes; nothing is dropped
-        silently: unknown leftovers are removed and reported lost."""
-        running, paused, lost = [], [], []
-        for d in sorted(self.paths.capsules.iterdir()):
-            cid = d.name
+        """Match capsule directories with what the control plane believes. Capsules it does not
+        know are cleaned up (reported lost); the others are recovered from what is on disk and
+        alive (recover.py), all at once; one whose files make no sense is kept aside as `error`."""
+        t0 = time.monotonic()
+        running, paused, lost, errors = [], [], [], {}
+
+        async def one(cid: str) -> None:
             cap = self._load_capsule(cid)
-            if cap is None or cid not in known:
+            if cid not in known:
                 await self._kill_leftover(cid)
                 self._remove_files(cid)
                 lost.append(cid)
-                continue
-            machine = QemuMachine.adopt(cap.snapshot.spec, self.paths.machine_files(cid))
-            if machine is not None:
-                cap.machine = machine
-                try:
-                    cap.guest = await GuestClient.connect_unix(str(machine.files.agent), timeout=5)
-                    await cap.guest.wait_ready(timeout=10)
-                    self._capsules[cid] = cap
-                    running.append(cid)
-                    continue
-                except Exception as e:  # alive but unreachable: it cannot serve anything
-                    log.warning("capsule %s: agent unreachable after restart: %s", cid, e)
-                    await machine.kill()
-            if self.paths.capsule_state(cid).exists():
-                self._capsules[cid] = cap
-                paused.append(cid)
-            else:
-                self._remove_files(cid)
-                lost.append(cid)
+                return
+            if cap is None:
+                await self._kill_leftover(cid)
+                errors[cid] = self._quarantine(cid, "capsule metadata or its template is missing or unreadable")
+                return
+            files = self.paths.machine_files(cid)
+            out = await recover(cid, cap.snapshot.spec, files, self.paths.capsule_state(cid))
+            if out.status == "error":
+                errors[cid] = self._quarantine(cid, out.reason)
+                return
+            cap.machine, cap.guest = out.machine, out.guest
+            self._capsules[cid] = cap
+            if out.status == "running":
+                await self._start_serial(cap)
+            (running if out.status == "running" else paused).append(cid)
+
+        cids = sorted(d.name for d in self.paths.capsules.iterdir())
+        results = await asyncio.gather(*(one(cid) for cid in cids), return_exceptions=True)
+        for cid, res in zip(cids, results):
+            if isinstance(res, BaseException):  # an unexpected failure must not hide the capsule
+                log.exception("capsule %s: recovery failed", cid, exc_info=res)
+                await self._kill_leftover(cid)
+                errors[cid] = self._quarantine(cid, f"recovery failed: {res}")
         for d in self.paths.templates.iterdir():
             if d.name.startswith("."):  # an interrupted snapshot
                 shutil.rmtree(d, ignore_errors=True)
@@ -210,11 +230,31 @@ class LocalHostAgent(api.HostAgent):
         for f in self.paths.links.iterdir():
             if not f.exists():
                 f.unlink(missing_ok=True)
-        # Stray socket directories from builds or capsules that are gone.
+        # Stray socket directories from builds or capsules that are gone, and their cgroups.
         for d in self.paths.run.iterdir():
-            if d.name not in self._capsules:
+            if d.name not in self._capsules and d != self.jail.empty:
                 shutil.rmtree(d, ignore_errors=True)
-        return api.ReconcileReport(running=running, paused=paused, lost=lost)
+        self.jail.reclaim(set(self._capsules))
+        self.reconcile_seconds = time.monotonic() - t0
+        log.info("reconciled %d capsules in %.3f s: %d running, %d paused, %d lost, %d error",
+                 len(cids), self.reconcile_seconds, len(running), len(paused), len(lost), len(errors))
+        return api.ReconcileReport(running=sorted(running), paused=sorted(paused), lost=sorted(lost),
+                                   errors=errors)
+
+    def _quarantine(self, cid: str, reason: str) -> str:
+        """Move a capsule's files aside (never delete what could not be understood) and say where."""
+        src = self.paths.capsule_dir(cid)
+        dest = self.paths.quarantine / f"{cid}-{time.strftime('%Y%m%dT%H%M%S')}"
+        try:
+            self.paths.quarantine.mkdir(mode=0o700, exist_ok=True)
+            src.rename(dest)
+            write_durable(dest / "reason.txt", (reason + "\n").encode())
+        except OSError as e:
+            log.error("capsule %s: could not move its files aside: %s", cid, e)
+            return reason
+        shutil.rmtree(self.paths.capsule_run_dir(cid), ignore_errors=True)
+        log.warning("capsule %s: %s; files kept in %s", cid, reason, dest)
+        return f"{reason}; files kept in {dest}"
 
     def _load_capsule(self, cid: str) -> Capsule | None:
         try:
@@ -284,9 +324,10 @@ class LocalHostAgent(api.HostAgent):
         snap = cap.snapshot
         try:
             files = self.paths.machine_files(cap.id)
-            files.disk.parent.mkdir(parents=True)
+            files.disk.parent.mkdir(parents=True, mode=0o700)
             files.agent.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(snap.overlay_seed, files.disk)
+            files.disk.chmod(0o600)
             await self._take_memory(snap, files.memory)
             spawn_files = files
             if spare:
@@ -296,7 +337,7 @@ class LocalHostAgent(api.HostAgent):
                 link.symlink_to(files.disk)
                 spawn_files = dataclasses.replace(files, disk=link)
             cap.meta.save(self.paths.capsule_meta(cap.id))
-            await self._restore(cap, snap.state, spawn_files, nice=SPARE_NICE if spare else 0)
+            await self._restore(cap, snap.state, spawn_files, nice=SPARE_NICE if spare else 0, steps="create")
         except BaseException:
             await self._teardown(cap)
             raise
@@ -351,6 +392,7 @@ class LocalHostAgent(api.HostAgent):
                 tmp.symlink_to(self.paths.machine_files(capsule_id).disk)
                 tmp.replace(link)  # atomic: QEMU never finds the name missing
                 cap.meta.save(self.paths.capsule_meta(capsule_id))
+                await self._start_serial(cap)  # its socket and log moved with the directories
                 if cap.slot is not None and not network.is_default:  # spares run the default rules
                     try:
                         await self.net.apply(cap.slot, network)
@@ -391,11 +433,13 @@ class LocalHostAgent(api.HostAgent):
                 return
 
     async def _restore(self, cap: Capsule, state: Path, files: MachineFiles | None = None,
-                       nice: int = 0) -> None:
+                       nice: int = 0, steps: str = "resume") -> None:
         """Start the machine from `state` (on a network slot if it has a NIC), reconnect the
         guest agent, push identity + clock."""
         machine = QemuMachine(cap.snapshot.spec, files or self.paths.machine_files(cap.id))
         machine.nice = nice
+        spec = cap.snapshot.spec
+        machine.confine = lambda: self.jail.plan(cap.id, spec.vcpus, spec.memory_mb, machine.files.disk)
         cap.machine = machine
         if cap.snapshot.spec.nic:
             try:
@@ -408,9 +452,11 @@ class LocalHostAgent(api.HostAgent):
 
         async def connect_agent() -> None:
             cap.guest = await GuestClient.connect_unix(str(machine.files.agent), timeout=AGENT_CONNECT_TIMEOUT_S)
+            await self._start_serial(cap)
 
-        await machine.restore(state, before_cont=connect_agent)
+        await machine.restore(state, before_cont=connect_agent, steps=steps)
         await self._push_identity(cap)
+        await crashpoint(f"{steps}.identity")
 
     async def _push_identity(self, cap: Capsule) -> None:
         """What differs between clones of one snapshot: id, hostname, RNG seed, clock."""
@@ -424,6 +470,18 @@ class LocalHostAgent(api.HostAgent):
                 cap.meta.save(self.paths.capsule_meta(cap.id))
         except Exception as e:
             raise VMMError(f"guest agent did not answer after restore: {e}: {cap.machine.log_tail()}") from e
+
+    async def _start_serial(self, cap: Capsule) -> None:
+        await self._stop_serial(cap)
+        files = self.paths.machine_files(cap.id)
+        if files.serial_sock is not None:
+            cap.serial = SerialLog(files.serial_sock, files.serial_log)
+            await cap.serial.start()
+
+    async def _stop_serial(self, cap: Capsule) -> None:
+        if cap.serial is not None:
+            await cap.serial.stop()
+            cap.serial = None
 
     async def pause(self, capsule_id: str) -> None:
         cap = self._get(capsule_id)
@@ -439,6 +497,7 @@ class LocalHostAgent(api.HostAgent):
         # believes its host is there: restore reconnects before the vCPUs run (see _restore).
         await cap.machine.save(self.paths.capsule_state(cap.id))
         cap.machine = None
+        await self._stop_serial(cap)
         if cap.guest is not None:
             await cap.guest.close()
             cap.guest = None
@@ -472,6 +531,9 @@ class LocalHostAgent(api.HostAgent):
                 raise
             # The guest now runs on and changes the memory file: the old state no longer matches it.
             state.unlink()
+            await crashpoint("resume.state-unlinked")
+            fsync_dir(state.parent)
+            await crashpoint("resume.dir-synced")
         return self._runtime(cap)
 
     async def destroy(self, capsule_id: str) -> None:
@@ -479,12 +541,14 @@ class LocalHostAgent(api.HostAgent):
         if cap is None:
             await self._kill_leftover(capsule_id)
             self._remove_files(capsule_id)
+            self.jail.release(capsule_id)
             return
         async with cap.lock:
             await self._teardown(cap)
 
     async def _teardown(self, cap: Capsule) -> None:
         """Release everything, in order: guest connection, VMM process, files, sockets."""
+        await self._stop_serial(cap)
         if cap.guest is not None:
             with contextlib.suppress(Exception):
                 await cap.guest.close()
@@ -497,8 +561,10 @@ class LocalHostAgent(api.HostAgent):
         await self._release_slot(cap)
         # Off the event loop: unlinking a memory file with data in it takes milliseconds.
         await asyncio.to_thread(self._remove_files, cap.id)
-        if cap.meta.spawned_as:
+        self.jail.release(cap.id)
+        if cap.meta.spawned_as:  # a capsule that began as a spare VM: named so at its spawn
             self.paths.disk_link(cap.meta.spawned_as).unlink(missing_ok=True)
+            self.jail.release(cap.meta.spawned_as)
         self._capsules.pop(cap.id, None)
         self._sweep_template(Path(cap.meta.template_dir))
 
@@ -542,7 +608,7 @@ class LocalHostAgent(api.HostAgent):
             await self._pause_locked(cap)
             work = dest.with_name(f".{template_id}.tmp")
             shutil.rmtree(work, ignore_errors=True)
-            work.mkdir()
+            work.mkdir(mode=0o700)
             try:
                 files = self.paths.machine_files(capsule_id)
                 # Flatten the disk so the template does not depend on the capsule's backing chain.

@@ -118,6 +118,8 @@ class ReconcileReport:
     running: list[str]  # capsule ids whose VM is alive and answering
     paused: list[str]  # capsule ids with a complete paused state on disk
     lost: list[str]  # capsule ids found on disk that could not be recovered (files removed)
+    # capsule id -> why its files could not be made sense of (they are kept aside, not deleted)
+    errors: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 class Tunnel(abc.ABC):

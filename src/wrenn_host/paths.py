@@ -11,6 +11,7 @@ import os
 import re
 from pathlib import Path
 
+from wrenn_host.perms import make_private_dir
 from wrenn_host.vmm.qemu import MachineFiles
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -32,14 +33,17 @@ class HostPaths:
         # Spare VMs open their disk through a symlink named after the spare, re-pointed when the
         # spare becomes a capsule: QEMU re-opens its disk by name at the end of a pause.
         self.links = self.root / "links"
+        self.quarantine = self.root / "quarantine"  # capsules whose files made no sense at start-up
         # Unix socket paths are limited to 107 bytes: keep sockets under a short run directory,
         # one per data directory so two servers on one host never collide.
         tag = hashlib.sha256(str(self.root).encode()).hexdigest()[:10]
         self.tag = tag  # names this server's sockets, network slots and firewall table
         base = Path("/run") if os.access("/run", os.W_OK) else Path("/tmp")
         self.run = base / "wrenn" / tag
+        make_private_dir(self.root)
+        make_private_dir(self.run.parent)
         for d in (self.capsules, self.templates, self.spare, self.links, self.run):
-            d.mkdir(parents=True, exist_ok=True)
+            make_private_dir(d)
 
     # capsules
     def capsule_dir(self, capsule_id: str) -> Path:
@@ -65,6 +69,7 @@ class HostPaths:
             serial_log=d / "serial.log",
             qemu_log=d / "qemu.log",
             pidfile=d / "qemu.pid",
+            serial_sock=r / "serial.sock",
         )
 
     def disk_link(self, spare_id: str) -> Path:

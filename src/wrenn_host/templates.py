@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from wrenn_host.api import VMMError
+from wrenn_host.durable import write_durable
 from wrenn_host.guest import GuestClient
 from wrenn_host.network import CapsuleNetwork, EgressPolicy
 from wrenn_host.vmm.qemu import MachineFiles, MachineSpec, QemuMachine
@@ -60,7 +61,7 @@ class TemplateSnapshot:
     def save_meta(self) -> None:
         meta = {"template_id": self.template_id, "kernel_version": self.kernel_version,
                 "spec": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self.spec).items()}}
-        (self.dir / "meta.json").write_text(json.dumps(meta, indent=1))
+        write_durable(self.dir / "meta.json", json.dumps(meta, indent=1).encode())
 
     @classmethod
     def load(cls, dir: Path) -> TemplateSnapshot:
@@ -84,7 +85,7 @@ def _allocated(p: Path) -> int:
 
 def sparse_copy(src: Path, dst: Path) -> None:
     """Copy only the data extents of a sparse file (guest memory is mostly holes)."""
-    with open(src, "rb") as s, open(dst, "wb") as d:
+    with open(src, "rb") as s, os.fdopen(os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as d:
         size = os.fstat(s.fileno()).st_size
         d.truncate(size)
         off = 0
@@ -157,7 +158,7 @@ async def boot_snapshot(template_id: str, dir: Path, spec: MachineSpec, base_dis
             slot = await net.acquire(EgressPolicy())
             machine.tap_fd = net.open_tap(slot)
         qemu_img("create", "-q", "-f", "qcow2", "-b", str(base_disk), "-F", "raw", str(files.disk))
-        with open(files.memory, "wb") as f:
+        with os.fdopen(os.open(files.memory, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
             f.truncate(spec.memory_mb * 1024 * 1024)
         await machine.boot()
         guest = await GuestClient.connect_unix(str(files.agent), timeout=BOOT_TIMEOUT_S)
@@ -169,7 +170,7 @@ async def boot_snapshot(template_id: str, dir: Path, spec: MachineSpec, base_dis
                              seed=base64.b64encode(os.urandom(64)).decode(), time_ns=time.time_ns())
             await guest.call("exec", cmd="/bin/sync", args=[], timeout_sec=30)
             # Saved while connected: clones reconnect before they run and never see a hang-up.
-            await machine.save(work / "state")
+            await machine.save(work / "state", steps="build")
         finally:
             await guest.close()
         make_overlay_seed(files.disk, dir / "disk.qcow2", work / "overlay.qcow2")

@@ -7,13 +7,14 @@ looks complete. A second build with the same recipe is a no-op.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from wrenn_images.recipes import (
@@ -67,6 +68,17 @@ def _noop(_: str) -> None:
     pass
 
 
+@contextlib.contextmanager
+def _guest_umask() -> Iterator[None]:
+    """Files made for a guest image keep the modes a guest expects (the server runs with 077);
+    the cache directory above them is what keeps them from other host users."""
+    old = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
 def run(cmd: list[str], *, cwd: Path | None = None, input: bytes | None = None) -> bytes:
     proc = subprocess.run(cmd, cwd=cwd, input=input, capture_output=True)
     if proc.returncode != 0:
@@ -112,7 +124,7 @@ def build_kernel(recipe: KernelRecipe = KERNEL, *, force: bool = False, progress
         shutil.rmtree(final)
     if not final.exists():
         final.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=final.parent) as work:
+        with _guest_umask(), tempfile.TemporaryDirectory(dir=final.parent) as work:
             _build_kernel_into(recipe, Path(work), progress)
             _publish(Path(work) / "out", final)
     return KernelImage(final / "vmlinux", final / "initrd.img", (final / "version").read_text().strip(), recipe.key())
@@ -192,14 +204,20 @@ def build_rootfs(recipe: RootfsRecipe, *, force: bool = False, progress: Progres
     if force and final.exists():
         shutil.rmtree(final)
     if not final.exists():
-        tree = _debootstrap(recipe, force=force, progress=progress)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=final.parent) as work:
-            progress(f"{recipe.name}: writing root filesystem image")
-            out = Path(work) / "out"
-            out.mkdir()
-            _make_image(recipe, tree, Path(work) / "stage", out / "root.img")
-            _publish(out, final)
+        with _guest_umask():
+            return _build_rootfs(recipe, final, force, progress)
+    return RootfsImage(recipe.name, final / "root.img", recipe.image_key(), recipe.disk_size_mb)
+
+
+def _build_rootfs(recipe: RootfsRecipe, final: Path, force: bool, progress: Progress) -> RootfsImage:
+    tree = _debootstrap(recipe, force=force, progress=progress)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=final.parent) as work:
+        progress(f"{recipe.name}: writing root filesystem image")
+        out = Path(work) / "out"
+        out.mkdir()
+        _make_image(recipe, tree, Path(work) / "stage", out / "root.img")
+        _publish(out, final)
     return RootfsImage(recipe.name, final / "root.img", recipe.image_key(), recipe.disk_size_mb)
 
 

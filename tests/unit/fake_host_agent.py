@@ -94,6 +94,7 @@ class FakeHostAgent(HostAgent):
         self.calls: list[tuple[str, str]] = []
         self.exec_handler: Callable[..., ExecResult] | None = None
         self.lost_on_start = set(lost_on_start or ())
+        self.errors_on_start: dict[str, str] = {}  # capsule id -> why the host kept it aside
         self.started_with: dict[str, str] | None = None
         self.cleaned_on_start: list[str] = []
         self.closed = False
@@ -167,10 +168,14 @@ class FakeHostAgent(HostAgent):
         lost = [cid for cid in self.lost_on_start if cid in self.capsules]
         for cid in lost:
             del self.capsules[cid]
+        errors = {cid: why for cid, why in self.errors_on_start.items() if cid in self.capsules}
+        for cid in errors:
+            del self.capsules[cid]
         return ReconcileReport(
             running=[c for c, cap in self.capsules.items() if cap.state == "running"],
             paused=[c for c, cap in self.capsules.items() if cap.state == "paused"],
             lost=lost,
+            errors=errors,
         )
 
     async def close(self) -> None:

@@ -28,6 +28,8 @@ async def reconcile(ops: CapsuleOps) -> ReconcileReport:
     # A capsule that was being destroyed is left out of `known`, so the host cleans it up.
     known = {cid: status for cid, status in rows if status != S.STOPPING.value}
     report = await ops.host.start(known)
+    if report.errors:
+        log.warning("host kept %d capsule(s) aside at start-up: %s", len(report.errors), report.errors)
     running, paused, lost = set(report.running), set(report.paused), set(report.lost)
 
     for cid, status in rows:
@@ -44,7 +46,9 @@ async def reconcile(ops: CapsuleOps) -> ReconcileReport:
         elif was is S.ERROR:
             continue  # already recorded as failed
         else:
-            if cid in lost:
+            if cid in report.errors:  # the host kept its files aside and says why
+                reason = f"not recoverable after a restart (was {status}): {report.errors[cid]}"
+            elif cid in lost:
                 reason = f"state could not be recovered after a restart (was {status})"
             else:
                 reason = f"not found on the host after a restart (was {status})"

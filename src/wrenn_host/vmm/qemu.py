@@ -20,6 +20,8 @@ from pathlib import Path
 from qemu.qmp import QMPClient
 
 from wrenn_host.api import VMMError
+from wrenn_host.durable import crashpoint, fsync_dir, fsync_file, state_problem
+from wrenn_host.jail import Plan
 from wrenn_host.network.slots import GUEST_MAC
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,9 @@ class MachineFiles:
     serial_log: Path
     qemu_log: Path
     pidfile: Path
+    # Serial console to a socket the host agent reads into a capped log (serial_log.py); None:
+    # straight to `serial_log` (template cold boots, whose whole console is wanted on failure).
+    serial_sock: Path | None = None
 
 
 def qemu_version() -> str:
@@ -82,7 +87,8 @@ def build_argv(spec: MachineSpec, files: MachineFiles, *, incoming: bool, tap_fd
         "-machine", "memory-backend=mem",
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
         "-kernel", str(spec.kernel), "-initrd", str(spec.initrd), "-append", spec.cmdline,
-        "-serial", f"file:{files.serial_log}",
+        *(["-serial", f"file:{files.serial_log}"] if files.serial_sock is None else
+          ["-chardev", f"socket,id=serial0,path={files.serial_sock},server=on,wait=off", "-serial", "chardev:serial0"]),
         "-drive", f"id=root,file={files.disk},format=qcow2,if=none,cache=unsafe,discard=unmap",
         "-device", "virtio-blk-device,drive=root",
         "-device", "virtio-serial-device",
@@ -93,8 +99,8 @@ def build_argv(spec: MachineSpec, files: MachineFiles, *, incoming: bool, tap_fd
         "-qmp", f"unix:{files.qmp},server=on,wait=off",
         "-pidfile", str(files.pidfile),
         # The guest runs untrusted code: confine QEMU with its seccomp filter (no spawning, no
-        # set*uid, no obsolete or scheduler/affinity syscalls). Not yet `-runas`: at the end of a
-        # pause QEMU re-opens its disks, which live where an unprivileged user cannot reach.
+        # set*uid, no obsolete or scheduler/affinity syscalls). jail.py adds the rest (user,
+        # chroot, cgroup, disks as descriptors) and relaxes set*uid for QEMU's own -runas.
         "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
     ]
     if spec.nic and tap_fd is None:
@@ -125,25 +131,32 @@ class QemuMachine:
         self.tap_fd = tap_fd
         self._proc: asyncio.subprocess.Process | None = None
         self.nice = 0  # > 0: start QEMU at a lower CPU priority (spare VMs, see set_nice)
+        # Set by the host agent: returns the confinement of the next spawn (wrenn_host/jail.py).
+        self.confine: Callable[[], Plan] | None = None
 
     # -------------------------------------------------------------- start
 
     async def _spawn(self, *, incoming: bool) -> None:
-        for sock in (self.files.qmp, self.files.agent):
-            with contextlib.suppress(FileNotFoundError):
-                sock.unlink()
+        for sock in (self.files.qmp, self.files.agent, self.files.serial_sock):
+            if sock is not None:
+                sock.unlink(missing_ok=True)
         argv = build_argv(self.spec, self.files, incoming=incoming, tap_fd=self.tap_fd)
-        logf = open(self.files.qemu_log, "ab")
+        # QEMU creates the serial log with its umask: make it (and ours) the platform's own first.
+        os.close(os.open(self.files.serial_log, os.O_WRONLY | os.O_CREAT, 0o600))
+        plan = self.confine() if self.confine is not None else Plan()
+        argv = plan.apply(argv)
+        logf = os.fdopen(os.open(self.files.qemu_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
         try:
             # Own session: QEMU must outlive a restart of the server (capsules keep running).
             if self.nice:  # `nice` execs QEMU in its place: same pid, QEMU's command line
                 argv = ["nice", "-n", str(self.nice), *argv]
             self._proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True,
-                pass_fds=() if self.tap_fd is None else (self.tap_fd,),
+                pass_fds=(*plan.pass_fds, *(() if self.tap_fd is None else (self.tap_fd,))),
             )
         finally:
             logf.close()
+            plan.close()
             self.close_tap()
         self.pid = self._proc.pid
 
@@ -171,19 +184,23 @@ class QemuMachine:
         await qmp.disconnect()
 
     async def restore(self, state: Path, timeout: float = 30.0,
-                      before_cont: Callable[[], Awaitable[None]] | None = None) -> None:
+                      before_cont: Callable[[], Awaitable[None]] | None = None, steps: str = "resume") -> None:
         """Start QEMU and load device state from `state`; guest RAM comes from the memory file.
 
         `before_cont` runs once the device state is loaded and before the vCPUs start: connecting
         the guest agent channel there means the guest never sees its host side disconnected."""
+        await crashpoint(f"{steps}.begin")
         await self._spawn(incoming=True)
+        await crashpoint(f"{steps}.spawned")
         qmp = await self._qmp()
         try:
+            await crashpoint(f"{steps}.qmp")
             await qmp.execute("migrate-set-capabilities",
                               {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
             # Handed over as a file descriptor: the sandboxed QEMU may not spawn `cat`.
             await _pass_fd(qmp, os.open(state, os.O_RDONLY), "wrenn-state-in")
             await qmp.execute("migrate-incoming", {"uri": "fd:wrenn-state-in"})
+            await crashpoint(f"{steps}.incoming")
             deadline = time.monotonic() + timeout
             while (await qmp.execute("query-status"))["status"] == "inmigrate":
                 if time.monotonic() > deadline:
@@ -192,9 +209,12 @@ class QemuMachine:
             status = (await qmp.execute("query-status"))["status"]
             if status not in ("paused", "postmigrate", "prelaunch", "running"):
                 raise VMMError(f"restore failed (status {status}): {self.log_tail()}")
+            await crashpoint(f"{steps}.loaded")
             if before_cont is not None:
                 await before_cont()
+            await crashpoint(f"{steps}.agent-connected")
             await qmp.execute("cont")
+            await crashpoint(f"{steps}.cont")
         except VMMError:
             raise
         except Exception as e:
@@ -205,31 +225,24 @@ class QemuMachine:
 
     # -------------------------------------------------------------- stop
 
-    async def save(self, state: Path, timeout: float = 60.0) -> None:
-        """Pause: stop vCPUs, write device state to `state`, flush the disk, quit. Memory is
-        already in the memory file (shared mapping), so only ~60 KB are written here."""
-        tmp = state.with_suffix(".tmp")
+    async def save(self, state: Path, timeout: float = 60.0, steps: str = "pause") -> None:
+        """Pause: stop vCPUs, write device state to `state.tmp`, quit, make memory and state
+        durable, publish `state`. Memory is already in the memory file (shared mapping), so only
+        ~60 KB are written here. Every step is one a restart can pick up from (recover.py)."""
+        tmp = state_tmp(state)
         qmp = await self._qmp()
         try:
+            await crashpoint(f"{steps}.connected")
             await qmp.execute("stop")
-            await qmp.execute("migrate-set-capabilities",
-                              {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
-            await _pass_fd(qmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wrenn-state-out")
-            await qmp.execute("migrate", {"uri": "fd:wrenn-state-out"})
-            deadline = time.monotonic() + timeout
-            while True:
-                info = await qmp.execute("query-migrate")
-                if info.get("status") == "completed":
-                    break
-                if info.get("status") in ("failed", "cancelled"):
-                    raise VMMError(f"pause failed: {info.get('error-desc', info)}")
-                if time.monotonic() > deadline:
-                    raise VMMError("pause timed out")
-                await asyncio.sleep(0.002)
+            await crashpoint(f"{steps}.stopped")
+            await self._migrate_out(qmp, tmp, timeout, steps)
             with contextlib.suppress(Exception):
                 await qmp.execute("quit")
+            await crashpoint(f"{steps}.quit")
         except VMMError:
             # Leave the VM stopped but alive: the caller decides (resume it with cont, or kill).
+            # A half-written state must never be taken for a pause once the guest runs on.
+            tmp.unlink(missing_ok=True)
             with contextlib.suppress(Exception):
                 await qmp.execute("cont")
             raise
@@ -237,11 +250,64 @@ class QemuMachine:
             with contextlib.suppress(Exception):
                 await qmp.disconnect()
         await self._wait_exit(5.0)
-        # The memory file is written through the shared mapping; make it durable before we say
-        # "paused", then publish the state file (its presence means "a complete pause").
-        _fsync(self.files.memory)
-        _fsync(tmp)
-        tmp.rename(state)
+        await crashpoint(f"{steps}.exited")
+        await publish_state(self.files, tmp, state, steps)
+
+    async def _migrate_out(self, qmp: QMPClient, tmp: Path, timeout: float, steps: str = "pause") -> None:
+        await qmp.execute("migrate-set-capabilities",
+                          {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
+        await _pass_fd(qmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wrenn-state-out")
+        await qmp.execute("migrate", {"uri": "fd:wrenn-state-out"})
+        await crashpoint(f"{steps}.migrating")
+        deadline = time.monotonic() + timeout
+        while True:
+            info = await qmp.execute("query-migrate")
+            if info.get("status") == "completed":
+                break
+            if info.get("status") in ("failed", "cancelled"):
+                raise VMMError(f"pause failed: {info.get('error-desc', info)}")
+            if time.monotonic() > deadline:
+                raise VMMError("pause timed out")
+            await asyncio.sleep(0.002)
+        await crashpoint(f"{steps}.migrated")
+
+    async def finish_pause(self, state: Path, timeout: float = 10.0) -> None:
+        """After a restart: complete a pause this machine was in the middle of (vCPUs stopped,
+        state being or already written). Ends like save(): QEMU gone, `state` published."""
+        tmp = state_tmp(state)
+        qmp = await self._qmp(timeout=2.0)
+        try:
+            deadline = time.monotonic() + timeout
+            while (status := await self._status(qmp)) == "finish-migrate":  # QEMU writes on alone
+                if time.monotonic() > deadline:
+                    raise VMMError("pause did not finish")
+                await asyncio.sleep(0.005)
+            problem = state_problem(tmp)
+            if status == "postmigrate" and problem is not None:
+                await qmp.execute("cont")  # QEMU refuses a second migration until it ran again
+            if status != "postmigrate" or problem is not None:
+                await qmp.execute("stop")
+                await self._migrate_out(qmp, tmp, timeout, "recover")
+            with contextlib.suppress(Exception):
+                await qmp.execute("quit")
+        finally:
+            with contextlib.suppress(Exception):
+                await qmp.disconnect()
+        await self._wait_exit(5.0)
+        await publish_state(self.files, tmp, state)
+
+    async def status(self, timeout: float = 2.0) -> str:
+        """QEMU's run state ("running", "paused", "inmigrate", "postmigrate", ...)."""
+        qmp = await self._qmp(timeout=timeout)
+        try:
+            return await self._status(qmp)
+        finally:
+            with contextlib.suppress(Exception):
+                await qmp.disconnect()
+
+    @staticmethod
+    async def _status(qmp: QMPClient) -> str:
+        return str((await qmp.execute("query-status"))["status"])
 
     def close_tap(self) -> None:
         """Our copy of the tap descriptor (QEMU holds its own once spawned)."""
@@ -367,9 +433,20 @@ def _send_fd_scm(qmp: QMPClient, fd: int) -> None:
         dup.sendmsg([b" "], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("@i", fd))])
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def state_tmp(state: Path) -> Path:
+    return state.with_name(state.name + ".tmp")
+
+
+async def publish_state(files: MachineFiles, tmp: Path, state: Path, steps: str = "recover") -> None:
+    """The memory file is written through the shared mapping, the disk through QEMU's
+    cache=unsafe (no flushes while running), and QEMU is gone: make both and the device state
+    durable, then publish `state` (its presence means "a complete pause")."""
+    await asyncio.to_thread(fsync_file, files.memory)
+    await asyncio.to_thread(fsync_file, files.disk)
+    await crashpoint(f"{steps}.memory-synced")
+    fsync_file(tmp)
+    await crashpoint(f"{steps}.state-synced")
+    tmp.rename(state)
+    await crashpoint(f"{steps}.renamed")
+    fsync_dir(state.parent)
+    await crashpoint(f"{steps}.dir-synced")

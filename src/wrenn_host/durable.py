@@ -1,0 +1,101 @@
+"""Crash consistency helpers: durable writes, a check that a saved device state is whole, and
+named crash points for tests.
+
+A pause publishes its result by renaming `state.tmp` to `state` only after the memory file and
+the state are on disk; start-up (`recover.py`) reads what is on disk and what is alive and never
+has to guess from timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import struct
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# QEMU's migration stream (7.2 savevm.c): "QEVM" magic, version 3, sections, QEMU_VM_EOF (0x00),
+# then, unless the machine suppresses it, QEMU_VM_VMDESCRIPTION (0x06) + be32 length + JSON.
+_MAGIC = b"QEVM"
+_EOF = 0x00
+_VMDESC = 0x06
+
+# Test-only hooks: `WRENN_CRASH_AT=<step>` SIGKILLs the process when it reaches that step,
+# `WRENN_HANG_AT=<step>` parks the operation there forever (the test then kills the server).
+# The step names are the real points of `QemuMachine.save/restore` and `LocalHostAgent.resume`.
+PAUSE_STEPS = ("pause.connected", "pause.stopped", "pause.migrating", "pause.migrated", "pause.quit",
+               "pause.exited", "pause.memory-synced", "pause.state-synced", "pause.renamed", "pause.dir-synced")
+RESUME_STEPS = ("resume.begin", "resume.spawned", "resume.qmp", "resume.incoming", "resume.loaded",
+                "resume.agent-connected", "resume.cont", "resume.identity", "resume.state-unlinked",
+                "resume.dir-synced")
+
+
+async def crashpoint(step: str) -> None:
+    if os.environ.get("WRENN_CRASH_AT") == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get("WRENN_HANG_AT") == step:
+        log.warning("test hook: hanging at %s", step)
+        await asyncio.Event().wait()
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or unlink in `path` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durable(path: Path, data: bytes) -> None:
+    """Write `data` to `path` atomically: temp file, fsync, rename, fsync the directory."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    tmp.rename(path)
+    fsync_dir(path.parent)
+
+
+def state_problem(path: Path) -> str | None:
+    """None if `path` holds a whole saved device state, else why not (missing, cut short...).
+
+    A save is written front to back by QEMU and ends with the machine description whose length
+    is recorded just before it: a file that ends exactly there was written to the end."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            size = os.fstat(f.fileno()).st_size
+            f.seek(max(0, size - (1 << 20)))
+            tail = f.read()
+    except FileNotFoundError:
+        return "missing"
+    except OSError as e:
+        return f"unreadable: {e}"
+    if len(head) < 8 or head[:4] != _MAGIC:
+        return f"not a QEMU device state ({size} bytes)"
+    # The description is a JSON object: find the EOF + VMDESC marker whose length reaches the end.
+    i = len(tail)
+    while True:
+        i = tail.rfind(bytes([_EOF, _VMDESC]), 0, i)
+        if i < 0:
+            break
+        if i + 6 <= len(tail):
+            (n,) = struct.unpack(">I", tail[i + 2:i + 6])
+            if i + 6 + n == len(tail) and tail[i + 6:i + 7] == b"{" and tail.endswith(b"}"):
+                return None
+    return f"cut short ({size} bytes, no end marker)"

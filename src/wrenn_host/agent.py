@@ -453,6 +453,11 @@ class LocalHostAgent(api.HostAgent):
         res, _ = await self._guest(capsule_id).call("spawn", cmd=cmd, args=list(args), envs=envs or {}, cwd=cwd, tag=tag)
         return api.ProcessInfo(pid=res["pid"], tag=res["tag"], cmd=cmd, args=list(args), running=True, exit_code=None)
 
+    async def set_defaults(self, capsule_id: str, *, user: str | None = None, cwd: str | None = None,
+                           envs: dict[str, str] | None = None) -> dict[str, Any]:
+        res, _ = await self._guest(capsule_id).call("defaults", user=user, cwd=cwd, envs=envs or {})
+        return res
+
     async def processes(self, capsule_id: str) -> list[api.ProcessInfo]:
         res, _ = await self._guest(capsule_id).call("ps")
         return [api.ProcessInfo(pid=p["pid"], tag=p["tag"], cmd=p["cmd"], args=p.get("args", []),

@@ -212,6 +212,13 @@ class HostAgent(abc.ABC):
     async def processes(self, capsule_id: str) -> list[ProcessInfo]: ...
 
     @abc.abstractmethod
+    async def set_defaults(self, capsule_id: str, *, user: str | None = None, cwd: str | None = None,
+                           envs: dict[str, str] | None = None) -> dict[str, Any]:
+        """Replace the user, working directory and environment that exec, spawn, PTYs and file
+        ops use when the call gives none (a template's USER, WORKDIR, ENV). They are part of the
+        guest's memory, so a snapshot template keeps them. Returns {user, uid, cwd, envs}."""
+
+    @abc.abstractmethod
     async def kill(self, capsule_id: str, target: int | str, signal: str = "SIGKILL") -> None: ...
 
     @abc.abstractmethod

@@ -53,6 +53,7 @@ class FakeCapsule:
     files: dict[str, bytes] = dataclasses.field(default_factory=dict)
     dirs: set[str] = dataclasses.field(default_factory=lambda: {"/", "/root", "/tmp"})
     processes: dict[int, ProcessInfo] = dataclasses.field(default_factory=dict)
+    defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def runtime(self) -> CapsuleRuntime:
         return CapsuleRuntime(self.capsule_id, self.state, self.template_id, self.vcpus, self.memory_mb,
@@ -256,6 +257,16 @@ class FakeHostAgent(HostAgent):
         info = ProcessInfo(self._next_pid, tag or f"proc-{self._next_pid:08x}", cmd, list(args), True, None)
         cap.processes[info.pid] = info
         return info
+
+    async def set_defaults(self, capsule_id: str, *, user: str | None = None, cwd: str | None = None,
+                           envs: dict[str, str] | None = None) -> dict[str, Any]:
+        await self._hook("set_defaults", capsule_id)
+        cap = self._capsule(capsule_id)
+        if cwd is not None and cwd not in cap.dirs:
+            raise GuestError(f"cwd {cwd}: no such directory", code="not_found")
+        cap.defaults = {"user": user or "root", "uid": 0 if (user or "root") == "root" else 1000,
+                        "cwd": cwd or "/root", "envs": dict(envs or {})}
+        return dict(cap.defaults)
 
     async def processes(self, capsule_id: str) -> list[ProcessInfo]:
         await self._hook("processes", capsule_id)

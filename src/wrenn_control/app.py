@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from wrenn_control.api.routes import api_router, system
 from wrenn_control.auth import load_jwt_secret
 from wrenn_control.bootstrap import bootstrap
+from wrenn_control.builds.manager import Builds
 from wrenn_control.config import Settings
 from wrenn_control.db.migrate import run_migrations
 from wrenn_control.db.session import Database
@@ -52,6 +53,7 @@ def create_app(settings: Settings, host: HostAgent) -> FastAPI:
     db = Database(settings.db_url)
     events = EventBus()
     ops = CapsuleOps(db, host, events)
+    builds = Builds(db, host, events, work_dir=settings.data_dir / "builds")
     reaper = Reaper(db, ops, settings.reaper_interval_sec)
     sampler = Sampler(db, ops, settings.sampler_interval_sec,
                       metrics_timeout_sec=settings.sampler_metrics_timeout_sec,
@@ -65,6 +67,8 @@ def create_app(settings: Settings, host: HostAgent) -> FastAPI:
         # A freshly generated key, for the caller to show once (None if none was made).
         app.state.bootstrap_key = bootstrap(db, settings)
         app.state.reconcile_report = await reconcile(ops)
+        builds.work_dir.mkdir(parents=True, exist_ok=True)
+        builds.recover()
         reaper.start()
         sampler.start()
         try:
@@ -72,6 +76,7 @@ def create_app(settings: Settings, host: HostAgent) -> FastAPI:
         finally:
             await sampler.stop()
             await reaper.stop()
+            await builds.shutdown()
             await ops.shutdown(settings.shutdown_grace_sec)
             await host.close()
             db.dispose()
@@ -92,6 +97,7 @@ def create_app(settings: Settings, host: HostAgent) -> FastAPI:
     app.state.host = host
     app.state.events = events
     app.state.ops = ops
+    app.state.builds = builds
     app.state.reaper = reaper
     app.state.sampler = sampler
     app.state.bootstrap_key = None

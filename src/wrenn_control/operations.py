@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -118,8 +118,10 @@ class CapsuleOps:
     # ---- create ---------------------------------------------------------------------------
 
     def create(self, team_id: str, *, template: str, template_id: str, vcpus: int, memory_mb: int,
-               timeout_sec: int, labels: dict[str, str]) -> Capsule:
-        """Write the row as `pending` and boot in the background; the caller answers at once."""
+               timeout_sec: int, labels: dict[str, str],
+               prepare: Callable[[], Awaitable[object]] | None = None) -> Capsule:
+        """Write the row as `pending` and boot in the background; the caller answers at once.
+        `prepare` is awaited before the host creates the VM (a built-in template built on first use)."""
         now = utcnow()
         row = Capsule(
             id=ids.capsule_id(), team_id=team_id, status=S.PENDING.value, template=template,
@@ -130,15 +132,18 @@ class CapsuleOps:
             s.add(row)
             s.commit()
         self._publish(row, ev.CAPSULE_STATE_CHANGED, metadata={"to": row.status})
-        task = asyncio.create_task(self._boot(row.id, template_id, vcpus, memory_mb), name=f"boot {row.id}")
+        task = asyncio.create_task(self._boot(row.id, template_id, vcpus, memory_mb, prepare), name=f"boot {row.id}")
         self._boot_tasks[row.id] = task
         task.add_done_callback(lambda _t, cid=row.id: self._boot_tasks.pop(cid, None))
         return row
 
-    async def _boot(self, capsule_id: str, template_id: str, vcpus: int, memory_mb: int) -> None:
+    async def _boot(self, capsule_id: str, template_id: str, vcpus: int, memory_mb: int,
+                    prepare: Callable[[], Awaitable[object]] | None = None) -> None:
         if not self.transition(capsule_id, S.STARTING, from_={S.PENDING}):
             return  # destroyed before the boot began
         try:
+            if prepare is not None:
+                await prepare()
             async with self._lock(capsule_id):
                 runtime = await self.host.create(capsule_id, template_id, vcpus, memory_mb)
         except HostAgentError as exc:

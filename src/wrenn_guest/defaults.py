@@ -61,27 +61,33 @@ def _lookup(user: str) -> Defaults:
 
 
 def set_defaults(req: Request) -> dict:
-    """Replace the defaults: `user` (name or uid, default root), `cwd` (an existing directory,
-    default the user's home), `envs` (object of strings, on top of the agent's base env)."""
+    """Change the defaults; what the request leaves out is kept. `user` (name or uid: HOME follows
+    it), `cwd` (an existing absolute directory; "" = the user's home), `envs` (merged over the
+    current ones; a null value removes a name), `reset: true` starts from root's defaults."""
     global _current
     p = req.params
-    user = p.get("user") or "root"
-    cwd = p.get("cwd")
-    envs = p.get("envs") or {}
-    if not isinstance(user, str):
-        raise AgentError("invalid", "user must be a string")
-    if cwd is not None and (not isinstance(cwd, str) or not cwd.startswith("/")):
+    user, cwd, envs = p.get("user"), p.get("cwd"), p.get("envs") or {}
+    if user is not None and (not isinstance(user, str) or not user):
+        raise AgentError("invalid", "user must be a non-empty string")
+    if cwd is not None and (not isinstance(cwd, str) or (cwd and not cwd.startswith("/"))):
         raise AgentError("invalid", "cwd must be an absolute path")
-    if cwd is not None and not os.path.isdir(cwd):
+    if cwd and not os.path.isdir(cwd):
         raise AgentError("not_found", f"cwd {cwd}: no such directory")
-    if not isinstance(envs, dict) or not all(isinstance(k, str) and k and "=" not in k and isinstance(v, str)
-                                             for k, v in envs.items()):
+    if not isinstance(envs, dict) or not all(isinstance(k, str) and k and "=" not in k and "\0" not in k
+                                             and (v is None or isinstance(v, str)) for k, v in envs.items()):
         raise AgentError("invalid", "envs must be an object of strings (names without '=')")
-    new = dataclasses.replace(_lookup(user), cwd=os.path.normpath(cwd) if cwd else None,
-                              envs=tuple(sorted(envs.items())))
     with _lock:
-        _current = new
-    return describe(new)
+        base = Defaults() if p.get("reset") else _current
+        new = _lookup(user) if user is not None else base
+        merged = dict(base.envs)
+        for k, v in envs.items():
+            if v is None:
+                merged.pop(k, None)
+            else:
+                merged[k] = v
+        workdir = base.cwd if cwd is None else (os.path.normpath(cwd) if cwd else None)
+        _current = dataclasses.replace(new, cwd=workdir, envs=tuple(sorted(merged.items())))
+        return describe(_current)
 
 
 def get_defaults(req: Request) -> dict:

@@ -228,6 +228,12 @@ class FakeHostAgent(HostAgent):
         self.templates[template_id] = (tpl, copy.deepcopy(cap))
         return tpl
 
+    async def template_info(self, template_id: str) -> TemplateRuntime:
+        await self._hook("template_info", template_id)
+        if template_id not in self.templates:
+            raise TemplateNotFound(f"template {template_id} not found")
+        return self.templates[template_id][0]
+
     async def delete_template(self, template_id: str) -> None:
         await self._hook("delete_template", template_id)
         if template_id not in self.templates:
@@ -264,8 +270,12 @@ class FakeHostAgent(HostAgent):
         cap = self._capsule(capsule_id)
         if cwd is not None and cwd not in cap.dirs:
             raise GuestError(f"cwd {cwd}: no such directory", code="not_found")
-        cap.defaults = {"user": user or "root", "uid": 0 if (user or "root") == "root" else 1000,
-                        "cwd": cwd or "/root", "envs": dict(envs or {})}
+        d = cap.defaults or {"user": "root", "uid": 0, "cwd": "/root", "envs": {}}
+        if user is not None:
+            d["user"], d["uid"] = user, 0 if user == "root" else 1000
+        d["cwd"] = cwd or d["cwd"]
+        d["envs"] = {**d["envs"], **(envs or {})}
+        cap.defaults = d
         return dict(cap.defaults)
 
     async def processes(self, capsule_id: str) -> list[ProcessInfo]:

@@ -42,8 +42,14 @@ async def test_defaults_apply_to_exec_spawn_and_files(c, work):  # noqa: F811
     assert (work / "sub" / "new.txt").stat().st_uid == NOBODY.pw_uid
     got, _ = await c.call("get_defaults")
     assert got["user"] == "nobody"
+    # later calls change only what they name; envs merge (null removes)
+    res, _ = await c.call("defaults", envs={"OTHER": "1", "HOME": None})
+    assert res["user"] == "nobody" and res["cwd"] == str(work) and res["envs"] == {"GREETING": "hi", "OTHER": "1"}
+    _, out, _ = await run(c, "sh", "-c", 'echo "$HOME"')
+    assert out == f"{NOBODY.pw_dir}\n".encode()
     # back to root
-    await c.call("defaults")
+    res, _ = await c.call("defaults", reset=True)
+    assert res["envs"] == {} and res["user"] == "root"
     _, out, _ = await run(c, "id", "-u")
     assert out == b"0\n"
 

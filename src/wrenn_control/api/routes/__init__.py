@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from wrenn_control.api.routes import accounts, capsules, events, exec, files, observability, snapshots, streams
+from wrenn_control.api.routes import accounts, builds, capsules, events, exec, files, observability, snapshots, streams
 
 api_router = APIRouter()
 # First: its /capsules/stats and /capsules/usage must be matched before /capsules/{capsule_id}.
 api_router.include_router(observability.router)
-for module in (capsules, exec, files, snapshots, events, streams, accounts):
+for module in (capsules, exec, files, snapshots, events, streams, accounts, builds):
     api_router.include_router(module.router)

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 # postgresql: the control plane's unit tests also run on a throwaway PostgreSQL server
 # (the packaged cluster is not used; it need not be running).
 APT_PACKAGES=(qemu-system-x86 qemu-utils debootstrap e2fsprogs lz4 cpio busybox-static file
-              iproute2 procps tmux postgresql)
+              iproute2 nftables procps tmux postgresql)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -32,6 +32,7 @@ from wrenn._exceptions import (
 from wrenn._models import (
     BackgroundProcess,
     CapsuleInfo,
+    NetworkRules,
     ExecResult,
     FileEntry,
     ProcessInfo,
@@ -69,6 +70,7 @@ __all__ = [
     "BackgroundProcess",
     "Capsule",
     "CapsuleInfo",
+    "NetworkRules",
     "CommandHandle",
     "CommandResult",
     "Commands",

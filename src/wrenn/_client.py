@@ -97,6 +97,8 @@ def create_capsule_call(
     memory_mb: int | None,
     timeout_sec: int | None,
     metadata: dict[str, str] | None,
+    allow_internet_access: bool | None = None,
+    network: dict[str, Any] | None = None,
 ) -> _Call[CapsuleInfo]:
     # Only send what was given: the server owns the defaults (minimal, 1 vCPU, 512 MiB, 0).
     body = {
@@ -107,10 +109,29 @@ def create_capsule_call(
             "memory_mb": memory_mb,
             "timeout_sec": timeout_sec,
             "metadata": metadata,
+            "allow_internet_access": allow_internet_access,
+            "network": _network_body(network),
         }.items()
         if v is not None
     }
     return _Call("POST", "/v1/capsules", parse_capsule, json=body, timeout=LONG_TIMEOUT)
+
+
+def _network_body(network: Any) -> dict[str, Any] | None:
+    """``{"allow_out": [...], "deny_out": [...]}`` from a dict or a NetworkRules."""
+    if network is None:
+        return None
+    if hasattr(network, "model_dump"):
+        network = network.model_dump()
+    return {k: list(v) for k, v in dict(network).items() if v is not None}
+
+
+def update_network_call(
+    capsule_id: str, allow_internet_access: bool | None, network: dict[str, Any] | None
+) -> _Call[CapsuleInfo]:
+    body = {k: v for k, v in {"allow_internet_access": allow_internet_access,
+                              "network": _network_body(network)}.items() if v is not None}
+    return _Call("PATCH", _path("/v1/capsules/{}/network", capsule_id), parse_capsule, json=body)
 
 
 def get_capsule_call(capsule_id: str) -> _Call[CapsuleInfo]:
@@ -331,6 +352,8 @@ class CapsulesResource:
         timeout_sec: int | None = None,
         *,
         metadata: dict[str, str] | None = None,
+        allow_internet_access: bool | None = None,
+        network: dict[str, Any] | None = None,
     ) -> CapsuleInfo:
         """Create a capsule. Omitted fields take the server defaults.
 
@@ -340,13 +363,28 @@ class CapsulesResource:
             memory_mb: Memory in MiB (default 512).
             timeout_sec: Inactivity TTL before auto-pause; ``0`` disables it.
             metadata: User labels (string to string), set at create time only.
+            allow_internet_access: ``False`` denies ``0.0.0.0/0`` (server default ``True``).
+            network: Egress rules ``{"allow_out": [...], "deny_out": [...]}``: IPv4
+                addresses, CIDRs or domains; an ``allow_out`` entry wins.
 
         Returns:
-            The new capsule, usually still ``pending`` or ``starting``.
+            The new capsule.
         """
         return self._client._call(
-            create_capsule_call(template, vcpus, memory_mb, timeout_sec, metadata)
+            create_capsule_call(template, vcpus, memory_mb, timeout_sec, metadata,
+                                allow_internet_access, network)
         )
+
+    def update_network(
+        self,
+        id: str,
+        *,
+        allow_internet_access: bool | None = None,
+        network: dict[str, Any] | None = None,
+    ) -> CapsuleInfo:
+        """Change a running or paused capsule's egress rules, without a restart. Omitted
+        fields keep their value."""
+        return self._client._call(update_network_call(id, allow_internet_access, network))
 
     def get(self, id: str) -> CapsuleInfo:
         """Get one capsule by ID. Raises :class:`WrennNotFoundError` if there is none."""
@@ -555,11 +593,24 @@ class AsyncCapsulesResource:
         timeout_sec: int | None = None,
         *,
         metadata: dict[str, str] | None = None,
+        allow_internet_access: bool | None = None,
+        network: dict[str, Any] | None = None,
     ) -> CapsuleInfo:
         """Create a capsule. See :meth:`CapsulesResource.create`."""
         return await self._client._call(
-            create_capsule_call(template, vcpus, memory_mb, timeout_sec, metadata)
+            create_capsule_call(template, vcpus, memory_mb, timeout_sec, metadata,
+                                allow_internet_access, network)
         )
+
+    async def update_network(
+        self,
+        id: str,
+        *,
+        allow_internet_access: bool | None = None,
+        network: dict[str, Any] | None = None,
+    ) -> CapsuleInfo:
+        """See :meth:`CapsulesResource.update_network`."""
+        return await self._client._call(update_network_call(id, allow_internet_access, network))
 
     async def get(self, id: str) -> CapsuleInfo:
         """Get one capsule by ID."""

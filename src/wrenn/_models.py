@@ -70,6 +70,14 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
 
+class NetworkRules(_Model):
+    """A capsule's egress rules: IPv4 addresses, CIDRs or domains (``*.example.com``).
+    An ``allow_out`` entry wins over a ``deny_out`` entry."""
+
+    allow_out: list[str] = []
+    deny_out: list[str] = []
+
+
 class CapsuleInfo(_Model):
     """A capsule as the API describes it (``GET /v1/capsules/{id}``).
 
@@ -91,6 +99,9 @@ class CapsuleInfo(_Model):
     metadata: dict[str, str] | None = None
     disk_size_mb: int | None = None
     disk_used_mb: int | None = None
+    allow_internet_access: bool | None = None
+    network: NetworkRules | None = None
+
 
 
 class Template(_Model):

@@ -134,6 +134,8 @@ class Capsule(_CapsuleState):
         api_key: str | None = None,
         base_url: str | None = None,
         metadata: dict[str, str] | None = None,
+        allow_internet_access: bool | None = None,
+        network: dict[str, Any] | None = None,
         _capsule_id: str | None = None,
         _client: WrennClient | None = None,
         _info: CapsuleInfo | None = None,
@@ -144,7 +146,8 @@ class Capsule(_CapsuleState):
             self._client = WrennClient(api_key=api_key, base_url=base_url)
             try:
                 self._info = self._client.capsules.create(
-                    template, vcpus, memory_mb, timeout, metadata=metadata
+                    template, vcpus, memory_mb, timeout, metadata=metadata,
+                    allow_internet_access=allow_internet_access, network=network,
                 )
             except BaseException:
                 self._client.close()
@@ -174,6 +177,8 @@ class Capsule(_CapsuleState):
         api_key: str | None = None,
         base_url: str | None = None,
         metadata: dict[str, str] | None = None,
+        allow_internet_access: bool | None = None,
+        network: dict[str, Any] | None = None,
     ) -> Capsule:
         """Create a capsule; the same as calling ``Capsule(...)``."""
         return cls(
@@ -185,6 +190,8 @@ class Capsule(_CapsuleState):
             api_key=api_key,
             base_url=base_url,
             metadata=metadata,
+            allow_internet_access=allow_internet_access,
+            network=network,
         )
 
     @classmethod
@@ -336,6 +343,19 @@ class Capsule(_CapsuleState):
         """Fetch the status now and tell whether it is ``running``."""
         return bool(self.get_info().status == Status.running)
 
+    def update_network(
+        self, *, allow_internet_access: bool | None = None, network: dict[str, Any] | None = None
+    ) -> CapsuleInfo:
+        """Change this capsule's egress rules (running or paused), in force at once.
+
+        Omitted fields keep their value, e.g.
+        ``capsule.update_network(network={"allow_out": ["pypi.org"], "deny_out": ["0.0.0.0/0"]})``.
+        """
+        self._info = self._client.capsules.update_network(
+            self._id, allow_internet_access=allow_internet_access, network=network
+        )
+        return self._info
+
     def create_snapshot(self, name: str | None = None, overwrite: bool = False) -> Template:
         """Snapshot this capsule into a reusable template (the capsule is left paused).
 
@@ -438,6 +458,8 @@ class AsyncCapsule(_CapsuleState):
         api_key: str | None = None,
         base_url: str | None = None,
         metadata: dict[str, str] | None = None,
+        allow_internet_access: bool | None = None,
+        network: dict[str, Any] | None = None,
         _capsule_id: str | None = None,
         _client: AsyncWrennClient | None = None,
         _info: CapsuleInfo | None = None,
@@ -452,6 +474,7 @@ class AsyncCapsule(_CapsuleState):
             # Built now so a missing API key fails here, as with Capsule; no I/O yet.
             self._client = AsyncWrennClient(api_key=api_key, base_url=base_url)
         self._create_args = (template, vcpus, memory_mb, timeout, metadata)
+        self._network_args = (allow_internet_access, network)
         self._wait = wait
 
     def _bind(self, capsule_id: str) -> None:
@@ -496,8 +519,10 @@ class AsyncCapsule(_CapsuleState):
             return self
         template, vcpus, memory_mb, timeout, metadata = self._create_args
         try:
+            allow_internet_access, network = self._network_args
             self._info = await self._client.capsules.create(
-                template, vcpus, memory_mb, timeout, metadata=metadata
+                template, vcpus, memory_mb, timeout, metadata=metadata,
+                allow_internet_access=allow_internet_access, network=network,
             )
         except BaseException:
             await self._client.aclose()
@@ -528,6 +553,8 @@ class AsyncCapsule(_CapsuleState):
         api_key: str | None = None,
         base_url: str | None = None,
         metadata: dict[str, str] | None = None,
+        allow_internet_access: bool | None = None,
+        network: dict[str, Any] | None = None,
     ) -> AsyncCapsule:
         """Create a capsule; the same as ``await AsyncCapsule(...)``."""
         return await cls(
@@ -539,6 +566,8 @@ class AsyncCapsule(_CapsuleState):
             api_key=api_key,
             base_url=base_url,
             metadata=metadata,
+            allow_internet_access=allow_internet_access,
+            network=network,
         )
 
     @classmethod
@@ -674,6 +703,15 @@ class AsyncCapsule(_CapsuleState):
     async def is_running(self) -> bool:
         """Fetch the status now and tell whether it is ``running``."""
         return bool((await self.get_info()).status == Status.running)
+
+    async def update_network(
+        self, *, allow_internet_access: bool | None = None, network: dict[str, Any] | None = None
+    ) -> CapsuleInfo:
+        """Change this capsule's egress rules; see :meth:`Capsule.update_network`."""
+        self._info = await self._client.capsules.update_network(
+            self.id, allow_internet_access=allow_internet_access, network=network
+        )
+        return self._info
 
     async def create_snapshot(self, name: str | None = None, overwrite: bool = False) -> Template:
         """Snapshot this capsule into a reusable template (the capsule is left paused)."""

@@ -111,6 +111,8 @@ def _capsule_detail(info: CapsuleInfo) -> Table:
     for name, value in info:
         if name == "metadata" and value:
             value = ", ".join(f"{k}={v}" for k, v in sorted(value.items()))
+        elif name == "network" and value is not None:
+            value = f"allow_out={value.allow_out} deny_out={value.deny_out}"
         elif isinstance(value, datetime):
             value = value.isoformat()
         table.add_row(name, _text(value))
@@ -125,6 +127,15 @@ def _show_capsule(info: CapsuleInfo, as_json: bool, verb: str) -> None:
 
 
 # --- wrenn capsule ---------------------------------------------------------------------------
+
+AllowOut = Annotated[
+    list[str] | None,
+    typer.Option("--allow-out", help="Allow an IPv4 address, CIDR or domain (*.example.com); repeatable."),
+]
+DenyOut = Annotated[
+    list[str] | None,
+    typer.Option("--deny-out", help="Deny an IPv4 address, CIDR or domain; repeatable."),
+]
 
 
 @capsule_app.command("create")
@@ -144,11 +155,18 @@ def capsule_create(
     wait: Annotated[
         bool, typer.Option("--wait/--no-wait", help="Wait until the capsule is running.")
     ] = True,
+    internet: Annotated[
+        bool, typer.Option("--internet/--no-internet", help="Outbound internet (allow-out entries still apply).")
+    ] = True,
+    allow_out: AllowOut = None,
+    deny_out: DenyOut = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Create a capsule and print its ID."""
+    network = _rules(allow_out, deny_out)
     with _api() as client:
-        info = client.capsules.create(template, vcpus, memory_mb, timeout)
+        info = client.capsules.create(template, vcpus, memory_mb, timeout,
+                                      allow_internet_access=None if internet else False, network=network)
         if wait:
             try:
                 info = client.capsules.wait(info.id)
@@ -160,6 +178,34 @@ def capsule_create(
         # Only the id on stdout, so `ID=$(wrenn capsule create)` works; the rest is for people.
         err.print(f"Created {info.id} (status: {info.status})", markup=False)
         out.print(info.id, markup=False)
+
+
+@capsule_app.command("network")
+def capsule_network(
+    capsule_id: CapsuleId,
+    internet: Annotated[
+        bool | None, typer.Option("--internet/--no-internet", help="Open or close outbound internet.")
+    ] = None,
+    allow_out: AllowOut = None,
+    deny_out: DenyOut = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Change a running or paused capsule's egress rules (given lists replace the old ones)."""
+    with _api() as client:
+        info = client.capsules.update_network(capsule_id, allow_internet_access=internet,
+                                              network=_rules(allow_out, deny_out))
+    if as_json:
+        _print_json(info)
+    else:
+        rules = info.network
+        out.print(f"{info.id}: internet {'on' if info.allow_internet_access else 'off'}; "
+                  f"allow_out {rules.allow_out if rules else []}; deny_out {rules.deny_out if rules else []}",
+                  markup=False)
+
+
+def _rules(allow_out: list[str] | None, deny_out: list[str] | None) -> dict[str, list[str]] | None:
+    rules = {k: v for k, v in (("allow_out", allow_out), ("deny_out", deny_out)) if v is not None}
+    return rules or None
 
 
 @capsule_app.command("list")

@@ -31,6 +31,7 @@ from wrenn_control.errors import APIError, agent_error, from_guest_error, invali
 from wrenn_control.events import EventBus
 from wrenn_control.lifecycle import Status, touch_active, transition
 from wrenn_control.schemas import CapsuleOut
+from wrenn_host.network.policy import EgressPolicy
 from wrenn_host.api import (
     CapsuleNotFound,
     CapsuleRuntime,
@@ -118,26 +119,32 @@ class CapsuleOps:
     # ---- create ---------------------------------------------------------------------------
 
     def create(self, team_id: str, *, template: str, template_id: str, vcpus: int, memory_mb: int,
-               timeout_sec: int, labels: dict[str, str],
+               timeout_sec: int, labels: dict[str, str], network: EgressPolicy | None = None,
                prepare: Callable[[], Awaitable[object]] | None = None) -> Capsule:
         """Write the row as `pending` and boot in the background; the caller answers at once.
         `prepare` is awaited before the host creates the VM (a built-in template built on first use)."""
         now = utcnow()
+        network = network or EgressPolicy()
+        rules = network.to_dict()
         row = Capsule(
             id=ids.capsule_id(), team_id=team_id, status=S.PENDING.value, template=template,
             template_id=template_id, vcpus=vcpus, memory_mb=memory_mb, timeout_sec=timeout_sec,
             meta=dict(labels), created_at=now, last_updated=now,
+            allow_internet_access=network.allow_internet_access,
+            egress={"allow_out": rules["allow_out"], "deny_out": rules["deny_out"]},
         )
         with self.db.session() as s:
             s.add(row)
             s.commit()
         self._publish(row, ev.CAPSULE_STATE_CHANGED, metadata={"to": row.status})
-        task = asyncio.create_task(self._boot(row.id, template_id, vcpus, memory_mb, prepare), name=f"boot {row.id}")
+        task = asyncio.create_task(self._boot(row.id, template_id, vcpus, memory_mb, network, prepare),
+                                   name=f"boot {row.id}")
         self._boot_tasks[row.id] = task
         task.add_done_callback(lambda _t, cid=row.id: self._boot_tasks.pop(cid, None))
         return row
 
     async def _boot(self, capsule_id: str, template_id: str, vcpus: int, memory_mb: int,
+                    network: EgressPolicy | None = None,
                     prepare: Callable[[], Awaitable[object]] | None = None) -> None:
         if not self.transition(capsule_id, S.STARTING, from_={S.PENDING}):
             return  # destroyed before the boot began
@@ -145,7 +152,7 @@ class CapsuleOps:
             if prepare is not None:
                 await prepare()
             async with self._lock(capsule_id):
-                runtime = await self.host.create(capsule_id, template_id, vcpus, memory_mb)
+                runtime = await self.host.create(capsule_id, template_id, vcpus, memory_mb, network=network)
         except HostAgentError as exc:
             await self._fail_boot(capsule_id, f"create failed: {exc.message}")
             return
@@ -249,6 +256,28 @@ class CapsuleOps:
         if self.transition(capsule_id, S.STOPPED, from_={S.STOPPING}):
             self._finished(capsule_id, ev.CAPSULE_DESTROY)
         self._locks.pop(capsule_id, None)
+
+    async def update_network(self, row: Capsule, policy: EgressPolicy) -> Capsule:
+        """New egress rules for a running or paused capsule, in force without a restart."""
+        if row.status not in (S.RUNNING.value, S.PAUSED.value):
+            raise invalid_state(f"capsule is {row.status}; only running or paused capsules can change their network")
+        async with self._lock(row.id):
+            status = self.status(row.id)
+            if status not in (S.RUNNING.value, S.PAUSED.value):
+                raise invalid_state(f"capsule is {status}; only running or paused capsules can change their network")
+            try:
+                await self.host.update_network(row.id, policy)
+            except HostAgentError as exc:
+                raise agent_error(exc) from exc
+            rules = policy.to_dict()
+            with self.db.session() as s:
+                stored = s.scalar(select(Capsule).where(Capsule.id == row.id))
+                assert stored is not None
+                stored.allow_internet_access = policy.allow_internet_access
+                stored.egress = {"allow_out": rules["allow_out"], "deny_out": rules["deny_out"]}
+                s.commit()
+                s.refresh(stored)
+                return stored
 
     def _still(self, capsule_id: str, expected: Status, op: str) -> None:
         """After waiting for the lock: a destroy may have taken over meanwhile."""

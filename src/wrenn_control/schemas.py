@@ -50,6 +50,26 @@ class ErrorBody(BaseModel):
 
 # ---- capsules ------------------------------------------------------------------------------
 
+class NetworkRules(_Input):
+    allow_out: Annotated[list[StrictStr], Field(max_length=256)] | None = Field(
+        default=None, description="IPv4 addresses, CIDRs or domains (example.com, *.example.com) always allowed; "
+                                  "an allow_out entry wins over a deny_out entry.")
+    deny_out: Annotated[list[StrictStr], Field(max_length=256)] | None = Field(
+        default=None, description="IPv4 addresses, CIDRs or domains denied.")
+
+
+class NetworkRulesOut(BaseModel):
+    allow_out: list[str] = []
+    deny_out: list[str] = []
+
+
+class NetworkUpdate(_Input):
+    """PATCH /v1/capsules/{id}/network: omitted fields keep their current value."""
+
+    allow_internet_access: StrictBool | None = None
+    network: NetworkRules | None = None
+
+
 class CapsuleCreate(_Input):
     template: StrictStr | None = Field(default=None, description='Template name; default "minimal".')
     vcpus: StrictInt | None = Field(default=None, description="Default 1.")
@@ -58,6 +78,9 @@ class CapsuleCreate(_Input):
         default=None, description="Inactivity TTL before auto-pause; 0 (default) disables it.")
     metadata: dict[StrictStr, StrictStr] | None = Field(
         default=None, description="User labels: at most 20 keys, values at most 64 characters.")
+    allow_internet_access: StrictBool | None = Field(
+        default=None, description="Default true; false denies 0.0.0.0/0 (allow_out entries still apply).")
+    network: NetworkRules | None = Field(default=None, description="Egress rules.")
 
     @field_validator("metadata")
     @classmethod
@@ -88,6 +111,8 @@ class CapsuleOut(BaseModel):
     started_at: Timestamp | None
     last_active_at: Timestamp | None
     metadata: dict[str, str]
+    allow_internet_access: bool = True
+    network: NetworkRulesOut = NetworkRulesOut()
 
     @classmethod
     def of(cls, row: CapsuleRow, **extra: Any) -> "CapsuleOut":
@@ -98,7 +123,10 @@ class CapsuleOut(BaseModel):
             id=row.id, status=row.status, template=row.template, vcpus=row.vcpus,
             memory_mb=row.memory_mb, timeout_sec=row.timeout_sec, created_at=row.created_at,
             last_updated=row.last_updated, started_at=row.started_at,
-            last_active_at=row.last_active_at, metadata=metadata, **extra,
+            last_active_at=row.last_active_at, metadata=metadata,
+            allow_internet_access=row.allow_internet_access is not False,
+            network=NetworkRulesOut(**{k: list(v) for k, v in (row.egress or {}).items()
+                                       if k in ("allow_out", "deny_out")}), **extra,
         )
 
 

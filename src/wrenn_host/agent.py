@@ -25,6 +25,7 @@ from wrenn_guest.protocol import MAX_PAYLOAD
 from wrenn_host import api
 from wrenn_host.api import CapsuleNotFound, HostAgentError, InvalidShape, TemplateNotFound, VMMError
 from wrenn_host.guest import GuestClient
+from wrenn_host.network import CapsuleNetwork, EgressPolicy, NetworkError, Slot
 from wrenn_host.paths import HostPaths
 from wrenn_host.templates import BuiltinTemplates, TemplateSnapshot, make_overlay_seed, qemu_img, sparse_copy
 from wrenn_host.vmm.accel import choose_accelerator
@@ -49,6 +50,12 @@ class CapsuleMeta:
     memory_mb: int
     kernel_version: str
     agent_version: str = ""
+    network: dict[str, Any] | None = None  # the egress policy (EgressPolicy.to_dict)
+    slot: int | None = None  # the network slot while the VM runs
+
+    @property
+    def policy(self) -> EgressPolicy:
+        return EgressPolicy.from_dict(self.network)
 
     def save(self, path: Path) -> None:
         tmp = path.with_suffix(".tmp")
@@ -68,6 +75,7 @@ class Capsule:
         self.snapshot = snapshot  # fixes the machine spec for every restore
         self.machine: QemuMachine | None = None
         self.guest: GuestClient | None = None
+        self.slot: Slot | None = None  # its network namespace, while the VM runs
         self.lock = asyncio.Lock()  # one lifecycle operation at a time
 
     @property
@@ -83,6 +91,7 @@ class LocalHostAgent(api.HostAgent):
         self._builtin: BuiltinTemplates | None = None
         self._vmm_version = ""
         self._refills: dict[Path, asyncio.Task] = {}
+        self.net = CapsuleNetwork(self.paths.tag)
 
     # ------------------------------------------------------------------ setup
 
@@ -96,18 +105,27 @@ class LocalHostAgent(api.HostAgent):
     @property
     def builtin(self) -> BuiltinTemplates:
         if self._builtin is None:
-            self._builtin = BuiltinTemplates(self.accel, self.paths.run)
+            self._builtin = BuiltinTemplates(self.accel, self.paths.run, self.net)
         return self._builtin
 
     async def prepare(self, shapes: list[tuple[str, int, int]] | None = None) -> None:
         """Build what capsules need before serving: images and the default-shape snapshots."""
         await asyncio.to_thread(builder.build_all)
+        await self.net.start()
         for name, vcpus, mem in shapes or [(n, 1, 512) for n in self.builtin.names]:
             await self.builtin.get(name, vcpus, mem)
 
     async def start(self, known: dict[str, str]) -> api.ReconcileReport:
         self._vmm_version = await asyncio.to_thread(qemu_version)
-        return await self._reconcile(known)
+        await self.net.start()
+        report = await self._reconcile(known)
+        in_use = {c.meta.slot: (c.id, c.meta.policy) for c in self._capsules.values()
+                  if c.machine is not None and c.meta.slot is not None}
+        await self.net.reclaim(in_use)
+        for cap in self._capsules.values():
+            if cap.machine is not None and cap.meta.slot is not None:
+                cap.slot = Slot(self.net.tag, cap.meta.slot, self.net.pool)
+        return report
 
     async def close(self) -> None:
         for task in self._refills.values():
@@ -117,13 +135,15 @@ class LocalHostAgent(api.HostAgent):
             if cap.guest is not None:
                 await cap.guest.close()
                 cap.guest = None
+        await self.net.close()
         with contextlib.suppress(OSError):  # kept while running capsules have sockets in it
             self.paths.run.rmdir()
 
     def health(self) -> dict[str, Any]:
         running = sum(1 for c in self._capsules.values() if c.machine is not None and c.machine.is_alive())
         return {"accelerator": self.accel, "vmm": f"qemu {self._vmm_version}".strip(),
-                "capsules_running": running, "capsules_known": len(self._capsules)}
+                "capsules_running": running, "capsules_known": len(self._capsules),
+                "network": self.net.status()}
 
     def limits(self) -> dict[str, int]:
         total_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024)
@@ -222,12 +242,12 @@ class LocalHostAgent(api.HostAgent):
             raise InvalidShape(f"memory_mb must be between {lim['min_memory_mb']} and {lim['max_memory_mb']}")
 
     async def create(self, capsule_id: str, template_id: str, vcpus: int | None = None,
-                     memory_mb: int | None = None) -> api.CapsuleRuntime:
+                     memory_mb: int | None = None, network: EgressPolicy | None = None) -> api.CapsuleRuntime:
         if capsule_id in self._capsules or self.paths.capsule_dir(capsule_id).exists():
             raise HostAgentError(f"capsule {capsule_id} already exists", code="exists")
         snap = await self._template(template_id, vcpus, memory_mb)
         meta = CapsuleMeta(capsule_id, template_id, str(snap.dir), snap.spec.vcpus, snap.spec.memory_mb,
-                           snap.kernel_version)
+                           snap.kernel_version, network=(network or EgressPolicy()).to_dict())
         cap = Capsule(meta, snap)
         self._capsules[capsule_id] = cap
         async with cap.lock:
@@ -273,9 +293,18 @@ class LocalHostAgent(api.HostAgent):
                 return
 
     async def _restore(self, cap: Capsule, state: Path) -> None:
-        """Start the machine from `state`, reconnect the guest agent, push identity + clock."""
+        """Start the machine from `state` (on a network slot if it has a NIC), reconnect the
+        guest agent, push identity + clock."""
         machine = QemuMachine(cap.snapshot.spec, self.paths.machine_files(cap.id))
         cap.machine = machine
+        if cap.snapshot.spec.nic:
+            try:
+                cap.slot = await self.net.acquire(cap.meta.policy)
+                cap.meta.slot = cap.slot.index
+                cap.meta.save(self.paths.capsule_meta(cap.id))
+                machine.tap_fd = self.net.open_tap(cap.slot)
+            except NetworkError as e:
+                raise VMMError(f"capsule {cap.id} needs a network slot: {e}") from e
 
         async def connect_agent() -> None:
             cap.guest = await GuestClient.connect_unix(str(machine.files.agent), timeout=AGENT_CONNECT_TIMEOUT_S)
@@ -308,6 +337,17 @@ class LocalHostAgent(api.HostAgent):
         if cap.guest is not None:
             await cap.guest.close()
             cap.guest = None
+        await self._release_slot(cap)
+
+    async def _release_slot(self, cap: Capsule) -> None:
+        """A paused or dead capsule needs no namespace: a resume takes a fresh one."""
+        if cap.slot is not None:
+            await self.net.release(cap.slot)
+            cap.slot = None
+        if cap.meta.slot is not None:
+            cap.meta.slot = None
+            with contextlib.suppress(OSError):
+                cap.meta.save(self.paths.capsule_meta(cap.id))
 
     async def resume(self, capsule_id: str) -> api.CapsuleRuntime:
         cap = self._get(capsule_id)
@@ -323,6 +363,7 @@ class LocalHostAgent(api.HostAgent):
                 if cap.machine is not None:
                     await cap.machine.kill()
                     cap.machine = None
+                await self._release_slot(cap)
                 raise
             # The guest now runs on and changes the memory file: the old state no longer matches it.
             state.unlink()
@@ -348,6 +389,7 @@ class LocalHostAgent(api.HostAgent):
             cap.machine = None
         else:
             await self._kill_leftover(cap.id)
+        await self._release_slot(cap)
         self._remove_files(cap.id)
         self._capsules.pop(cap.id, None)
         self._sweep_template(Path(cap.meta.template_dir))
@@ -444,6 +486,18 @@ class LocalHostAgent(api.HostAgent):
             raise TemplateNotFound(f"template {template_id} not found")
         snap = TemplateSnapshot.load(d)
         return api.TemplateRuntime(template_id, snap.spec.vcpus, snap.spec.memory_mb, snap.size_bytes())
+
+    async def update_network(self, capsule_id: str, policy: EgressPolicy) -> None:
+        """New egress rules, in force at once for a running capsule (kept for its next resume)."""
+        cap = self._get(capsule_id)
+        async with cap.lock:
+            cap.meta.network = policy.to_dict()
+            cap.meta.save(self.paths.capsule_meta(capsule_id))
+            if cap.slot is not None:
+                try:
+                    await self.net.apply(cap.slot, policy)
+                except NetworkError as e:
+                    raise HostAgentError(f"egress rules not applied: {e}") from e
 
     def builtin_templates(self) -> list[api.TemplateRuntime]:
         return [api.TemplateRuntime(name, 1, 512, 0, version=TEMPLATES[name].image_key())

@@ -18,6 +18,8 @@ import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
+from wrenn_host.network.policy import EgressPolicy
+
 
 class HostAgentError(Exception):
     """Base of every host agent failure. `code` follows the guest protocol's codes where it can."""
@@ -174,9 +176,15 @@ class HostAgent(abc.ABC):
 
     # lifecycle
     @abc.abstractmethod
-    async def create(self, capsule_id: str, template_id: str, vcpus: int | None, memory_mb: int | None) -> CapsuleRuntime:
+    async def create(self, capsule_id: str, template_id: str, vcpus: int | None, memory_mb: int | None,
+                     network: EgressPolicy | None = None) -> CapsuleRuntime:
         """Create and start a capsule from a template; returns once the guest agent answers.
-        For a snapshot template, vcpus/memory_mb must be None or equal to the template's."""
+        For a snapshot template, vcpus/memory_mb must be None or equal to the template's.
+        `network`: its egress policy (default: internet allowed, private ranges denied)."""
+
+    @abc.abstractmethod
+    async def update_network(self, capsule_id: str, policy: EgressPolicy) -> None:
+        """Replace a capsule's egress policy: at once if it runs, from its next resume if paused."""
 
     @abc.abstractmethod
     async def pause(self, capsule_id: str) -> None: ...

@@ -32,6 +32,7 @@ class HostPaths:
         # Unix socket paths are limited to 107 bytes: keep sockets under a short run directory,
         # one per data directory so two servers on one host never collide.
         tag = hashlib.sha256(str(self.root).encode()).hexdigest()[:10]
+        self.tag = tag  # names this server's sockets, network slots and firewall table
         base = Path("/run") if os.access("/run", os.W_OK) else Path("/tmp")
         self.run = base / "wrenn" / tag
         for d in (self.capsules, self.templates, self.spare, self.run):

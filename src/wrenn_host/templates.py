@@ -20,6 +20,7 @@ from pathlib import Path
 
 from wrenn_host.api import VMMError
 from wrenn_host.guest import GuestClient
+from wrenn_host.network import CapsuleNetwork, EgressPolicy
 from wrenn_host.vmm.qemu import MachineFiles, MachineSpec, QemuMachine
 from wrenn_images import builder
 from wrenn_images.recipes import TEMPLATES
@@ -66,7 +67,8 @@ class TemplateSnapshot:
         meta = json.loads((dir / "meta.json").read_text())
         s = meta["spec"]
         spec = MachineSpec(vcpus=s["vcpus"], memory_mb=s["memory_mb"], kernel=Path(s["kernel"]),
-                           initrd=Path(s["initrd"]), cmdline=s["cmdline"], accel=s["accel"])
+                           initrd=Path(s["initrd"]), cmdline=s["cmdline"], accel=s["accel"],
+                           nic=bool(s.get("nic", False)))
         return cls(meta["template_id"], dir, spec, meta.get("kernel_version", ""))
 
     def delete(self) -> None:
@@ -137,8 +139,10 @@ def _host_tsc_khz() -> int | None:
 
 
 async def boot_snapshot(template_id: str, dir: Path, spec: MachineSpec, base_disk: Path,
-                        kernel_version: str, run_dir: Path) -> TemplateSnapshot:
-    """Cold-boot a guest from `base_disk`, wait for its agent, pause it into `dir`."""
+                        kernel_version: str, run_dir: Path, net: CapsuleNetwork | None = None) -> TemplateSnapshot:
+    """Cold-boot a guest from `base_disk`, wait for its agent, pause it into `dir`.
+    A machine with a NIC boots on a network slot of its own (every clone gets the same guest
+    address, MAC and gateway the snapshot was taken with)."""
     dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=dir.parent, prefix=".build-"))
     sock_dir = Path(tempfile.mkdtemp(dir=run_dir, prefix="b"))
@@ -146,7 +150,12 @@ async def boot_snapshot(template_id: str, dir: Path, spec: MachineSpec, base_dis
                          agent=sock_dir / "a", serial_log=work / "serial.log", qemu_log=work / "qemu.log",
                          pidfile=work / "qemu.pid")
     machine = QemuMachine(spec, files)
+    slot = None
     try:
+        if spec.nic:
+            assert net is not None
+            slot = await net.acquire(EgressPolicy())
+            machine.tap_fd = net.open_tap(slot)
         qemu_img("create", "-q", "-f", "qcow2", "-b", str(base_disk), "-F", "raw", str(files.disk))
         with open(files.memory, "wb") as f:
             f.truncate(spec.memory_mb * 1024 * 1024)
@@ -181,16 +190,23 @@ async def boot_snapshot(template_id: str, dir: Path, spec: MachineSpec, base_dis
         raise VMMError(f"building template {template_id} failed: {e}: {tail}") from e
     finally:
         shutil.rmtree(sock_dir, ignore_errors=True)
+        if slot is not None:
+            await net.release(slot)
 
 
 class BuiltinTemplates:
     """Snapshots of the built-in templates, one per shape, built on first use and cached."""
 
-    def __init__(self, accel: str, run_dir: Path):
+    def __init__(self, accel: str, run_dir: Path, net: CapsuleNetwork | None = None):
         self.accel = accel
         self.run_dir = run_dir
+        self.net = net  # capsules have a NIC when it is enabled (snapshots with and without differ)
         self._locks: dict[tuple, asyncio.Lock] = {}
         self._kernel: builder.KernelImage | None = None
+
+    @property
+    def nic(self) -> bool:
+        return self.net is not None and self.net.enabled
 
     @property
     def names(self) -> list[str]:
@@ -204,6 +220,8 @@ class BuiltinTemplates:
     def dir_for(self, name: str, vcpus: int, memory_mb: int) -> Path:
         recipe = TEMPLATES[name]
         key = f"{name}-{recipe.image_key()}-{self.kernel().key}-{self.accel}-{vcpus}c-{memory_mb}m"
+        if self.nic:
+            key += "-net"
         return builder.cache_dir() / "snapshots" / key
 
     async def get(self, name: str, vcpus: int, memory_mb: int) -> TemplateSnapshot:
@@ -217,5 +235,5 @@ class BuiltinTemplates:
             kernel = self.kernel()
             root = await asyncio.to_thread(builder.build_rootfs, TEMPLATES[name])
             spec = MachineSpec(vcpus=vcpus, memory_mb=memory_mb, kernel=kernel.vmlinux, initrd=kernel.initrd,
-                               cmdline=kernel_cmdline(self.accel), accel=self.accel)
-            return await boot_snapshot(name, d, spec, root.path, kernel.version, self.run_dir)
+                               cmdline=kernel_cmdline(self.accel), accel=self.accel, nic=self.nic)
+            return await boot_snapshot(name, d, spec, root.path, kernel.version, self.run_dir, self.net)

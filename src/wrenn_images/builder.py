@@ -16,14 +16,26 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from wrenn_images.recipes import GUEST_AGENT_SRC, GUEST_FILES, KERNEL, TEMPLATES, KernelRecipe, RootfsRecipe
+from wrenn_images.recipes import (
+    GUEST_AGENT_SRC,
+    GUEST_FILES,
+    KERNEL,
+    TEMPLATES,
+    KernelRecipe,
+    RootfsRecipe,
+    extra_ca_certificates,
+)
+
+# Any address routed out of the capsule's namespace works: the host redirects all DNS to its
+# forwarder. A link-local one cannot be confused with a real server.
+GUEST_NAMESERVER = "169.254.53.53"
 
 Progress = Callable[[str], None]
 
 # Kernel command line that boots fastest under TCG (measured): PVH entry, no legacy probing.
 BASE_CMDLINE = "console=ttyS0 quiet reboot=t panic=-1 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd"
 
-# Trimmed from the root filesystem: a guest without network has no use for apt's caches and lists.
+# Trimmed from the root filesystem (apt-get update fetches the lists again when a capsule needs them).
 _TRIM = ("var/cache/apt/archives", "var/lib/apt/lists", "usr/share/doc", "usr/share/man", "usr/share/locale")
 
 
@@ -225,6 +237,18 @@ def _make_image(recipe: RootfsRecipe, tree: Path, stage: Path, out: Path) -> Non
     shutil.copytree(GUEST_AGENT_SRC, agent_dst, ignore=shutil.ignore_patterns("__pycache__", "*.md"))
     (stage / "etc" / "hostname").write_text("wrenn\n")
     (stage / "etc" / "hosts").write_text("127.0.0.1\tlocalhost\n::1\tlocalhost\n")
+    # The guest's resolver is the host's DNS forwarder (reached through the gateway; see
+    # wrenn_host.network), which applies the capsule's domain rules.
+    (stage / "etc" / "resolv.conf").unlink(missing_ok=True)
+    (stage / "etc" / "resolv.conf").write_text(f"nameserver {GUEST_NAMESERVER}\noptions timeout:2 attempts:2\n")
+    certs = extra_ca_certificates()
+    if certs:
+        dest = stage / "usr" / "local" / "share" / "ca-certificates"
+        dest.mkdir(parents=True, exist_ok=True)
+        with open(stage / "etc" / "ssl" / "certs" / "ca-certificates.crt", "ab") as bundle:
+            for cert in certs:
+                shutil.copy2(cert, dest / cert.name)
+                bundle.write(b"\n" + cert.read_bytes())
     with open(out, "wb") as f:
         f.truncate(recipe.disk_size_mb * 1024 * 1024)
     run(["mkfs.ext4", "-q", "-F", "-L", "wrenn-root", "-d", str(stage), str(out)])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from pathlib import Path
 
 GUEST_FILES = Path(__file__).parent / "guest_files"
@@ -23,6 +24,9 @@ class KernelRecipe:
         "drivers/char/virtio_console",
         "drivers/char/hw_random/virtio-rng",
         "drivers/virtio/virtio_balloon",
+        "net/core/failover",
+        "drivers/net/net_failover",
+        "drivers/net/virtio_net",
     )
 
     def key(self) -> str:
@@ -43,8 +47,16 @@ class RootfsRecipe:
         agent_files = sorted(p for p in GUEST_AGENT_SRC.rglob("*.py"))
         return digest(
             {"tree": self.tree_key(), "disk": self.disk_size_mb},
-            files=[GUEST_FILES / "wrenn-init", *agent_files],
+            files=[GUEST_FILES / "wrenn-init", *agent_files, *extra_ca_certificates()],
         )
+
+
+def extra_ca_certificates() -> list[Path]:
+    """CA certificates the host added to its trust store (a corporate or egress proxy's CA):
+    guests trust them too, so TLS from a capsule works wherever it works from the host.
+    `WRENN_GUEST_CA_DIR` chooses another directory; an empty value adds none."""
+    d = os.environ.get("WRENN_GUEST_CA_DIR", "/usr/local/share/ca-certificates")
+    return sorted(Path(d).rglob("*.crt")) if d and Path(d).is_dir() else []
 
 
 _MINIMAL = (

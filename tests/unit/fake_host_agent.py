@@ -23,6 +23,7 @@ import stat
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from wrenn_host.network.policy import EgressPolicy
 from wrenn_host.api import (
     CapsuleNotFound,
     CapsuleRuntime,
@@ -54,6 +55,7 @@ class FakeCapsule:
     dirs: set[str] = dataclasses.field(default_factory=lambda: {"/", "/root", "/tmp"})
     processes: dict[int, ProcessInfo] = dataclasses.field(default_factory=dict)
     defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
+    network: EgressPolicy = dataclasses.field(default_factory=EgressPolicy)
 
     def runtime(self) -> CapsuleRuntime:
         return CapsuleRuntime(self.capsule_id, self.state, self.template_id, self.vcpus, self.memory_mb,
@@ -179,7 +181,8 @@ class FakeHostAgent(HostAgent):
     def limits(self) -> dict[str, int]:
         return dict(self._limits)
 
-    async def create(self, capsule_id: str, template_id: str, vcpus: int | None, memory_mb: int | None) -> CapsuleRuntime:
+    async def create(self, capsule_id: str, template_id: str, vcpus: int | None, memory_mb: int | None,
+                     network: EgressPolicy | None = None) -> CapsuleRuntime:
         await self._hook("create", capsule_id)
         builtin = {t.template_id: t for t in BUILTINS}
         if template_id in builtin:
@@ -196,8 +199,13 @@ class FakeHostAgent(HostAgent):
             raise TemplateNotFound(f"no template {template_id}")
         if not (1 <= cap.vcpus <= self._limits["max_vcpus"]):
             raise InvalidShape("vcpus out of range")
+        cap.network = network or EgressPolicy()
         self.capsules[capsule_id] = cap
         return cap.runtime()
+
+    async def update_network(self, capsule_id: str, policy: EgressPolicy) -> None:
+        await self._hook("update_network", capsule_id)
+        self._capsule(capsule_id, running=False).network = policy
 
     async def pause(self, capsule_id: str) -> None:
         await self._hook("pause", capsule_id)

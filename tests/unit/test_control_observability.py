@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import sqlalchemy as sa
+
 import asyncio
 import time
 from datetime import date, datetime, timedelta, timezone
@@ -392,16 +394,21 @@ def test_migration_opens_runs_for_capsules_already_running(database_url):
         started = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
         with db.session() as s:
             team = add_team(s, "t")
-            for cid, status in (("cl-run", "running"), ("cl-paused", "paused")):
-                s.add(Capsule(id=cid, team_id=team.id, status=status, template="minimal", template_id="minimal",
-                              vcpus=2, memory_mb=512, timeout_sec=0, meta={}, created_at=started,
-                              last_updated=started, started_at=started))
             s.commit()
+            team_id = team.id
+        # Rows as revision 0001 knew them (the ORM model has columns added by later revisions).
+        with db.engine.begin() as conn:
+            capsules = sa.Table("capsules", sa.MetaData(), autoload_with=conn)
+            for cid, status in (("cl-run", "running"), ("cl-paused", "paused")):
+                conn.execute(capsules.insert().values(
+                    id=cid, team_id=team_id, status=status, template="minimal", template_id="minimal", vcpus=2,
+                    memory_mb=512, timeout_sec=0, metadata={}, created_at=started.replace(tzinfo=None),
+                    last_updated=started.replace(tzinfo=None), started_at=started.replace(tzinfo=None)))
         run_migrations(db)
         with db.session() as s:
             runs = s.execute(select(CapsuleRun.capsule_id, CapsuleRun.team_id, CapsuleRun.vcpus,
                                     CapsuleRun.started_at, CapsuleRun.ended_at)).all()
-        assert runs == [("cl-run", team.id, 2, started, None)]
+        assert runs == [("cl-run", team_id, 2, started, None)]
     finally:
         db.dispose()
 

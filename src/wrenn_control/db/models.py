@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -92,6 +92,9 @@ class Capsule(Base):
     # user labels given at create + system keys (kernel_version, ...) once running
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
     error: Mapped[str | None] = mapped_column(LongText)  # why the capsule is in `error`
+    # egress policy (wrenn_host.network.policy): allow_internet_access + {allow_out, deny_out}
+    allow_internet_access: Mapped[bool] = mapped_column(Boolean, default=True)
+    egress: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime]
     last_updated: Mapped[datetime]
     started_at: Mapped[datetime | None]

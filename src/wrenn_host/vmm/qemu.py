@@ -20,6 +20,7 @@ from pathlib import Path
 from qemu.qmp import QMPClient
 
 from wrenn_host.api import VMMError
+from wrenn_host.network.slots import GUEST_MAC
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ class MachineSpec:
     initrd: Path
     cmdline: str
     accel: str  # "kvm" | "tcg"
+    nic: bool = False  # a virtio-net device, backed by the capsule's tap (see wrenn_host.network)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +60,7 @@ def qemu_version() -> str:
     return out.split("\n", 1)[0].removeprefix("QEMU emulator version ").split(" ")[0]
 
 
-def build_argv(spec: MachineSpec, files: MachineFiles, *, incoming: bool) -> list[str]:
+def build_argv(spec: MachineSpec, files: MachineFiles, *, incoming: bool, tap_fd: int | None = None) -> list[str]:
     mem = f"{spec.memory_mb}M"
     argv = [
         "qemu-system-x86_64",
@@ -77,6 +79,7 @@ def build_argv(spec: MachineSpec, files: MachineFiles, *, incoming: bool) -> lis
         "-chardev", f"socket,id=agent,path={files.agent},server=on,wait=off",
         "-device", f"virtserialport,chardev=agent,name={AGENT_PORT}",
         "-device", "virtio-rng-device",
+        *(_nic_args(tap_fd) if spec.nic else []),
         "-qmp", f"unix:{files.qmp},server=on,wait=off",
         "-pidfile", str(files.pidfile),
         # The guest runs untrusted code: confine QEMU with its seccomp filter (no spawning, no
@@ -84,19 +87,32 @@ def build_argv(spec: MachineSpec, files: MachineFiles, *, incoming: bool) -> lis
         # pause QEMU re-opens its disks, which live where an unprivileged user cannot reach.
         "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
     ]
+    if spec.nic and tap_fd is None:
+        raise VMMError("this machine has a NIC: it needs the tap of a network slot")
     if incoming:
         # x-ignore-shared cannot be set on the command line in 7.2: defer, then set it over QMP.
         argv += ["-incoming", "defer"]
     return argv
 
 
-class QemuMachine:
-    """One QEMU process. `__init__` records; boot()/restore() spawn; save()/kill() end it."""
+def _nic_args(tap_fd: int | None) -> list[str]:
+    """The guest's NIC: the same MAC in every capsule, backed by its network slot's tap."""
+    return ["-netdev", f"tap,id=net0,fd={tap_fd}",
+            "-device", f"virtio-net-device,netdev=net0,mac={GUEST_MAC}"]
 
-    def __init__(self, spec: MachineSpec, files: MachineFiles, pid: int | None = None):
+
+class QemuMachine:
+    """One QEMU process. `__init__` records; boot()/restore() spawn; save()/kill() end it.
+
+    `tap_fd` (machines with a NIC): an open tap descriptor QEMU inherits at spawn; the machine
+    closes its own copy once QEMU has it."""
+
+    def __init__(self, spec: MachineSpec, files: MachineFiles, pid: int | None = None,
+                 tap_fd: int | None = None):
         self.spec = spec
         self.files = files
         self.pid = pid
+        self.tap_fd = tap_fd
         self._proc: asyncio.subprocess.Process | None = None
 
     # -------------------------------------------------------------- start
@@ -105,15 +121,17 @@ class QemuMachine:
         for sock in (self.files.qmp, self.files.agent):
             with contextlib.suppress(FileNotFoundError):
                 sock.unlink()
-        argv = build_argv(self.spec, self.files, incoming=incoming)
+        argv = build_argv(self.spec, self.files, incoming=incoming, tap_fd=self.tap_fd)
         logf = open(self.files.qemu_log, "ab")
         try:
             # Own session: QEMU must outlive a restart of the server (capsules keep running).
             self._proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True,
+                pass_fds=() if self.tap_fd is None else (self.tap_fd,),
             )
         finally:
             logf.close()
+            self.close_tap()
         self.pid = self._proc.pid
 
     async def _qmp(self, timeout: float = 10.0) -> QMPClient:
@@ -212,8 +230,16 @@ class QemuMachine:
         _fsync(tmp)
         tmp.rename(state)
 
+    def close_tap(self) -> None:
+        """Our copy of the tap descriptor (QEMU holds its own once spawned)."""
+        if self.tap_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.tap_fd)
+            self.tap_fd = None
+
     async def kill(self) -> None:
         """Forced stop; safe to call twice or on a dead machine."""
+        self.close_tap()
         if self.pid is None:
             return
         if self.is_alive():

@@ -13,7 +13,8 @@ from wrenn_control.api.deps import CurrentTeam, DatabaseDep, HostDep, OpsDep, Se
 from wrenn_control.builds.builtin import builtin_build_shape
 from wrenn_control.db.models import Capsule, Template
 from wrenn_control.errors import invalid, invalid_state
-from wrenn_control.schemas import CapsuleCreate, CapsuleDetail, CapsuleOut, ErrorBody
+from wrenn_control.schemas import CapsuleCreate, CapsuleDetail, CapsuleOut, ErrorBody, NetworkUpdate
+from wrenn_host.network.policy import EgressPolicy, InvalidPolicy
 
 router = APIRouter(tags=["capsules"], responses={401: {"model": ErrorBody}})
 
@@ -28,6 +29,8 @@ async def create_capsule(request: Request, team: CurrentTeam, ops: OpsDep, host:
                          body: Annotated[CapsuleCreate | None, Body()] = None) -> CapsuleOut:
     """Answers at once with status `pending`; the VM boots in the background (poll GET)."""
     body = body or CapsuleCreate()
+    network = egress_policy(body.allow_internet_access, body.network.allow_out if body.network else None,
+                            body.network.deny_out if body.network else None)
     name = body.template if body.template is not None else DEFAULT_TEMPLATE
     builtin = {t.template_id: t for t in host.builtin_templates()}
     builds = request.app.state.builds
@@ -59,7 +62,8 @@ async def create_capsule(request: Request, team: CurrentTeam, ops: OpsDep, host:
                               f"(got {asked}); omit {field}")
         template_id, vcpus, memory_mb = snap.id, snap.vcpus, snap.memory_mb
     row = ops.create(team.id, template=name, template_id=template_id, vcpus=vcpus, memory_mb=memory_mb,
-                     timeout_sec=body.timeout_sec or 0, labels=body.metadata or {}, prepare=prepare)
+                     timeout_sec=body.timeout_sec or 0, labels=body.metadata or {}, network=network,
+                     prepare=prepare)
     return CapsuleOut.of(row)
 
 
@@ -108,3 +112,26 @@ async def ping_capsule(capsule: TeamCapsule, ops: OpsDep) -> Response:
     if not ops.touch(capsule.id):
         raise invalid_state(f"capsule is {ops.status(capsule.id)}; only running capsules can be pinged")
     return Response(status_code=204)
+
+
+@router.patch("/capsules/{capsule_id}/network", response_model=CapsuleOut,
+              responses={400: {"model": ErrorBody}, 404: {"model": ErrorBody}, 409: {"model": ErrorBody},
+                         502: {"model": ErrorBody}})
+async def update_network(capsule: TeamCapsule, ops: OpsDep, body: NetworkUpdate) -> CapsuleOut:
+    """Change the egress rules of a running or paused capsule, without a restart. Omitted fields
+    keep their value; new connections follow the new rules at once."""
+    current = (capsule.egress or {})
+    rules = body.network
+    policy = egress_policy(
+        body.allow_internet_access if body.allow_internet_access is not None else capsule.allow_internet_access,
+        rules.allow_out if rules is not None and rules.allow_out is not None else current.get("allow_out"),
+        rules.deny_out if rules is not None and rules.deny_out is not None else current.get("deny_out"))
+    return CapsuleOut.of(await ops.update_network(capsule, policy))
+
+
+def egress_policy(allow_internet_access: bool | None, allow_out: list[str] | None,
+                  deny_out: list[str] | None) -> EgressPolicy:
+    try:
+        return EgressPolicy.parse(allow_internet_access, allow_out, deny_out)
+    except InvalidPolicy as exc:
+        raise invalid(str(exc)) from exc

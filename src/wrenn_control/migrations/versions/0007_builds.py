@@ -1,7 +1,7 @@
 """Template builds and their step cache.
 
 Revision ID: 0007
-Revises: 0003
+Revises: 0004
 Create Date: 2026-12-01
 """
 
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0007"
-down_revision = "0003"
+down_revision = "0004"  # re-chain at merge if other migrations land first
 branch_labels = None
 depends_on = None
 

@@ -341,13 +341,7 @@ class Builds:
         return list(builtin.BUILTIN_BUILDS)
 
     def builtin_template_id(self, name: str) -> str:
-        """The host id of a built-in build's template: it changes whenever its recipe or base does."""
-        b = builtin.BUILTIN_BUILDS[name]
-        spec = parse_recipe(list(b.recipe), b.healthcheck)
-        version = {t.template_id: t.version for t in self.host.builtin_templates()}.get(b.base, "")
-        keys = layer_keys("builtin", f"{b.base}@{version}", spec.steps, {}, (b.vcpus, b.memory_mb))
-        check = spec.healthcheck.canonical() if spec.healthcheck else ""
-        return f"builtin-{name}-{hashlib.sha256((keys[-1] + check).encode()).hexdigest()[:16]}"
+        return builtin_template_id(self.host, name)
 
     async def ensure_builtin(self, name: str) -> str:
         """The template id of built-in `name`, building it first if this host has none (once, however
@@ -363,6 +357,16 @@ class Builds:
             task = asyncio.create_task(build_builtin(self.host, name, template_id), name=f"build {name}")
             self._builtin_tasks[name] = task
         return await asyncio.shield(task)
+
+
+def builtin_template_id(host: HostAgent, name: str) -> str:
+    """The host id of a built-in build's template: it changes whenever its recipe or base does."""
+    b = builtin.BUILTIN_BUILDS[name]
+    spec = parse_recipe(list(b.recipe), b.healthcheck)
+    version = {t.template_id: t.version for t in host.builtin_templates()}.get(b.base, "")
+    keys = layer_keys("builtin", f"{b.base}@{version}", spec.steps, {}, (b.vcpus, b.memory_mb))
+    check = spec.healthcheck.canonical() if spec.healthcheck else ""
+    return f"builtin-{name}-{hashlib.sha256((keys[-1] + check).encode()).hexdigest()[:16]}"
 
 
 async def build_builtin(host: HostAgent, name: str, template_id: str,

@@ -62,9 +62,9 @@ def recipe_steps(text: str) -> list[str]:
         if not buf and (not line.strip() or line.strip().startswith("#")):
             continue
         if line.rstrip().endswith("\\"):
-            buf += line.rstrip()[:-1] + " "
+            buf += line.strip()[:-1].strip() + " "
             continue
-        steps.append((buf + line).strip())
+        steps.append((buf + line.strip()).strip())
         buf = ""
     if buf.strip():
         steps.append(buf.strip())

@@ -17,7 +17,7 @@ def test_dockerfile_or_recipe(tmp_path):
 
 def test_recipe_steps():
     text = "# a recipe\n\nRUN apt-get update && \\\n    apt-get install -y jq\nENV A=1\n  START python3 -m http.server\n"
-    assert recipe_steps(text) == ["RUN apt-get update &&     apt-get install -y jq", "ENV A=1",
+    assert recipe_steps(text) == ["RUN apt-get update && apt-get install -y jq", "ENV A=1",
                                   "START python3 -m http.server"]
 
 

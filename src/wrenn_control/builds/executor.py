@@ -122,6 +122,7 @@ class Execution:
             try:
                 await self.host.create(self.capsule_id, template_id, None, None)
                 self.cached_steps = held
+                self.sink.on_step(held, len(keys))
                 self.sink.line(f"==> steps 1-{held} of {len(keys)} from the step cache")
                 return
             except TemplateNotFound:  # its files went away: forget it, look for a shorter prefix

@@ -52,7 +52,8 @@ BUILTIN_BUILDS: dict[str, BuiltinBuild] = {
             "WORKDIR /root",
             f"START {JUPYTER}/bin/jupyter server --no-browser --allow-root --ip=127.0.0.1 --port=8888 "
             "--ServerApp.token= --ServerApp.password= --ServerApp.disable_check_xsrf=True "
-            "--ServerApp.allow_origin=* --ServerApp.root_dir=/root",
+            # the port proxy keeps the client's Host (8888-<id>.<domain>): not a local name to Jupyter
+            "--ServerApp.allow_origin=* --ServerApp.allow_remote_access=True --ServerApp.root_dir=/root",
             "RUN python3 -c " + __import__("shlex").quote(_START_KERNEL),
         ),
         healthcheck="--interval=1s --timeout=10s --start-period=120s --retries=10 "

@@ -174,3 +174,20 @@ async def test_log_stream(h):
     assert events[-1][1]["status"] == "success"
     text = "".join(d["data"] for k, d in events if k == "log")
     assert "step 2/2: RUN echo b" in text
+
+
+async def test_a_build_under_way_at_a_restart_ends_failed(tmp_path):
+    from .fake_host_agent import FakeHostAgent
+
+    settings = make_settings(tmp_path)
+    fake = FakeHostAgent()
+    pid = fake._next_pid + 1
+    fake.attach_events[pid] = [StreamEvent("sleep", exit_code=60), StreamEvent("exit", exit_code=0)]
+    async with running_app(settings, fake) as h:
+        b = (await h.client.post("/v1/builds", json={"name": "slow", "recipe": ["RUN sleep 60"]})).json()
+        await wait_build(h, b["id"], "running")
+        # the server stops: the build's task is cancelled with it, its capsule destroyed
+    async with running_app(settings, fake.survivors()) as h2:
+        body = (await h2.client.get(f"/v1/builds/{b['id']}")).json()
+        assert body["status"] == "failed" and "interrupted" in body["error"]
+        assert [c for c in fake.capsules if c.startswith("bld-")] == []

@@ -107,7 +107,13 @@ def test_code_runner_both_sdks(sdk_env, published_sdk_python):  # noqa: F811
 
     assert asyncio.run(async_run()) == "42"
 
+    # *.localhost is the loopback (RFC 6761; browsers and systemd-resolved answer so, glibc alone
+    # does not): the published SDK's proxy URL 8888-<id>.localhost:<port> then reaches our server.
     script = (
+        "import socket\n_gai = socket.getaddrinfo\n"
+        "def _loopback(host, *a, **k):\n"
+        "    return _gai('127.0.0.1' if str(host).endswith('.localhost') else host, *a, **k)\n"
+        "socket.getaddrinfo = _loopback\n"
         "import json\nfrom wrenn.code_runner import Capsule\n"
         "c = Capsule()\nc.wait_ready(timeout=120)\n"
         "try:\n"

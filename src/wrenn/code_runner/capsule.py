@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -27,6 +28,22 @@ Callback = Callable[[Any], Any] | None
 
 def _ws_base(http_url: str) -> str:
     return "ws" + http_url[len("http"):]
+
+
+def _endpoint(proxy_url: str, base_url: str) -> tuple[str, dict[str, str], tuple[str, int] | None]:
+    """(URL to send HTTP to, extra headers, address to open WebSocket sockets to).
+
+    The port proxy is the API server itself when its domain is the API's own host (the default of
+    a self-hosted server: `{port}-{id}.127.0.0.1:8080`, which no resolver knows) or a `*.localhost`
+    name (loopback by RFC 6761, though glibc does not resolve it): then connect to that address and
+    name the capsule in the Host header, as the proxy routes by Host. Any other domain is DNS's."""
+    proxy, api = httpx.URL(proxy_url), httpx.URL(base_url)
+    suffix = proxy.host.split(".", 1)[1] if "." in proxy.host else ""
+    if proxy.scheme != "http" or (suffix != api.host and not proxy.host.endswith(".localhost")):
+        return proxy_url, {}, None
+    host, port = ("127.0.0.1" if proxy.host.endswith(".localhost") else api.host), proxy.port or 80
+    host_header = f"{proxy.host}:{port}" if proxy.port else proxy.host
+    return f"http://{host}:{port}", {"Host": host_header}, (host, port)
 
 
 class Capsule(base.Capsule):
@@ -53,7 +70,8 @@ class Capsule(base.Capsule):
 
     def _jupyter(self) -> httpx.Client:
         if self._http is None:
-            self._http = httpx.Client(base_url=self.get_url(JUPYTER_PORT), headers={"X-API-Key": self._client._api_key},
+            url, headers, _ = _endpoint(self.get_url(JUPYTER_PORT), self._client.base_url)
+            self._http = httpx.Client(base_url=url, headers={"X-API-Key": self._client._api_key, **headers},
                                       timeout=30)
         return self._http
 
@@ -84,8 +102,11 @@ class Capsule(base.Capsule):
 
     def _channels(self, kernel_id: str) -> Any:
         if self._ws is None:
-            url = _ws_base(self.get_url(JUPYTER_PORT)) + f"/api/kernels/{kernel_id}/channels"
-            self._ws = sconnect(url, additional_headers={"X-API-Key": self._client._api_key},
+            proxy = self.get_url(JUPYTER_PORT)
+            _, _, addr = _endpoint(proxy, self._client.base_url)
+            sock = socket.create_connection(addr, timeout=_WS_OPEN_TIMEOUT) if addr else None
+            self._ws = sconnect(_ws_base(proxy) + f"/api/kernels/{kernel_id}/channels", sock=sock,
+                                additional_headers={"X-API-Key": self._client._api_key},
                                 open_timeout=_WS_OPEN_TIMEOUT, max_size=None, compression=None)
         return self._ws
 
@@ -160,8 +181,9 @@ class AsyncCapsule(base.AsyncCapsule):
 
     def _jupyter(self) -> httpx.AsyncClient:
         if self._http is None:
-            self._http = httpx.AsyncClient(base_url=self.get_url(JUPYTER_PORT),
-                                           headers={"X-API-Key": self._client._api_key}, timeout=30)
+            url, headers, _ = _endpoint(self.get_url(JUPYTER_PORT), self._client.base_url)
+            self._http = httpx.AsyncClient(base_url=url, headers={"X-API-Key": self._client._api_key, **headers},
+                                           timeout=30)
         return self._http
 
     async def _ensure_kernel(self, jupyter_timeout: float) -> str:
@@ -200,8 +222,14 @@ class AsyncCapsule(base.AsyncCapsule):
         deadline = time.monotonic() + timeout
         try:
             if self._ws is None:
-                url = _ws_base(self.get_url(JUPYTER_PORT)) + f"/api/kernels/{kernel_id}/channels"
-                self._ws = await aconnect(url, additional_headers={"X-API-Key": self._client._api_key},
+                proxy = self.get_url(JUPYTER_PORT)
+                _, _, addr = _endpoint(proxy, self._client.base_url)
+                sock = None
+                if addr:
+                    sock = await asyncio.to_thread(socket.create_connection, addr, _WS_OPEN_TIMEOUT)
+                    sock.setblocking(False)
+                self._ws = await aconnect(_ws_base(proxy) + f"/api/kernels/{kernel_id}/channels", sock=sock,
+                                          additional_headers={"X-API-Key": self._client._api_key},
                                           open_timeout=_WS_OPEN_TIMEOUT, max_size=None, compression=None)
             await self._ws.send(json.dumps(msg))
             while (left := deadline - time.monotonic()) > 0:

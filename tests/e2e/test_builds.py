@@ -152,3 +152,29 @@ def test_failing_step_bad_instruction_and_cancel(api):
     print(f"cancel took {time.monotonic() - started:.2f}s")
     no_build_vm(slow["id"])
     assert_error(api.post(f"/v1/builds/{slow['id']}/cancel"), 409, "invalid_state")
+
+
+def test_cli_template_build_list_delete(api, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "ctx").mkdir()
+    (tmp_path / "ctx" / "a.txt").write_text("from the context\n")
+    recipe = tmp_path / "recipe"
+    recipe.write_text("# a recipe\nRUN echo building\nCOPY a.txt /opt/a.txt\nRUN cat /opt/a.txt\n")
+    env = dict(os.environ, WRENN_API_KEY=api.server.api_key, WRENN_BASE_URL=api.server.base_url)
+
+    def wrenn(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "wrenn_cli.main", *args], env=env, capture_output=True,
+                              text=True, timeout=300)
+
+    built = wrenn("template", "build", "cli-built", "-f", str(recipe), "--context", str(tmp_path / "ctx"))
+    assert built.returncode == 0, built.stderr
+    assert "Built template cli-built" in built.stdout
+    assert "step 3/3: RUN cat /opt/a.txt" in built.stderr and "from the context" in built.stderr  # the live log
+    assert "cli-built" in wrenn("template", "list").stdout
+    failed = wrenn("template", "build", "cli-fails", "-f", str(recipe))  # COPY without a context
+    assert failed.returncode == 1 and "build context" in failed.stderr
+    assert wrenn("template", "delete", "cli-built").returncode == 0
+    assert "cli-built" not in wrenn("template", "list").stdout

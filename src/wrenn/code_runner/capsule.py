@@ -105,7 +105,7 @@ class Capsule(base.Capsule):
             proxy = self.get_url(JUPYTER_PORT)
             _, _, addr = _endpoint(proxy, self._client.base_url)
             sock = socket.create_connection(addr, timeout=_WS_OPEN_TIMEOUT) if addr else None
-            self._ws = sconnect(_ws_base(proxy) + f"/api/kernels/{kernel_id}/channels", sock=sock,
+            self._ws = sconnect(_ws_base(proxy) + f"/api/kernels/{kernel_id}/channels", sock=sock, legacy=True,
                                 additional_headers={"X-API-Key": self._client._api_key},
                                 open_timeout=_WS_OPEN_TIMEOUT, max_size=None, compression=None)
         return self._ws

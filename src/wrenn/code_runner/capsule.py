@@ -23,8 +23,6 @@ DEFAULT_TEMPLATE = "code-runner-beta"
 DEFAULT_KERNEL = "wrenn"
 _WS_OPEN_TIMEOUT = 30.0
 
-Callback = Callable[[Any], Any] | None
-
 
 def _ws_base(http_url: str) -> str:
     return "ws" + http_url[len("http"):]

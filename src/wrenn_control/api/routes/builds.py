@@ -21,6 +21,7 @@ from sqlalchemy import select
 from wrenn_control.api.deps import CurrentTeam, DatabaseDep, HostDep
 from wrenn_control.api.multipart import PartData, PartEnd, PartStart, is_multipart, iter_multipart
 from wrenn_control.api.routes.snapshots import NAME_RE
+from wrenn_control.builds.builtin import BUILTIN_BUILDS
 from wrenn_control.builds.context import BuildContext
 from wrenn_control.builds.manager import FINISHED, BuildStatus, Builds
 from wrenn_control.builds.schemas import LIST_LOG_LINES, BuildCreate, BuildOut
@@ -138,7 +139,6 @@ def _base(team_id: str, name: str, body: BuildCreate, host: HostAgent, builds: B
         return name, builtin[name].version, vcpus, mem, (vcpus, mem)
     if name in builds.builtin_names():
         template_id, vcpus, mem = builds.builtin_template_id(name), None, None
-        from wrenn_control.builds.builtin import BUILTIN_BUILDS
         shape = (BUILTIN_BUILDS[name].vcpus, BUILTIN_BUILDS[name].memory_mb)
     else:
         with db.session() as s:

@@ -1,8 +1,11 @@
-"""Host agent runtime benchmark: create, exec round trip, pause/resume, density.
+"""Host agent runtime benchmark: create, exec round trip, pause/resume, density, networking.
 
 Prints: create->exec-ready from template (p50/p95), pause and resume times, state file size,
 exec round trips (guest ping, `true`), RSS per idle capsule, and how many idle 512 MiB capsules
 fit in this host's memory (measured on --density capsules, extrapolated to MemTotal).
+Networking (root only): create latency with and without a NIC, measured alternately in the same
+run, NIC throughput guest->host and host->guest against a test host in a namespace made here, and
+inbound throughput through the guest-agent tunnel (what the port proxy uses) against the NIC.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent.parent))
 from _stats import summary  # noqa: E402
 
 from wrenn_host.agent import LocalHostAgent  # noqa: E402
@@ -34,7 +38,92 @@ def new_id() -> str:
     return "cl-" + secrets.token_hex(13)[:25]
 
 
+async def network_section(args: argparse.Namespace) -> None:
+    """Two agents, one with networking and one without, created from alternately."""
+    import os
+
+    from tests.nethost import TestHost
+
+    if os.geteuid() != 0:
+        print("networking: skipped (needs root)")
+        return
+    agents = {}
+    dirs = []
+    try:
+        for net in (True, False):
+            d = Path(tempfile.mkdtemp(prefix="wrenn-bench-net-"))
+            dirs.append(d)
+            agent = LocalHostAgent(d, network=net)
+            await agent.prepare([("minimal", 1, 512)])
+            await agent.start({})
+            agents[net] = agent
+        assert agents[True].net.enabled, agents[True].net.reason
+        from wrenn_host.network import EgressPolicy
+
+        rules = EgressPolicy.parse(False, ["198.51.100.0/24", "pypi.org"], ["198.51.100.99"])
+        variants = {"with networking": (agents[True], None), "without networking": (agents[False], None),
+                    "with networking + egress rules": (agents[True], rules)}
+        times: dict[str, list[float]] = {k: [] for k in variants}
+        for _ in range(args.n):
+            for name, (agent, policy) in variants.items():
+                cid = new_id()
+                t = time.perf_counter()
+                await agent.create(cid, "minimal", None, None, network=policy)
+                times[name].append((time.perf_counter() - t) * 1000)
+                await agent.destroy(cid)
+                await asyncio.sleep(0.5)  # between creates the pools refill, as in steady use
+        for name, values in times.items():
+            print(summary(f"create, {name}", values))
+        p50 = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+        print(f"{'create with/without networking':<34} {p50['with networking'] / p50['without networking']:.2f}x (p50)")
+
+        agent = agents[True]
+        cid = new_id()
+        await agent.create(cid, "minimal", None, None)
+        mib = args.net_mib
+        with TestHost("198.51.100.10"):
+            await agent.exec(cid, "/bin/sh", ["-c", f"head -c {mib}M /dev/urandom > /tmp/blob"], timeout_sec=60)
+            for label, script in (
+                ("NIC guest -> host (upload)", f"curl -s -o /dev/null -w '%{{speed_upload}}' "
+                                                f"--data-binary @/tmp/blob http://198.51.100.10/sink"),
+                ("NIC host -> guest (download)", f"curl -s -o /dev/null -w '%{{speed_download}}' "
+                                                  f"http://198.51.100.10/bytes/{mib * 2**20}"),
+            ):
+                res = await agent.exec(cid, "/bin/sh", ["-c", script], timeout_sec=300)
+                rate = float(res.stdout.decode() or 0) / 2**20
+                print(f"{label:<34} {rate:.2f} MiB/s ({mib} MiB, curl in the guest, test host in a netns)")
+            # Inbound, as the port proxy would carry it: guest-agent tunnel against the NIC.
+            await agent.spawn(cid, "/bin/sh", ["-c", "cd /tmp && exec python3 -m http.server 8000"])
+            await asyncio.sleep(1.5)
+            req = b"GET /blob HTTP/1.0\r\n\r\n"
+            for label, connect in (
+                    ("inbound via guest-agent tunnel", lambda: agent._guest(cid).open_tunnel("tcp_connect", port=8000)),
+                    ("inbound via the NIC (port proxy)", lambda: agent.tcp_connect(cid, 8000))):
+                rates, opens = [], []
+                for _ in range(3):
+                    t = time.perf_counter()
+                    tunnel = await connect()
+                    opens.append((time.perf_counter() - t) * 1000)
+                    got = 0
+                    await tunnel.write(req)
+                    while chunk := await tunnel.read():
+                        got += len(chunk)
+                    await tunnel.close()
+                    rates.append(got / 2**20 / (time.perf_counter() - t))
+                print(f"{label:<34} {sorted(rates)[1]:.2f} MiB/s (median of 3, {mib} MiB), "
+                      f"connect {sorted(opens)[1]:.2f} ms")
+        await agent.destroy(cid)
+    finally:
+        for agent in agents.values():
+            await agent.close()
+        for d in dirs:
+            shutil.rmtree(d, ignore_errors=True)
+
+
 async def main(args: argparse.Namespace) -> None:
+    if args.network_only:
+        await network_section(args)
+        return
     data = Path(tempfile.mkdtemp(prefix="wrenn-bench-"))
     agent = LocalHostAgent(data)
     await agent.prepare([("minimal", 1, 512)])
@@ -121,6 +210,7 @@ async def main(args: argparse.Namespace) -> None:
             await agent.destroy(c)
         await agent.close()
         shutil.rmtree(data, ignore_errors=True)
+    await network_section(args)
 
 
 if __name__ == "__main__":
@@ -128,4 +218,6 @@ if __name__ == "__main__":
     p.add_argument("-n", type=int, default=20, help="capsules to create for the create latency")
     p.add_argument("--cycles", type=int, default=10, help="pause/resume cycles")
     p.add_argument("--density", type=int, default=20, help="idle capsules for the memory figure")
+    p.add_argument("--net-mib", type=int, default=8, help="MiB moved for the NIC throughput figures")
+    p.add_argument("--network-only", action="store_true", help="only the networking section")
     asyncio.run(main(p.parse_args()))

@@ -1,5 +1,6 @@
 """Port proxy: a request whose Host is `{port}-{capsule_id}.{any domain}` reaches the TCP service
-listening on that port inside the capsule (on its loopback: capsules have no network device).
+listening on that port inside the capsule (on its loopback: the guest agent connects there, not
+over the NIC).
 
 An ASGI middleware in front of every route (`create_app` installs it): other Hosts go on to the
 API unchanged. Each proxied request opens one connection in the guest (`HostAgent.tcp_connect`).

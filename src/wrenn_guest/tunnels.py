@@ -45,9 +45,10 @@ def _connect(hosts: tuple[str, ...], port: int) -> socket.socket:
         except TimeoutError:
             raise AgentError("refused", f"connecting to port {port} timed out") from None
         except OSError as exc:
-            if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT, errno.ENETUNREACH) and host != hosts[-1]:
+            if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT, errno.ENETUNREACH) and (
+                    host != hosts[-1] or last is not None):
                 last = exc
-                continue  # e.g. no IPv6 in this guest: try the next address
+                continue  # e.g. no IPv6 in this guest: try the next address (or report the refusal)
             if isinstance(exc, socket.gaierror):
                 raise AgentError("invalid", f"unknown host {host!r}: {exc}") from None
             raise error_from_oserror(exc) from None

@@ -26,6 +26,8 @@ from wrenn_host import api
 from wrenn_host.api import CapsuleNotFound, HostAgentError, InvalidShape, TemplateNotFound, VMMError
 from wrenn_host.guest import GuestClient
 from wrenn_host.network import CapsuleNetwork, EgressPolicy, NetworkError, Slot
+from wrenn_host.network.inbound import StreamTunnel, connect_in_netns
+from wrenn_host.network.slots import GUEST_IP
 from wrenn_host.paths import HostPaths
 from wrenn_host.templates import BuiltinTemplates, TemplateSnapshot, make_overlay_seed, qemu_img, sparse_copy
 from wrenn_host.vmm.accel import choose_accelerator
@@ -84,14 +86,16 @@ class Capsule:
 
 
 class LocalHostAgent(api.HostAgent):
-    def __init__(self, data_dir: Path):
+    def __init__(self, data_dir: Path, *, network: bool | None = None):
+        """`network`: give capsules a NIC (default: on unless WRENN_NETWORK=off, and the host
+        can; see wrenn_host.network)."""
         self.paths = HostPaths(Path(data_dir) / "host")
         self._capsules: dict[str, Capsule] = {}
         self._accel: str | None = None
         self._builtin: BuiltinTemplates | None = None
         self._vmm_version = ""
         self._refills: dict[Path, asyncio.Task] = {}
-        self.net = CapsuleNetwork(self.paths.tag)
+        self.net = CapsuleNetwork(self.paths.tag, enabled=network)
 
     # ------------------------------------------------------------------ setup
 
@@ -610,7 +614,19 @@ class LocalHostAgent(api.HostAgent):
     # ------------------------------------------------------------------ ports
 
     async def tcp_connect(self, capsule_id: str, port: int) -> api.Tunnel:
-        return await self._guest(capsule_id).open_tunnel("tcp_connect", port=port)
+        """Over the NIC when the service listens on it (faster, see network/inbound.py), else
+        through the guest agent, which reaches the guest's loopback."""
+        guest = self._guest(capsule_id)
+        slot = self._get(capsule_id).slot
+        if slot is not None:
+            try:
+                sock = await asyncio.to_thread(connect_in_netns, slot.netns, (GUEST_IP, port))
+                return await StreamTunnel.open(sock)
+            except ConnectionRefusedError:
+                pass  # nothing on the NIC's address: maybe on loopback only
+            except OSError as e:
+                log.info("capsule %s: port %s over the NIC failed (%s); using the guest agent", capsule_id, port, e)
+        return await guest.open_tunnel("tcp_connect", port=port)
 
     def open_requests(self, capsule_id: str) -> int:
         """Guest agent requests in flight on this capsule's channel (tests check for leaks)."""

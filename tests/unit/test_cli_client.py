@@ -400,3 +400,25 @@ def test_snapshot_name_taken(api: Api) -> None:
     result = run("snapshot", "create", "cl-abc123", "--name", "x")
     assert result.exit_code == 1
     assert "template_name_taken" in result.stderr and "Traceback" not in result.output
+
+
+# --- networking ----------------------------------------------------------------------------
+
+
+def test_create_with_egress_flags(api: Api) -> None:
+    api.routes[("POST", "/v1/capsules")] = httpx.Response(201, json=capsule())
+    api.routes[("GET", "/v1/capsules/cl-abc123")] = httpx.Response(200, json=capsule())
+    result = run("capsule", "create", "--no-internet", "--allow-out", "pypi.org", "--allow-out", "10.0.0.0/8",
+                 "--deny-out", "10.0.0.5")
+    assert result.exit_code == 0, result.output
+    assert api.body(0) == {"allow_internet_access": False,
+                           "network": {"allow_out": ["pypi.org", "10.0.0.0/8"], "deny_out": ["10.0.0.5"]}}
+
+
+def test_network_command_patches(api: Api) -> None:
+    api.routes[("PATCH", "/v1/capsules/cl-abc123/network")] = httpx.Response(
+        200, json=capsule(allow_internet_access=True, network={"allow_out": [], "deny_out": ["1.2.3.4"]}))
+    result = run("capsule", "network", "cl-abc123", "--internet", "--deny-out", "1.2.3.4")
+    assert result.exit_code == 0, result.output
+    assert api.body() == {"allow_internet_access": True, "network": {"deny_out": ["1.2.3.4"]}}
+    assert "internet on" in result.output and "1.2.3.4" in result.output

@@ -180,3 +180,15 @@ async def test_patch_host_failure_is_502_and_keeps_the_old_rules(h):
 
 
 
+
+
+async def test_network_off_where_the_host_cannot(monkeypatch):
+    import wrenn_host.network as net
+
+    monkeypatch.setattr(net, "_cap_net_admin", lambda: False)
+    n = net.CapsuleNetwork("abcdef0123", enabled=True)
+    await n.start()
+    assert n.status() == {"enabled": False, "reason": "the server lacks CAP_NET_ADMIN (run it as root)"}
+    with pytest.raises(net.NetworkError, match="CAP_NET_ADMIN"):
+        await n.acquire(EgressPolicy())
+    await n.close()

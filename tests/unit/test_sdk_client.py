@@ -492,3 +492,35 @@ def test_public_names() -> None:
     assert (
         wrenn.CommandResult is wrenn.ExecResult and wrenn.CommandHandle is wrenn.BackgroundProcess
     )
+
+
+# --- networking ----------------------------------------------------------------------------
+
+
+def test_create_sends_network_fields_only_when_given() -> None:
+    client, rec = client_for(reply(201, {**CAPSULE, "allow_internet_access": False,
+                                         "network": {"allow_out": ["pypi.org"], "deny_out": []}}))
+    with client:
+        client.capsules.create("minimal")
+        assert rec.body() == {"template": "minimal"}
+        info = client.capsules.create(allow_internet_access=False, network={"allow_out": ["pypi.org"]})
+    assert rec.body() == {"allow_internet_access": False, "network": {"allow_out": ["pypi.org"]}}
+    assert info.allow_internet_access is False and info.network.allow_out == ["pypi.org"]
+
+
+async def test_update_network_patches_sync_and_async() -> None:
+    client, rec = client_for(reply(200, CAPSULE))
+    with client:
+        client.capsules.update_network("cl-abc123", network={"deny_out": ["10.0.0.0/8"]})
+    assert (rec.last.method, rec.last.url.path) == ("PATCH", "/api/v1/capsules/cl-abc123/network")
+    assert rec.body() == {"network": {"deny_out": ["10.0.0.0/8"]}}
+    aclient, arec = aclient_for(reply(200, CAPSULE))
+    async with aclient:
+        await aclient.capsules.update_network("cl-abc123", allow_internet_access=True)
+    assert arec.last.method == "PATCH" and arec.body() == {"allow_internet_access": True}
+
+
+def test_update_network_bad_entry_is_validation_error() -> None:
+    client, _ = client_for(reply(400, {"error": {"code": "invalid_request", "message": "allow_out: 'x y' is not"}}))
+    with client, pytest.raises(WrennValidationError, match="x y"):
+        client.capsules.update_network("cl-abc123", network={"allow_out": ["x y"]})

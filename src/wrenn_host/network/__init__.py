@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
 import os
@@ -188,11 +189,11 @@ class CapsuleNetwork:
     def open_tap(self, slot: Slot) -> int:
         return slot.open_tap()
 
-    async def _new_slot(self, policy: EgressPolicy) -> Slot:
+    async def _new_slot(self, policy: EgressPolicy, *, background: bool = False) -> Slot:
         async with self._lock:
             slot = self._claim_index()
         try:
-            await asyncio.to_thread(slot.create, policy)
+            await asyncio.to_thread(functools.partial(slot.create, policy, background=background))
         except BaseException:
             slot.unclaim()
             self._owned.discard(slot.index)
@@ -216,7 +217,7 @@ class CapsuleNetwork:
     async def _fill(self) -> None:
         while len(self._ready) < self.ready_target:
             try:
-                self._ready.append(await self._new_slot(EgressPolicy()))
+                self._ready.append(await self._new_slot(EgressPolicy(), background=True))
             except NetworkError as e:
                 log.warning("network slot not made: %s", e)
                 return

@@ -35,20 +35,25 @@ def capsule_ruleset(policy: EgressPolicy) -> str:
     ]
     if policy.uses_domains:  # HTTP Host / TLS SNI are decided by the egress proxy on the host
         forward.append(f'iifname "{TAP}" tcp dport {{ 80, 443 }} accept')
-    forward.append(f'iifname "{TAP}" ip daddr {never} drop')
-    for name, rules, verdict in (("allow_out", policy.allow, "accept"), ("deny_out", policy.deny, "drop")):
+    # Refused at once (a TCP reset, an ICMP error), so a guest's client fails fast instead of hanging.
+    forward.append(f'iifname "{TAP}" ip daddr {never} goto refuse')
+    for name, rules, verdict in (("allow_out", policy.allow, "accept"), ("deny_out", policy.deny, "goto refuse")):
         if rules.nets:
             sets.append(f"set {name} {{ type ipv4_addr; flags interval; auto-merge; "
                         f"elements = {_set([str(n) for n in rules.nets])} }}")
             forward.append(f'iifname "{TAP}" ip daddr @{name} {verdict}')
-    forward.append(f'iifname "{TAP}" ip daddr {private} drop')
+    forward.append(f'iifname "{TAP}" ip daddr {private} goto refuse')
     if not policy.allow_internet_access:
-        forward.append(f'iifname "{TAP}" drop')
+        forward.append(f'iifname "{TAP}" goto refuse')
     body = "\n".join(f"  {s}" for s in sets)
     return f"""table inet {NS_TABLE} {{}}
 delete table inet {NS_TABLE}
 table inet {NS_TABLE} {{
 {body}
+  chain refuse {{
+    meta l4proto tcp reject with tcp reset
+    reject with icmpx type admin-prohibited
+  }}
   chain forward {{
     type filter hook forward priority filter; policy accept;
 {chr(10).join("    " + r for r in forward)}

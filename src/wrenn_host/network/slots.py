@@ -38,8 +38,10 @@ class NetworkError(RuntimeError):
     pass
 
 
-def run(argv: list[str], stdin: str | None = None) -> None:
-    proc = subprocess.run(argv, input=stdin, capture_output=True, text=True)
+def run(argv: list[str], stdin: str | None = None, *, background: bool = False) -> None:
+    # Background work (the pool's refill) yields the CPU to the VMs: it must not slow a create.
+    proc = subprocess.run((["nice", "-n", "19"] if background else []) + argv, input=stdin,
+                          capture_output=True, text=True)
     if proc.returncode != 0:
         raise NetworkError(f"{' '.join(argv[:4])}: {(proc.stderr or proc.stdout).strip()[-500:]}")
 
@@ -73,15 +75,16 @@ class Slot:
 
     # ---------------------------------------------------------------- set-up and tear-down
 
-    def create(self, policy: EgressPolicy) -> None:
+    def create(self, policy: EgressPolicy, *, background: bool = False) -> None:
         """Namespace, veth pair, tap and firewall (tens of ms: done ahead, by the pool)."""
+        bg = {"background": background}
         try:
-            run(["ip", "netns", "add", self.netns])
+            run(["ip", "netns", "add", self.netns], **bg)
             run(["ip", "link", "add", self.host_veth, "type", "veth", "peer", "name", firewall.NS_VETH,
-                 "netns", self.netns])
+                 "netns", self.netns], **bg)
             run(["ip", "-b", "-"], stdin=f"addr add {self.host_ip}/30 dev {self.host_veth}\n"
-                                         f"link set {self.host_veth} up\n")
-            run(["ip", "-n", self.netns, "-b", "-"], stdin="\n".join([
+                                         f"link set {self.host_veth} up\n", **bg)
+            run(["ip", "-n", self.netns, "-b", "-"], **bg, stdin="\n".join([
                 "link set lo up",
                 f"addr add {self.ns_ip}/30 dev {firewall.NS_VETH}",
                 f"link set {firewall.NS_VETH} up",
@@ -92,14 +95,15 @@ class Slot:
                 f"route add default via {self.host_ip}",
             ]) + "\n")
             run(["ip", "netns", "exec", self.netns, "sysctl", "-qw", "net.ipv4.ip_forward=1",
-                 "net.ipv6.conf.all.disable_ipv6=1"])
-            self.apply(policy)
+                 "net.ipv6.conf.all.disable_ipv6=1"], **bg)
+            self.apply(policy, background=background)
         except BaseException:
             self.destroy()
             raise
 
-    def apply(self, policy: EgressPolicy) -> None:
-        run(["ip", "netns", "exec", self.netns, "nft", "-f", "-"], stdin=firewall.capsule_ruleset(policy))
+    def apply(self, policy: EgressPolicy, *, background: bool = False) -> None:
+        run(["ip", "netns", "exec", self.netns, "nft", "-f", "-"], stdin=firewall.capsule_ruleset(policy),
+            background=background)
 
     def destroy(self) -> None:
         """Idempotent: the namespace takes its tap, its veth end (and so the pair) and its rules."""

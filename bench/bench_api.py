@@ -27,8 +27,11 @@ from _stats import summary  # noqa: E402
 from tests.conftest import ServerHandle, _free_port, kill_qemus, qemu_pids  # noqa: E402
 
 
-def start_server() -> ServerHandle:
-    data_dir = Path(tempfile.mkdtemp(prefix="wrenn-bench-api-"))
+def start_server(data_dir: Path | None = None) -> ServerHandle:
+    """A server on a temporary data directory, or on `data_dir` (kept: see stop_server)."""
+    if data_dir is not None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir = data_dir or Path(tempfile.mkdtemp(prefix="wrenn-bench-api-"))
     port = _free_port()
     server = ServerHandle(f"http://127.0.0.1:{port}/api", "wrn_" + secrets.token_hex(16), data_dir, port)
     t = time.perf_counter()
@@ -37,12 +40,13 @@ def start_server() -> ServerHandle:
     return server
 
 
-def stop_server(server: ServerHandle, capsule_ids: list[str]) -> None:
-    """Stop the server, say if any destroyed capsule left a QEMU behind, remove its data."""
+def stop_server(server: ServerHandle, capsule_ids: list[str], keep: bool = False) -> None:
+    """Stop the server, say if any destroyed capsule left a QEMU behind, remove its data (unless `keep`)."""
     server.stop()
     left = [cid for cid in capsule_ids if qemu_pids(cid)]
     kill_qemus(server.data_dir)
-    shutil.rmtree(server.data_dir, ignore_errors=True)
+    if not keep:
+        shutil.rmtree(server.data_dir, ignore_errors=True)
     if left:
         print(f"warning: QEMU was left for {left} (killed)")
 

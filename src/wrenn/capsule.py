@@ -18,6 +18,7 @@ from wrenn._models import CapsuleInfo, Status, Template
 from wrenn._wait import DEFAULT_WAIT_TIMEOUT, adrive, connect_flow, drive
 from wrenn.commands import AsyncCommands, Commands
 from wrenn.files import AsyncFiles, Files
+from wrenn.git import AsyncGit, Git
 from wrenn.pty import PtySession, _AsyncPtyOpener
 from wrenn.pty import _connect_message as _pty_connect_message
 from wrenn.pty import _start_message as _pty_start_message
@@ -155,6 +156,7 @@ class Capsule(_CapsuleState):
             self._id = self._info.id
         self.commands = Commands(self._id, self._client)
         self.files = Files(self._id, self._client)
+        self.git = Git(self.commands)
         if wait and self._info.status != Status.running:  # the server may answer running
             try:
                 self.wait_ready()
@@ -506,6 +508,13 @@ class AsyncCapsule(_CapsuleState):
         self._require_created()
         assert self._commands is not None
         return self._commands
+
+    @property
+    def git(self) -> AsyncGit:
+        """Git inside the capsule (runs its ``git`` binary)."""
+        self._require_created()
+        assert self._commands is not None
+        return AsyncGit(self._commands)
 
     @property
     def files(self) -> AsyncFiles:

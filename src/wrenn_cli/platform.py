@@ -53,12 +53,57 @@ def _build_images(force: bool) -> None:
 @images_app.command("build")
 def images_build(
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if the cache is up to date.")] = False,
+    with_: Annotated[list[str] | None, typer.Option(
+        "--with", help="Also build this built-in template made by a build (code-runner-beta); repeatable.")] = None,
+    data_dir: Annotated[Path | None, typer.Option(
+        help="The server's data directory [default: $WRENN_DATA_DIR or ~/.local/share/wrenn].")] = None,
 ) -> None:
     """Build the guest kernel and the `minimal` and `base-python` root filesystems.
 
     Artifacts go to $WRENN_CACHE_DIR (default ~/.cache/wrenn), keyed by a hash of their recipe:
-    a second run is a no-op. Template snapshots are made from them when the server starts."""
+    a second run is a no-op. Template snapshots are made from them when the server starts.
+    `--with code-runner-beta` also runs that template's build (in a capsule, with network) into the
+    data directory, so the first code runner capsule does not wait for it."""
     _build_images(force)
+    if with_:
+        _build_builtins(with_, (data_dir or default_data_dir()).resolve())
+
+
+def _build_builtins(names: list[str], data_dir: Path) -> None:
+    from wrenn_control.builds.builtin import BUILTIN_BUILDS
+    from wrenn_control.builds.manager import build_builtin, builtin_template_id
+    from wrenn_host.agent import LocalHostAgent
+    from wrenn_host.api import HostAgentError, TemplateNotFound
+
+    unknown = [n for n in names if n not in BUILTIN_BUILDS]
+    if unknown:
+        console.print(f"[red]unknown built-in template(s):[/] {', '.join(unknown)} (known: {', '.join(BUILTIN_BUILDS)})")
+        raise typer.Exit(1)
+
+    async def run() -> None:
+        agent = LocalHostAgent(data_dir)
+        try:
+            await agent.prepare([(BUILTIN_BUILDS[n].base, BUILTIN_BUILDS[n].vcpus, BUILTIN_BUILDS[n].memory_mb)
+                                 for n in names])
+            for name in names:
+                template_id = builtin_template_id(agent, name)
+                try:
+                    await agent.template_info(template_id)
+                    console.print(f"{name} is up to date ({template_id})")
+                    continue
+                except TemplateNotFound:
+                    pass
+                console.print(f"building {name} (a build capsule installs its packages: a few minutes)")
+                await build_builtin(agent, name, template_id, on_log=lambda t: console.print(t, end="", markup=False))
+                console.print(f"{name} built ({template_id})")
+        except HostAgentError as e:
+            console.print(f"[red]{e}[/]")
+            raise typer.Exit(1) from e
+        finally:
+            await agent.close()
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    asyncio.run(run())
 
 
 async def _prepare(agent) -> None:

@@ -19,6 +19,7 @@ from wrenn_control.api.guard import RequestGuard
 from wrenn_control.api.routes import api_router, system
 from wrenn_control.auth import load_jwt_secret
 from wrenn_control.bootstrap import bootstrap
+from wrenn_control.builds.manager import Builds
 from wrenn_control.config import Settings
 from wrenn_control.db.migrate import run_migrations
 from wrenn_control.db.session import Database
@@ -58,6 +59,7 @@ def create_app(settings: Settings, host: HostAgent) -> FastAPI:
     events = EventBus()
     ops = CapsuleOps(db, host, events, create_wait_sec=settings.create_wait_sec)
     ops.drain_sec = settings.pause_drain_sec
+    builds = Builds(db, host, events, work_dir=settings.data_dir / "builds")
     reaper = Reaper(db, ops, settings.reaper_interval_sec)
     retention = Retention(db, settings.stopped_retention_sec, settings.retention_interval_sec)
     sampler = Sampler(db, ops, settings.sampler_interval_sec,
@@ -72,6 +74,8 @@ def create_app(settings: Settings, host: HostAgent) -> FastAPI:
         # A freshly generated key, for the caller to show once (None if none was made).
         app.state.bootstrap_key = bootstrap(db, settings)
         app.state.reconcile_report = await reconcile(ops)
+        builds.work_dir.mkdir(parents=True, exist_ok=True)
+        builds.recover()
         reaper.start()
         sampler.start()
         retention.start()
@@ -81,6 +85,7 @@ def create_app(settings: Settings, host: HostAgent) -> FastAPI:
             await retention.stop()
             await sampler.stop()
             await reaper.stop()
+            await builds.shutdown()
             await ops.shutdown(settings.shutdown_grace_sec)
             await host.close()
             db.dispose()
@@ -101,6 +106,7 @@ def create_app(settings: Settings, host: HostAgent) -> FastAPI:
     app.state.host = host
     app.state.events = events
     app.state.ops = ops
+    app.state.builds = builds
     app.state.reaper = reaper
     app.state.sampler = sampler
     app.state.retention = retention

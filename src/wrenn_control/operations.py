@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -126,13 +126,16 @@ class CapsuleOps:
     # ---- create ---------------------------------------------------------------------------
 
     async def create(self, team_id: str, *, template: str, template_id: str, vcpus: int, memory_mb: int,
-                     timeout_sec: int, labels: dict[str, str], network: EgressPolicy | None = None) -> Capsule:
+                     timeout_sec: int, labels: dict[str, str], network: EgressPolicy | None = None,
+                     prepare: Callable[[], Awaitable[object]] | None = None) -> Capsule:
         """Write the row as `pending`, boot, and answer once the capsule is running, as Wrenn's
-        server does. A boot longer than `create_wait_sec` (a new shape's first, cold, boot) goes
-        on in the background and the answer says `starting`. A failed boot raises 502
-        agent_error; the capsule stays recorded as `error` with the reason."""
+        server does. A boot longer than `create_wait_sec` (a new shape's first, cold, boot, or a
+        built-in template built on first use by `prepare`) goes on in the background and the
+        answer says `starting`. A failed boot raises 502 agent_error; the capsule stays recorded
+        as `error` with the reason."""
         row = self.start_create(team_id, template=template, template_id=template_id, vcpus=vcpus,
-                                memory_mb=memory_mb, timeout_sec=timeout_sec, labels=labels, network=network)
+                                memory_mb=memory_mb, timeout_sec=timeout_sec, labels=labels, network=network,
+                                prepare=prepare)
         task = self._boot_tasks.get(row.id)
         if task is not None and self.create_wait_sec > 0:
             # asyncio.wait never cancels the boot: a client that hangs up leaves it to finish.
@@ -143,8 +146,10 @@ class CapsuleOps:
         return now
 
     def start_create(self, team_id: str, *, template: str, template_id: str, vcpus: int, memory_mb: int,
-                     timeout_sec: int, labels: dict[str, str], network: EgressPolicy | None = None) -> Capsule:
-        """Write the row as `pending` and start the boot in the background."""
+                     timeout_sec: int, labels: dict[str, str], network: EgressPolicy | None = None,
+                     prepare: Callable[[], Awaitable[object]] | None = None) -> Capsule:
+        """Write the row as `pending` and start the boot in the background; `prepare` is awaited
+        before the host creates the VM."""
         now = utcnow()
         network = network or EgressPolicy()
         rules = network.to_dict()
@@ -159,16 +164,20 @@ class CapsuleOps:
             s.add(row)
             s.commit()
         self._publish(row, ev.CAPSULE_STATE_CHANGED, metadata={"to": row.status})
-        task = asyncio.create_task(self._boot(row.id, template_id, vcpus, memory_mb, network), name=f"boot {row.id}")
+        task = asyncio.create_task(self._boot(row.id, template_id, vcpus, memory_mb, network, prepare),
+                                   name=f"boot {row.id}")
         self._boot_tasks[row.id] = task
         task.add_done_callback(lambda _t, cid=row.id: self._boot_tasks.pop(cid, None))
         return row
 
     async def _boot(self, capsule_id: str, template_id: str, vcpus: int, memory_mb: int,
-                    network: EgressPolicy | None = None) -> None:
+                    network: EgressPolicy | None = None,
+                    prepare: Callable[[], Awaitable[object]] | None = None) -> None:
         if not self.transition(capsule_id, S.STARTING, from_={S.PENDING}):
             return  # destroyed before the boot began
         try:
+            if prepare is not None:
+                await prepare()
             async with self._lock(capsule_id):
                 runtime = await self.host.create(capsule_id, template_id, vcpus, memory_mb, network=network)
         except HostAgentError as exc:

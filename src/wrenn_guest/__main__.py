@@ -8,7 +8,7 @@ import os
 import sys
 import time
 
-from . import commands, files, processes, system, terminals, tunnels
+from . import commands, defaults, files, processes, system, terminals, tunnels
 from .server import Server, fd_channel
 
 DEFAULT_DEVICE = "/dev/virtio-ports/wrenn.agent"
@@ -21,6 +21,8 @@ def handlers(table: processes.Table, ttys: terminals.Terminals | None = None) ->
         "ping": system.ping,
         "identity": system.identity,
         "metrics": system.metrics,
+        "defaults": defaults.set_defaults,
+        "get_defaults": defaults.get_defaults,
         "exec": commands.exec_,
         "spawn": table.spawn,
         "ps": table.ps,

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import time
 
+from . import defaults
 from .protocol import MAX_PAYLOAD, AgentError
 from .server import Cancelled, Request
 
@@ -28,7 +29,8 @@ READ_CHUNK = 256 * 1024
 
 
 def command_line(params: dict) -> tuple[str, list[str], dict[str, str], str]:
-    """Validate cmd/args/envs/cwd shared by exec and spawn; returns (cmd, args, env, cwd)."""
+    """Validate cmd/args/envs/cwd shared by exec, spawn and PTYs; returns (cmd, args, env, cwd).
+    The defaults (`defaults.py`: a template's USER, WORKDIR, ENV) fill what the request leaves out."""
     cmd = params.get("cmd")
     if not isinstance(cmd, str) or not cmd:
         raise AgentError("invalid", "cmd must be a non-empty string")
@@ -45,10 +47,12 @@ def command_line(params: dict) -> tuple[str, list[str], dict[str, str], str]:
                              "it must be non-empty, without '=' or NUL")
         if not isinstance(value, str) or "\0" in value:
             raise AgentError("invalid", f"environment variable {name[:64]!r}: value must be a string without NUL")
-    env = {**DEFAULT_ENV, **envs}
+    d = defaults.current()
+    env = {**DEFAULT_ENV, "HOME": d.home, **({"USER": d.user, "LOGNAME": d.user} if d.uid else {}),
+           **dict(d.envs), **envs}
     cwd = params.get("cwd")
     if cwd is None:
-        cwd = env["HOME"] if os.path.isdir(env["HOME"]) else "/"
+        cwd = d.workdir()
     elif not isinstance(cwd, str) or not cwd or "\0" in cwd:
         raise AgentError("invalid", "cwd must be a string without NUL characters")
     elif not os.path.isdir(cwd):
@@ -71,7 +75,7 @@ def popen(cmd: str, args: list[str], env: dict, cwd: str, stdin) -> subprocess.P
     """Start `cmd` in its own session, so that its whole process group can be killed."""
     try:
         return subprocess.Popen([cmd, *args], env=env, cwd=cwd, stdin=stdin, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, start_new_session=True)
+                                stderr=subprocess.PIPE, start_new_session=True, **defaults.current().popen_kwargs())
     except (FileNotFoundError, NotADirectoryError, PermissionError) as exc:
         if exc.filename == cwd:  # cwd vanished (or is not ours) between the check and the exec
             raise

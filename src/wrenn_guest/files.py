@@ -10,10 +10,10 @@ import stat
 import tempfile
 import time
 
+from . import defaults
 from .protocol import MAX_PAYLOAD, AgentError
 from .server import Cancelled, Request
 
-HOME = "/root"  # relative paths are taken from here, like the default exec cwd
 DEFAULT_FILE_MODE = 0o644
 
 
@@ -25,9 +25,10 @@ def _path(params: dict) -> str:
 
 
 def normalise(path: str) -> str:
-    """Absolute, without `.`, `..`, repeated or trailing slashes. normpath keeps a leading `//`
-    (POSIX lets it mean something else), which would slip past a `== "/"` guard."""
-    path = os.path.normpath(os.path.join(HOME, path))
+    """Absolute, without `.`, `..`, repeated or trailing slashes; relative paths are taken from
+    the default exec cwd (a template's WORKDIR, else home). normpath keeps a leading `//` (POSIX
+    lets it mean something else), which would slip past a `== "/"` guard."""
+    path = os.path.normpath(os.path.join(defaults.current().workdir(), path))
     return "/" + path.lstrip("/")
 
 
@@ -103,7 +104,7 @@ def file_write(req: Request) -> dict:
     parent = os.path.dirname(path)
     if os.path.exists(parent) and not os.path.isdir(parent):
         raise AgentError("not_directory", f"{parent}: not a directory")
-    os.makedirs(parent, exist_ok=True)
+    _makedirs(parent)
     try:
         old = os.stat(path)
     except FileNotFoundError:
@@ -121,11 +122,13 @@ def file_write(req: Request) -> dict:
             # mkstemp made it 0600: give it the asked mode, else keep the replaced file's
             os.fchmod(f.fileno(), mode if mode is not None else
                       stat.S_IMODE(old.st_mode) if old else DEFAULT_FILE_MODE)
-            if old is not None:
-                try:
+            try:
+                if old is not None:
                     os.fchown(f.fileno(), old.st_uid, old.st_gid)
-                except OSError:
-                    pass
+                else:  # a new file belongs to the default user (a template's USER)
+                    defaults.current().chown(tmp)
+            except OSError:
+                pass
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -134,6 +137,22 @@ def file_write(req: Request) -> dict:
             pass
         raise
     return {"size": size}
+
+
+def _makedirs(path: str) -> None:
+    """os.makedirs, giving each directory it creates to the default user."""
+    if os.path.isdir(path):
+        return
+    parent = os.path.dirname(path)
+    if parent != path:
+        _makedirs(parent)
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise
+        return
+    defaults.current().chown(path)
 
 
 def _mode(value) -> int | None:
@@ -185,7 +204,7 @@ def _walk(path: str, depth: int, out: list, names: _Names, top: bool = False) ->
 
 def mkdir(req: Request) -> dict:
     path = _path(req.params)
-    os.makedirs(path, exist_ok=True)  # an existing non-directory raises EEXIST
+    _makedirs(path)  # an existing non-directory raises EEXIST
     return {"entry": entry(path)}
 
 

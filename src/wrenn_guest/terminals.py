@@ -17,6 +17,7 @@ import subprocess
 import termios
 import threading
 
+from . import defaults
 from .commands import command_line, kill_group
 from .processes import READER_GRACE_SEC, Ring, _signal
 from .protocol import MAX_PAYLOAD, AgentError
@@ -53,7 +54,8 @@ def _take_controlling_tty() -> None:
 def _popen(cmd: str, args: list[str], env: dict, cwd: str, slave: int) -> subprocess.Popen:
     try:
         return subprocess.Popen([cmd, *args], env=env, cwd=cwd, stdin=slave, stdout=slave, stderr=slave,
-                                start_new_session=True, preexec_fn=_take_controlling_tty)
+                                start_new_session=True, preexec_fn=_take_controlling_tty,
+                                **defaults.current().popen_kwargs())
     except (FileNotFoundError, NotADirectoryError, PermissionError) as exc:
         if exc.filename == cwd:  # cwd vanished between the check and the exec
             raise

@@ -38,6 +38,7 @@ from wrenn_host.templates import BuiltinTemplates, TemplateSnapshot, make_overla
 from wrenn_host.vmm.accel import choose_accelerator
 from wrenn_host.vmm.qemu import MachineFiles, QemuMachine, qemu_version, uses_file
 from wrenn_images import builder
+from wrenn_images.recipes import TEMPLATES
 
 log = logging.getLogger(__name__)
 
@@ -654,6 +655,15 @@ class LocalHostAgent(api.HostAgent):
         for n in range(SPARE_MEMORY_FILES):
             self.paths.spare_memory(template_dir, n).unlink(missing_ok=True)
 
+    async def template_info(self, template_id: str) -> api.TemplateRuntime:
+        if template_id in self.builtin.names:
+            raise TemplateNotFound(f"{template_id} is a built-in template, not a snapshot")
+        d = self.paths.template_dir(template_id)
+        if not (d / "meta.json").exists() or (d / "deleted").exists():
+            raise TemplateNotFound(f"template {template_id} not found")
+        snap = TemplateSnapshot.load(d)
+        return api.TemplateRuntime(template_id, snap.spec.vcpus, snap.spec.memory_mb, snap.size_bytes())
+
     async def update_network(self, capsule_id: str, policy: EgressPolicy) -> None:
         """New egress rules, in force at once for a running capsule (kept for its next resume)."""
         cap = self._get(capsule_id)
@@ -667,7 +677,8 @@ class LocalHostAgent(api.HostAgent):
                     raise HostAgentError(f"egress rules not applied: {e}") from e
 
     def builtin_templates(self) -> list[api.TemplateRuntime]:
-        return [api.TemplateRuntime(name, 1, 512, 0) for name in self.builtin.names]
+        return [api.TemplateRuntime(name, 1, 512, 0, version=TEMPLATES[name].image_key())
+                for name in self.builtin.names]
 
     # ------------------------------------------------------------------ commands
 
@@ -687,6 +698,12 @@ class LocalHostAgent(api.HostAgent):
                     cwd: str | None = None, tag: str | None = None) -> api.ProcessInfo:
         res, _ = await self._guest(capsule_id).call("spawn", cmd=cmd, args=list(args), envs=envs or {}, cwd=cwd, tag=tag)
         return api.ProcessInfo(pid=res["pid"], tag=res["tag"], cmd=cmd, args=list(args), running=True, exit_code=None)
+
+    async def set_defaults(self, capsule_id: str, *, user: str | None = None, cwd: str | None = None,
+                           envs: dict[str, str] | None = None) -> dict[str, Any]:
+        fields = {k: v for k, v in (("user", user), ("cwd", cwd), ("envs", envs)) if v is not None}
+        res, _ = await self._guest(capsule_id).call("defaults", **fields)
+        return res
 
     async def processes(self, capsule_id: str) -> list[api.ProcessInfo]:
         res, _ = await self._guest(capsule_id).call("ps")

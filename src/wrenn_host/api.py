@@ -79,6 +79,9 @@ class TemplateRuntime:
     vcpus: int
     memory_mb: int
     size_bytes: int
+    # Built-in templates: changes whenever what they are made of does (recipe, guest agent), so
+    # caches keyed by a template (the build step cache) notice a rebuilt image.
+    version: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,6 +217,10 @@ class HostAgent(abc.ABC):
     async def delete_template(self, template_id: str) -> None: ...
 
     @abc.abstractmethod
+    async def template_info(self, template_id: str) -> TemplateRuntime:
+        """A snapshot template's shape and size; TemplateNotFound if this host has none by that id."""
+
+    @abc.abstractmethod
     def builtin_templates(self) -> list[TemplateRuntime]: ...
 
     # commands and processes
@@ -229,6 +236,14 @@ class HostAgent(abc.ABC):
 
     @abc.abstractmethod
     async def processes(self, capsule_id: str) -> list[ProcessInfo]: ...
+
+    @abc.abstractmethod
+    async def set_defaults(self, capsule_id: str, *, user: str | None = None, cwd: str | None = None,
+                           envs: dict[str, str] | None = None) -> dict[str, Any]:
+        """Change the user, working directory and environment that exec, spawn, PTYs and file
+        ops use when the call gives none (a template's USER, WORKDIR, ENV). None keeps a field;
+        `envs` merge over the current ones. They are part of the guest's memory, so a snapshot
+        template keeps them. Returns {user, uid, cwd, envs}."""
 
     @abc.abstractmethod
     async def kill(self, capsule_id: str, target: int | str, signal: str = "SIGKILL") -> None: ...

@@ -68,6 +68,7 @@ _MINIMAL = (
     "xxd",
     "less",
     "curl",
+    "git",  # capsule.git runs the git binary inside the capsule
 )
 
 TEMPLATES: dict[str, RootfsRecipe] = {

@@ -85,7 +85,7 @@ def test_list_filters_and_builtins(api: Api, source: dict[str, Any]) -> None:
     everything = templates(api)
     base = templates(api, type="base")
     snaps = templates(api, type="snapshot")
-    assert set(base) == {"minimal", "base-python"}
+    assert set(base) == {"minimal", "base-python", "code-runner-beta"}
     assert all(t["type"] == "base" for t in base.values())
     assert source["name"] in snaps and all(t["type"] == "snapshot" for t in snaps.values())
     assert set(everything) == set(base) | set(snaps)
@@ -195,7 +195,7 @@ def test_delete(api: Api) -> None:
 def test_templates_are_per_team(api: Api, other_team: Api, source: dict[str, Any]) -> None:  # noqa: F811
     name = source["name"]
     assert name not in templates(other_team)
-    assert set(templates(other_team)) == {"minimal", "base-python"}
+    assert set(templates(other_team)) == {"minimal", "base-python", "code-runner-beta"}
     assert_error(other_team.post("/v1/capsules", json={"template": name}), 400, "invalid_request")
     assert_error(other_team.delete(f"/v1/snapshots/{name}"), 404, "not_found")
     # The other team may use the same name for its own template.

@@ -282,10 +282,10 @@ def published_sdk_python() -> Path:
     def installed() -> bool:
         if not python.is_file():
             return False
-        # (without PYTHONPATH: a checkout's own src/wrenn on it would shadow the published SDK)
+        # Without PYTHONPATH: a test run pointed at this repository's src must not import our wrenn.
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
         probe = subprocess.run([str(python), "-c", "import wrenn; print(wrenn.__version__)"],
-                               capture_output=True, text=True,
-                               env={k: v for k, v in os.environ.items() if not k.startswith("PYTHON")})
+                               capture_output=True, text=True, env=clean)
         return probe.returncode == 0 and probe.stdout.strip() == SDK_VERSION
 
     if not installed():

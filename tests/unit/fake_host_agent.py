@@ -54,6 +54,7 @@ class FakeCapsule:
     files: dict[str, bytes] = dataclasses.field(default_factory=dict)
     dirs: set[str] = dataclasses.field(default_factory=lambda: {"/", "/root", "/tmp"})
     processes: dict[int, ProcessInfo] = dataclasses.field(default_factory=dict)
+    defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
     network: EgressPolicy = dataclasses.field(default_factory=EgressPolicy)
 
     def runtime(self) -> CapsuleRuntime:
@@ -244,6 +245,12 @@ class FakeHostAgent(HostAgent):
         self.templates[template_id] = (tpl, copy.deepcopy(cap))
         return tpl
 
+    async def template_info(self, template_id: str) -> TemplateRuntime:
+        await self._hook("template_info", template_id)
+        if template_id not in self.templates:
+            raise TemplateNotFound(f"template {template_id} not found")
+        return self.templates[template_id][0]
+
     async def delete_template(self, template_id: str) -> None:
         await self._hook("delete_template", template_id)
         if template_id not in self.templates:
@@ -278,6 +285,20 @@ class FakeHostAgent(HostAgent):
         info = ProcessInfo(self._next_pid, tag or f"proc-{self._next_pid:08x}", cmd, list(args), True, None)
         cap.processes[info.pid] = info
         return info
+
+    async def set_defaults(self, capsule_id: str, *, user: str | None = None, cwd: str | None = None,
+                           envs: dict[str, str] | None = None) -> dict[str, Any]:
+        await self._hook("set_defaults", capsule_id)
+        cap = self._capsule(capsule_id)
+        if cwd is not None and cwd not in cap.dirs:
+            raise GuestError(f"cwd {cwd}: no such directory", code="not_found")
+        d = cap.defaults or {"user": "root", "uid": 0, "cwd": "/root", "envs": {}}
+        if user is not None:
+            d["user"], d["uid"] = user, 0 if user == "root" else 1000
+        d["cwd"] = cwd or d["cwd"]
+        d["envs"] = {**d["envs"], **(envs or {})}
+        cap.defaults = d
+        return dict(cap.defaults)
 
     async def processes(self, capsule_id: str) -> list[ProcessInfo]:
         await self._hook("processes", capsule_id)

@@ -55,10 +55,12 @@ async def test_list_filters_and_order(h, cap):
     await snap(h, cap["id"], "one")
     await snap(h, cap["id"], "two")
     everything = (await h.client.get("/v1/snapshots")).json()
-    assert [(t["name"], t["type"]) for t in everything[:2]] == [("minimal", "base"), ("base-python", "base")]
+    assert [(t["name"], t["type"]) for t in everything[:3]] == [
+        ("minimal", "base"), ("base-python", "base"), ("code-runner-beta", "base")]
     assert everything[0]["created_at"] is None
-    assert {t["name"] for t in everything[2:]} == {"one", "two"}
-    assert [t["name"] for t in (await h.client.get("/v1/snapshots?type=base")).json()] == ["minimal", "base-python"]
+    assert {t["name"] for t in everything[3:]} == {"one", "two"}
+    assert [t["name"] for t in (await h.client.get("/v1/snapshots?type=base")).json()] == [
+        "minimal", "base-python", "code-runner-beta"]
     assert {t["name"] for t in (await h.client.get("/v1/snapshots?type=snapshot")).json()} == {"one", "two"}
     assert_error(await h.client.get("/v1/snapshots?type=other"), 400, "invalid_request")
 

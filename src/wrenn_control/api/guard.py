@@ -26,8 +26,9 @@ from wrenn_control.api.openapi import allowed_methods
 from wrenn_control.errors import error_response
 
 PUBLIC = frozenset({"/api/v1/auth/signup", "/api/v1/auth/login"})
-# Uploads stream their body to the guest and cap it themselves (files/write) or not at all.
-_UPLOAD = re.compile(r"^/api/v1/capsules/[^/]+/files/(stream/)?write/?$")
+# Uploads stream their body to the guest and cap it themselves (files/write) or not at all; a
+# build's context tar has its own cap (routes/builds.py).
+_UPLOAD = re.compile(r"^/api/v1/(capsules/[^/]+/files/(stream/)?write|builds)/?$")
 
 
 def _header(scope: dict[str, Any], name: bytes) -> str | None:

@@ -192,3 +192,45 @@ class TeamMember(Base):
     user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True, index=True)
     role: Mapped[str] = mapped_column(Str(16))
     created_at: Mapped[datetime]
+
+
+# ---- builds (migration 0007) ----------------------------------------------------------------
+
+
+class Build(Base):
+    """A template build: its steps, progress and log. The template it makes is a `templates` row."""
+
+    __tablename__ = "builds"
+    __table_args__ = (Index("ix_builds_team_created", "team_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(Str(40), primary_key=True)
+    team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(Str(64))  # the template it makes
+    base_template: Mapped[str] = mapped_column(Str(64))
+    status: Mapped[str] = mapped_column(Str(16), index=True)  # pending|running|success|failed|cancelled
+    current_step: Mapped[int]
+    total_steps: Mapped[int]
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # steps as written, healthcheck, ports
+    vcpus: Mapped[int]
+    memory_mb: Mapped[int]
+    logs: Mapped[str] = mapped_column(LongText, default="")
+    error: Mapped[str | None] = mapped_column(LongText)
+    template_id: Mapped[str | None] = mapped_column(Str(64))
+    cached_steps: Mapped[int] = mapped_column(Integer, default=0)  # steps taken from the step cache
+    created_at: Mapped[datetime]
+    started_at: Mapped[datetime | None]
+    completed_at: Mapped[datetime | None]
+
+
+class BuildLayer(Base):
+    """A step cache entry: the state of a build capsule after some steps, kept as a hidden host
+    template. `key` hashes the base template, the shape, the steps so far and their context files."""
+
+    __tablename__ = "build_layers"
+
+    key: Mapped[str] = mapped_column(Str(64), primary_key=True)
+    team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"), index=True)
+    template_id: Mapped[str] = mapped_column(Str(64))
+    step: Mapped[int]  # how many steps it holds
+    created_at: Mapped[datetime]
+    last_used_at: Mapped[datetime]

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from wrenn_control.api.routes import accounts, capsules, events, exec, files, observability, snapshots, streams, tickets
+from wrenn_control.api.routes import (
+    accounts, builds, capsules, events, exec, files, observability, snapshots, streams, tickets,
+)
 
 api_router = APIRouter()
 # First: its /capsules/stats and /capsules/usage must be matched before /capsules/{capsule_id}.
 api_router.include_router(observability.router)
-for module in (capsules, exec, files, snapshots, events, streams, accounts, tickets):
+for module in (capsules, exec, files, snapshots, events, streams, accounts, tickets, builds):
     api_router.include_router(module.router)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Response
+import functools
+
+from fastapi import APIRouter, Body, Request, Response
 from sqlalchemy import select
 
-from wrenn_control.limits import admit
 from wrenn_control.api import listing
 from wrenn_control.api.deps import CurrentTeam, DatabaseDep, HostDep, OpsDep, SessionDep, SettingsDep, TeamCapsule
+from wrenn_control.builds.builtin import builtin_build_shape
+from wrenn_control.limits import admit
 from wrenn_control.db.models import Capsule, Template
 from wrenn_control.errors import invalid, invalid_state, short
 from wrenn_control.schemas import CapsuleCreate, CapsuleDetail, CapsuleOut, ErrorBody, NetworkUpdate
@@ -25,7 +28,8 @@ DEFAULT_MEMORY_MB = 512
 @router.post("/capsules", status_code=201, response_model=CapsuleOut,
              responses={400: {"model": ErrorBody}, 403: {"model": ErrorBody}, 502: {"model": ErrorBody},
                         503: {"model": ErrorBody}})
-async def create_capsule(team: CurrentTeam, ops: OpsDep, host: HostDep, db: DatabaseDep, settings: SettingsDep,
+async def create_capsule(request: Request, team: CurrentTeam, ops: OpsDep, host: HostDep, db: DatabaseDep,
+                         settings: SettingsDep,
                          body: Annotated[CapsuleCreate | None, Body()] = None) -> CapsuleOut:
     """Answers once the VM is running (201 `running`), or 502 if the host agent failed; a boot
     longer than the create wait setting answers 201 `starting` and goes on (poll GET).
@@ -36,7 +40,12 @@ async def create_capsule(team: CurrentTeam, ops: OpsDep, host: HostDep, db: Data
                             body.network.deny_out if body.network else None)
     name = body.template if body.template is not None else DEFAULT_TEMPLATE
     builtin = {t.template_id: t for t in host.builtin_templates()}
-    if name in builtin:
+    builds = request.app.state.builds
+    prepare = None
+    if name in builds.builtin_names():  # built by a build on first use (code-runner-beta)
+        template_id, vcpus, memory_mb = builtin_build_shape(builds, name, body)
+        prepare = functools.partial(builds.ensure_builtin, name)
+    elif name in builtin:
         template_id = name
         vcpus = body.vcpus if body.vcpus is not None else DEFAULT_VCPUS
         memory_mb = body.memory_mb if body.memory_mb is not None else DEFAULT_MEMORY_MB
@@ -61,7 +70,8 @@ async def create_capsule(team: CurrentTeam, ops: OpsDep, host: HostDep, db: Data
         template_id, vcpus, memory_mb = snap.id, snap.vcpus, snap.memory_mb
     await admit(db, host, settings, team.id, vcpus, memory_mb)
     row = await ops.create(team.id, template=name, template_id=template_id, vcpus=vcpus, memory_mb=memory_mb,
-                           timeout_sec=body.timeout_sec or 0, labels=body.metadata or {}, network=network)
+                           timeout_sec=body.timeout_sec or 0, labels=body.metadata or {}, network=network,
+                           prepare=prepare)
     return CapsuleOut.of(row)
 
 

@@ -11,12 +11,13 @@ import re
 import secrets
 from typing import Literal
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 
 from wrenn_control import ids
 from wrenn_control.api.deps import CurrentTeam, DatabaseDep, EventsDep, HostDep, OpsDep, SessionDep
+from wrenn_control.builds.builtin import BUILTIN_BUILDS
 from wrenn_control.clock import utcnow
 from wrenn_control.db.models import Template
 from wrenn_control.errors import APIError, agent_error, invalid, not_found, short
@@ -31,6 +32,11 @@ router = APIRouter(tags=["snapshots"], responses={401: {"model": ErrorBody}})
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 
 
+def _builtin_names(request: Request, host: HostDep) -> set[str]:
+    """Built-in templates: the host's images and those made by a build (code-runner-beta)."""
+    return {t.template_id for t in host.builtin_templates()} | set(BUILTIN_BUILDS)
+
+
 def _out(row: Template) -> TemplateOut:
     return TemplateOut(name=row.name, type="snapshot", vcpus=row.vcpus, memory_mb=row.memory_mb,
                        size_bytes=row.size_bytes, created_at=row.created_at)
@@ -43,14 +49,14 @@ def _taken(name: str) -> APIError:
 
 @router.post("/snapshots", status_code=201, response_model=TemplateOut, responses={
     400: {"model": ErrorBody}, 404: {"model": ErrorBody}, 409: {"model": ErrorBody}, 502: {"model": ErrorBody}})
-async def create_snapshot(body: SnapshotCreate, team: CurrentTeam, ops: OpsDep, host: HostDep, db: DatabaseDep,
-                          events: EventsDep, overwrite: bool = False) -> TemplateOut:
+async def create_snapshot(request: Request, body: SnapshotCreate, team: CurrentTeam, ops: OpsDep, host: HostDep,
+                          db: DatabaseDep, events: EventsDep, overwrite: bool = False) -> TemplateOut:
     """The capsule must be running or paused; it is left paused."""
     name = body.name if body.name is not None else f"template-{secrets.token_hex(4)}"
     if not NAME_RE.fullmatch(name):
         raise invalid(f"invalid template name {short(name)}: use 1-63 of a-z, 0-9, '.', '_', '-', "
                       "starting with a letter or digit")
-    if name in {t.template_id for t in host.builtin_templates()}:
+    if name in _builtin_names(request, host):
         raise APIError(409, "name_reserved", f"{name!r} is the name of a built-in template")
     capsule = ops.get_for_team(team.id, body.sandbox_id)
     with db.session() as s:
@@ -98,13 +104,15 @@ async def _delete_host_template(host: HostDep, template_id: str) -> None:
 
 
 @router.get("/snapshots", response_model=list[TemplateOut], responses={400: {"model": ErrorBody}})
-async def list_snapshots(team: CurrentTeam, session: SessionDep, host: HostDep,
+async def list_snapshots(request: Request, team: CurrentTeam, session: SessionDep, host: HostDep,
                          type: Literal["base", "snapshot"] | None = None) -> list[TemplateOut]:
     """Built-in templates (type base) first, then the team's snapshots, newest first."""
     out: list[TemplateOut] = []
     if type in (None, "base"):
         out += [TemplateOut(name=t.template_id, type="base", vcpus=t.vcpus, memory_mb=t.memory_mb,
                             size_bytes=t.size_bytes, created_at=None) for t in host.builtin_templates()]
+        out += [TemplateOut(name=name, type="base", vcpus=b.vcpus, memory_mb=b.memory_mb, size_bytes=0, created_at=None)
+                for name, b in BUILTIN_BUILDS.items()]
     if type in (None, "snapshot"):
         rows = session.scalars(select(Template).where(Template.team_id == team.id)
                                .order_by(Template.created_at.desc(), Template.name)).all()
@@ -114,8 +122,9 @@ async def list_snapshots(team: CurrentTeam, session: SessionDep, host: HostDep,
 
 @router.delete("/snapshots/{name}", status_code=204, response_class=Response, responses={
     403: {"model": ErrorBody}, 404: {"model": ErrorBody}, 502: {"model": ErrorBody}})
-async def delete_snapshot(name: str, team: CurrentTeam, host: HostDep, db: DatabaseDep, events: EventsDep) -> Response:
-    if name in {t.template_id for t in host.builtin_templates()}:
+async def delete_snapshot(request: Request, name: str, team: CurrentTeam, host: HostDep, db: DatabaseDep,
+                          events: EventsDep) -> Response:
+    if name in _builtin_names(request, host):
         raise APIError(403, "forbidden", f"{name!r} is a built-in template and cannot be deleted")
     with db.session() as s:
         row = s.scalar(select(Template).where(Template.team_id == team.id, Template.name == name))

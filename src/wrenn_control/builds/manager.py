@@ -1,0 +1,385 @@
+"""Builds of a control plane: records, background tasks, live logs, the step cache, built-ins.
+
+Status moves pending -> running -> success | failed | cancelled, each move one conditional UPDATE
+(as capsules do), so a cancel racing the end of a build cannot both win.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import hashlib
+import logging
+import secrets
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.exc import IntegrityError
+
+from wrenn_control import ids
+from wrenn_control.builds import builtin
+from wrenn_control.builds.context import BuildContext
+from wrenn_control.builds.executor import Execution, Job, NoCache, Sink, StepFailed
+from wrenn_control.builds.spec import SpecError, layer_keys, parse_recipe, summary
+from wrenn_control.clock import utcnow
+from wrenn_control.db.models import Build, BuildLayer, Template
+from wrenn_control.db.session import Database
+from wrenn_control.events import TEMPLATE_SNAPSHOT_CREATE, EventBus, payload
+from wrenn_host.api import HostAgent, HostAgentError, TemplateNotFound
+
+log = logging.getLogger(__name__)
+
+MAX_LOG_CHARS = 1 << 20  # kept per build (the oldest output goes first)
+MAX_LOG_EVENTS = 20_000  # kept for live followers
+LOG_FLUSH_S = 1.0
+DEFAULT_MAX_LAYERS = 32  # cached layers per team; least recently used go first
+
+
+class BuildStatus(str, enum.Enum):
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCESS = "success"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+B = BuildStatus
+FINISHED = frozenset({B.SUCCESS, B.FAILED, B.CANCELLED})
+
+
+class NameTaken(Exception):
+    pass
+
+
+class LiveLog:
+    """A build's log while it runs, as events ("log", text) and ("step", (i, n)), followed by any
+    number of readers. `text` is the log alone, bounded, as stored in the build record."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.events: list[tuple[str, Any]] = []
+        self.first = 0  # absolute index of events[0] (old events go first when there are too many)
+        self.done = False
+        self.dirty = False
+        self.cond = asyncio.Condition()
+
+    def write(self, text: str) -> None:
+        self.text = (self.text + text)[-MAX_LOG_CHARS:]
+        self._add(("log", text))
+
+    def step(self, i: int, n: int) -> None:
+        self._add(("step", (i, n)))
+
+    def _add(self, event: tuple[str, Any]) -> None:
+        self.events.append(event)
+        if len(self.events) > MAX_LOG_EVENTS:
+            cut = len(self.events) - MAX_LOG_EVENTS
+            del self.events[:cut]
+            self.first += cut
+        self.dirty = True
+        asyncio.get_running_loop().create_task(self._wake())
+
+    async def _wake(self) -> None:
+        async with self.cond:
+            self.cond.notify_all()
+
+    async def finish(self) -> None:
+        self.done = True
+        await self._wake()
+
+    async def follow(self) -> AsyncIterator[tuple[str, Any]]:
+        """Every event kept so far, then new ones as they come, until the build ends."""
+        pos = self.first
+        while True:
+            async with self.cond:
+                while pos >= self.first + len(self.events) and not self.done:
+                    await self.cond.wait()
+            batch = self.events[max(pos - self.first, 0):]
+            pos = self.first + len(self.events)
+            for event in batch:
+                yield event
+            if not batch and self.done:
+                return
+
+
+class DBLayerCache:
+    """The step cache of one team: `build_layers` rows naming hidden host templates."""
+
+    def __init__(self, manager: Builds, team_id: str):
+        self.m = manager
+        self.team_id = team_id
+
+    def lookup(self, keys: list[str]) -> tuple[int, str] | None:
+        if not keys:
+            return None
+        with self.m.db.session() as s:
+            rows = s.execute(select(BuildLayer.key, BuildLayer.template_id, BuildLayer.step).where(
+                BuildLayer.team_id == self.team_id, BuildLayer.key.in_(keys))).all()
+            best = max(rows, key=lambda r: r.step, default=None)
+            if best is None:
+                return None
+            s.execute(update(BuildLayer).where(BuildLayer.key == best.key).values(last_used_at=utcnow()))
+            s.commit()
+        return best.step, best.template_id
+
+    def forget(self, key: str) -> None:
+        with self.m.db.session() as s:
+            s.execute(delete(BuildLayer).where(BuildLayer.key == key))
+            s.commit()
+
+    async def store(self, key: str, template_id: str, steps: int) -> None:
+        now = utcnow()
+        with self.m.db.session() as s:
+            old = s.get(BuildLayer, key)
+            replaced = old.template_id if old is not None else None
+            if old is not None:
+                s.delete(old)
+                s.flush()
+            s.add(BuildLayer(key=key, team_id=self.team_id, template_id=template_id, step=steps,
+                             created_at=now, last_used_at=now))
+            s.commit()
+            evict = s.scalars(select(BuildLayer).where(BuildLayer.team_id == self.team_id)
+                              .order_by(BuildLayer.last_used_at.desc()).offset(self.m.max_layers)).all()
+            gone = [r.template_id for r in evict]
+            for r in evict:
+                s.delete(r)
+            s.commit()
+        for tid in ([replaced] if replaced else []) + gone:
+            await self.m.drop_host_template(tid)
+
+
+class Builds:
+    def __init__(self, db: Database, host: HostAgent, events: EventBus, *, work_dir, max_layers: int = DEFAULT_MAX_LAYERS,
+                 concurrency: int = 2):
+        self.db = db
+        self.host = host
+        self.events = events
+        self.work_dir = work_dir
+        self.max_layers = max_layers
+        self._sem = asyncio.Semaphore(concurrency)
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._logs: dict[str, LiveLog] = {}
+        self._builtin_tasks: dict[str, asyncio.Task[str]] = {}
+
+    # ---- records ------------------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """At start-up: builds that were under way when the server stopped did not finish (their
+        build capsules are removed by the host agent's reconcile)."""
+        with self.db.session() as s:
+            s.execute(update(Build).where(Build.status.in_([B.PENDING.value, B.RUNNING.value])).values(
+                status=B.FAILED.value, error="interrupted: the server stopped during the build",
+                completed_at=utcnow()))
+            s.commit()
+
+    def get(self, team_id: str, build_id: str) -> Build | None:
+        with self.db.session() as s:
+            return s.scalar(select(Build).where(Build.id == build_id, Build.team_id == team_id))
+
+    def list(self, team_id: str) -> list[Build]:
+        with self.db.session() as s:
+            return list(s.scalars(select(Build).where(Build.team_id == team_id)
+                                  .order_by(Build.created_at.desc(), Build.id)).all())
+
+    def logs_of(self, row: Build) -> str:
+        live = self._logs.get(row.id)
+        return live.text if live is not None else row.logs
+
+    def live_log(self, build_id: str) -> LiveLog | None:
+        return self._logs.get(build_id)
+
+    def name_in_use(self, team_id: str, name: str) -> bool:
+        with self.db.session() as s:
+            if s.scalar(select(Template.id).where(Template.team_id == team_id, Template.name == name)):
+                return True
+            return s.scalar(select(Build.id).where(Build.team_id == team_id, Build.name == name, Build.status.in_(
+                [B.PENDING.value, B.RUNNING.value]))) is not None
+
+    def _move(self, build_id: str, to: BuildStatus, from_: Iterable[BuildStatus], **values: Any) -> bool:
+        with self.db.session() as s:
+            done = s.execute(update(Build).where(Build.id == build_id, Build.status.in_([f.value for f in from_]))
+                             .values(status=to.value, **values).execution_options(synchronize_session=False)
+                             ).rowcount == 1  # type: ignore[attr-defined]
+            s.commit()
+        return done
+
+    def _flush_log(self, build_id: str) -> None:
+        live = self._logs.get(build_id)
+        if live is not None and live.dirty:
+            live.dirty = False
+            with self.db.session() as s:
+                s.execute(update(Build).where(Build.id == build_id).values(logs=live.text))
+                s.commit()
+
+    # ---- submit / cancel ----------------------------------------------------------------------
+
+    def submit(self, team_id: str, *, name: str, base_name: str, base_template_id: str, base_version: str,
+               spec, vcpus: int | None, memory_mb: int | None, shape: tuple[int, int],
+               context: BuildContext) -> Build:
+        now = utcnow()
+        row = Build(id="bld-" + secrets.token_hex(10), team_id=team_id, name=name, base_template=base_name,
+                    status=B.PENDING.value, current_step=0, total_steps=len(spec.steps), spec=summary(spec),
+                    vcpus=shape[0], memory_mb=shape[1], logs="", error=None, template_id=None, cached_steps=0,
+                    created_at=now, started_at=None, completed_at=None)
+        with self.db.session() as s:
+            s.add(row)
+            s.commit()
+        job = Job(build_id=row.id, spec=spec, base_template_id=base_template_id, base_version=base_version,
+                  vcpus=vcpus, memory_mb=memory_mb, target_template_id=ids.template_id(), context=context,
+                  cache_scope=team_id)
+        self._logs[row.id] = LiveLog()
+        task = asyncio.create_task(self._run(team_id, name, job), name=f"build {row.id}")
+        self._tasks[row.id] = task
+        task.add_done_callback(lambda _t, bid=row.id: self._tasks.pop(bid, None))
+        return row
+
+    async def cancel(self, build_id: str) -> bool:
+        """False if the build had already finished."""
+        task = self._tasks.get(build_id)
+        if not self._move(build_id, B.CANCELLED, {B.PENDING, B.RUNNING}, error="cancelled", completed_at=utcnow()):
+            return False
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait({task})  # the build capsule is gone when this returns
+        return True
+
+    async def shutdown(self) -> None:
+        for task in list(self._tasks.values()) + list(self._builtin_tasks.values()):
+            task.cancel()
+        pending = [t for t in list(self._tasks.values()) + list(self._builtin_tasks.values()) if not t.done()]
+        if pending:
+            await asyncio.wait(pending)
+
+    async def drop_host_template(self, template_id: str) -> None:
+        try:
+            await self.host.delete_template(template_id)
+        except HostAgentError as exc:
+            log.warning("could not delete host template %s: %s", template_id, exc)
+
+    # ---- running ------------------------------------------------------------------------------
+
+    async def _run(self, team_id: str, name: str, job: Job) -> None:
+        live = self._logs[job.build_id]
+
+        def on_step(i: int, n: int) -> None:
+            live.step(i, n)
+            with self.db.session() as s:
+                s.execute(update(Build).where(Build.id == job.build_id).values(current_step=i))
+                s.commit()
+
+        flusher = asyncio.create_task(self._flusher(job.build_id))
+        execution = Execution(self.host, job, Sink(on_step, live.write), DBLayerCache(self, team_id))
+        try:
+            async with self._sem:
+                if not self._move(job.build_id, B.RUNNING, {B.PENDING}, started_at=utcnow()):
+                    return  # cancelled while waiting for a slot
+                try:
+                    runtime = await execution.run()
+                except StepFailed as exc:
+                    self._fail(job.build_id, str(exc), live)
+                    return
+                except (HostAgentError, SpecError) as exc:
+                    self._fail(job.build_id, f"build failed: {exc}", live)
+                    return
+                except asyncio.CancelledError:
+                    live.write("==> cancelled\n")
+                    raise
+                except Exception as exc:  # a bug must still end the build truthfully
+                    log.exception("build %s failed", job.build_id)
+                    self._fail(job.build_id, f"internal error: {exc!r}", live)
+                    return
+            await self._publish(team_id, name, job, runtime, execution.cached_steps, live)
+        finally:
+            flusher.cancel()
+            job.context.close()
+            self._flush_log(job.build_id)
+            await live.finish()
+            self._logs.pop(job.build_id, None)
+
+    def _fail(self, build_id: str, error: str, live: LiveLog) -> None:
+        live.write(f"==> failed: {error}\n")
+        self._move(build_id, B.FAILED, {B.RUNNING}, error=error, completed_at=utcnow())
+
+    async def _publish(self, team_id: str, name: str, job: Job, runtime, cached: int, live: LiveLog) -> None:
+        """The template becomes the team's, unless the build was cancelled or the name was taken
+        meanwhile (then its files go)."""
+        tpl = Template(id=job.target_template_id, team_id=team_id, name=name, vcpus=runtime.vcpus,
+                       memory_mb=runtime.memory_mb, size_bytes=runtime.size_bytes, source_capsule_id=None,
+                       created_at=utcnow())
+        try:
+            with self.db.session() as s:
+                s.add(tpl)
+                s.flush()
+                done = s.execute(update(Build).where(Build.id == job.build_id, Build.status == B.RUNNING.value)
+                                 .values(status=B.SUCCESS.value, template_id=tpl.id, cached_steps=cached,
+                                         current_step=len(job.spec.steps), completed_at=utcnow())
+                                 ).rowcount == 1  # type: ignore[attr-defined]
+                if done:
+                    s.commit()
+                else:
+                    s.rollback()
+        except IntegrityError:
+            done = False
+            self._fail(job.build_id, f"template_name_taken: a template named {name!r} was created during the build",
+                       live)
+        if not done:
+            await self.drop_host_template(job.target_template_id)
+            return
+        live.write(f"==> template {name} ready\n")
+        self.events.publish(TEMPLATE_SNAPSHOT_CREATE, team_id, payload(
+            name, "template", outcome="success", metadata={"build_id": job.build_id}))
+
+    async def _flusher(self, build_id: str) -> None:
+        while True:
+            await asyncio.sleep(LOG_FLUSH_S)
+            self._flush_log(build_id)
+
+    # ---- built-in templates made by a build (code-runner-beta) --------------------------------
+
+    def builtin_names(self) -> list[str]:
+        return list(builtin.BUILTIN_BUILDS)
+
+    def builtin_template_id(self, name: str) -> str:
+        return builtin_template_id(self.host, name)
+
+    async def ensure_builtin(self, name: str) -> str:
+        """The template id of built-in `name`, building it first if this host has none (once, however
+        many ask at the same time)."""
+        template_id = self.builtin_template_id(name)
+        try:
+            await self.host.template_info(template_id)
+            return template_id
+        except TemplateNotFound:
+            pass
+        task = self._builtin_tasks.get(name)
+        if task is None or task.done():
+            task = asyncio.create_task(build_builtin(self.host, name, template_id), name=f"build {name}")
+            self._builtin_tasks[name] = task
+        return await asyncio.shield(task)
+
+
+def builtin_template_id(host: HostAgent, name: str) -> str:
+    """The host id of a built-in build's template: it changes whenever its recipe or base does."""
+    b = builtin.BUILTIN_BUILDS[name]
+    spec = parse_recipe(list(b.recipe), b.healthcheck)
+    version = {t.template_id: t.version for t in host.builtin_templates()}.get(b.base, "")
+    keys = layer_keys("builtin", f"{b.base}@{version}", spec.steps, {}, (b.vcpus, b.memory_mb))
+    check = spec.healthcheck.canonical() if spec.healthcheck else ""
+    return f"builtin-{name}-{hashlib.sha256((keys[-1] + check).encode()).hexdigest()[:16]}"
+
+
+async def build_builtin(host: HostAgent, name: str, template_id: str,
+                        on_log=lambda text: log.info("%s", text.rstrip())) -> str:
+    """Run a built-in template's build (no team, no record, no step cache)."""
+    b = builtin.BUILTIN_BUILDS[name]
+    spec = parse_recipe(list(b.recipe), b.healthcheck)
+    job = Job(build_id="bld-" + name.replace("-", ""), spec=spec, base_template_id=b.base, base_version="",
+              vcpus=b.vcpus, memory_mb=b.memory_mb, target_template_id=template_id, context=BuildContext(None),
+              cache_scope="builtin")
+    sink = Sink(lambda i, n: None, on_log)
+    try:
+        await Execution(host, job, sink, NoCache()).run()
+    except StepFailed as exc:
+        raise HostAgentError(f"building the {name} template failed: {exc}") from exc
+    return template_id

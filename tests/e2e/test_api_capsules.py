@@ -433,7 +433,7 @@ def test_health(api: Api) -> None:
 def test_cross_team_isolation(api: Api, other_team: Api) -> None:
     # A new team sees nothing.
     assert other_team.get("/v1/capsules").json() == []
-    assert [t["type"] for t in other_team.get("/v1/snapshots").json()] == ["base", "base"]
+    assert [t["type"] for t in other_team.get("/v1/snapshots").json()] == ["base", "base", "base"]  # minimal, base-python, code-runner-beta
 
     mine = api.running()["id"]
     theirs = other_team.running()["id"]

@@ -394,6 +394,7 @@ class LocalHostAgent(api.HostAgent):
                 tmp.replace(link)  # atomic: QEMU never finds the name missing
                 cap.meta.save(self.paths.capsule_meta(capsule_id))
                 await self._start_serial(cap)  # its socket and log moved with the directories
+                self.jail.move(cap.meta.spawned_as, capsule_id, cap.meta.vcpus, cap.meta.memory_mb)
                 if cap.slot is not None and not network.is_default:  # spares run the default rules
                     try:
                         await self.net.apply(cap.slot, network)

@@ -152,6 +152,20 @@ class Confinement:
             _write(pids_d / "pids.max", str(PIDS_MAX))
         return [d / "cgroup.procs" for d in dirs]
 
+    def move(self, old: str, new: str, vcpus: int, memory_mb: int) -> None:
+        """A spare VM became capsule `new`: its QEMU moves to a cgroup of that name (same limits)."""
+        if not self.cgroup or old == new:
+            return
+        try:
+            procs = self._make_cgroup(new, vcpus, memory_mb)
+            for old_dir, new_procs in zip(self.cgroup_dirs(old), procs):
+                for pid in (old_dir / "cgroup.procs").read_text().split():
+                    _write(new_procs, pid)
+        except OSError as e:
+            log.warning("capsule %s: VMM cgroup not moved from %s: %s", new, old, e)
+            return
+        self.release(old)
+
     # ------------------------------------------------------------------ clean-up
 
     def release(self, key: str) -> None:

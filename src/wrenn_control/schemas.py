@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from wrenn_control.clock import iso_z
+from wrenn_host.network.policy import ENTRY_MAX_LENGTH, ENTRY_PATTERN
 from wrenn_control.db.models import Capsule as CapsuleRow
 from wrenn_control.errors import short
 
@@ -76,12 +77,18 @@ class ErrorBody(BaseModel):
 
 # ---- capsules ------------------------------------------------------------------------------
 
+# Entries are checked by EgressPolicy.parse (its message names the bad entry); the schema states
+# the same rule.
+EgressEntries = Annotated[list[StrictStr], Field(max_length=256), WithJsonSchema({
+    "type": "array", "maxItems": 256,
+    "items": {"type": "string", "maxLength": ENTRY_MAX_LENGTH, "pattern": ENTRY_PATTERN}})]
+
+
 class NetworkRules(_Input):
-    allow_out: Annotated[list[StrictStr], Field(max_length=256)] | None = Field(
+    allow_out: EgressEntries | None = Field(
         default=None, description="IPv4 addresses, CIDRs or domains (example.com, *.example.com) always allowed; "
                                   "an allow_out entry wins over a deny_out entry.")
-    deny_out: Annotated[list[StrictStr], Field(max_length=256)] | None = Field(
-        default=None, description="IPv4 addresses, CIDRs or domains denied.")
+    deny_out: EgressEntries | None = Field(default=None, description="IPv4 addresses, CIDRs or domains denied.")
 
 
 class NetworkRulesOut(BaseModel):

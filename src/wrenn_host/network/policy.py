@@ -27,8 +27,17 @@ PRIVATE_RANGES = tuple(ipaddress.IPv4Network(n) for n in
 NEVER_RANGES = tuple(ipaddress.IPv4Network(n) for n in
                      ("0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/3"))
 
-_LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
-_DOMAIN = re.compile(rf"^(\*\.)?({_LABEL}\.)*{_LABEL}$")
+# One entry, as the OpenAPI states it too: an IPv4 address or CIDR, or a domain whose last label
+# starts with a letter (so a mistyped address such as 10.0.0.256 is refused, not taken as a name).
+_OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
+IPV4_PATTERN = rf"{_OCTET}(\.{_OCTET}){{3}}(/([0-9]|[12][0-9]|3[0-2]))?"
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_TLD = r"[A-Za-z]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+DOMAIN_PATTERN = rf"(\*\.)?({_LABEL}\.)*{_TLD}\.?"
+ENTRY_PATTERN = rf"^({IPV4_PATTERN}|{DOMAIN_PATTERN})$"
+ENTRY_MAX_LENGTH = 254
+_IPV4 = re.compile(IPV4_PATTERN)
+_DOMAIN = re.compile(DOMAIN_PATTERN)
 
 
 class InvalidPolicy(ValueError):
@@ -56,15 +65,13 @@ class Rules:
         for entry in entries:
             if not isinstance(entry, str) or not entry.strip():
                 raise InvalidPolicy(f"{field}: entry {_quote(str(entry))} is not an address, CIDR or domain")
-            text = entry.strip().lower().rstrip(".")
-            if re.fullmatch(r"[0-9./]+", text):
-                try:
-                    nets.append(ipaddress.IPv4Network(text, strict=False))
-                except ValueError:
-                    raise InvalidPolicy(f"{field}: {_quote(entry)} is not a valid IPv4 address or CIDR") from None
+            text = entry.lower()
+            if _IPV4.fullmatch(text):
+                nets.append(ipaddress.IPv4Network(text, strict=False))
             elif ":" in text:
                 raise InvalidPolicy(f"{field}: {_quote(entry)}: IPv6 is not supported (capsules have IPv4 only)")
-            elif len(text) <= 253 and _DOMAIN.match(text) and not text.startswith("*.*"):
+            elif len(text) <= ENTRY_MAX_LENGTH and _DOMAIN.fullmatch(text):
+                text = text.rstrip(".")
                 if text.startswith("*."):
                     suffixes.append(text[1:])
                 else:

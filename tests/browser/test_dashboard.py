@@ -313,7 +313,9 @@ def test_build_from_a_dockerfile_see_its_live_log_then_delete_the_template(brows
     form.get_by_label("Dockerfile").fill("FROM minimal\nRUN echo built-by-dashboard > /tmp/marker\nRUN cat /tmp/marker")
     form.get_by_role("button", name="Start build").click()
     log = page.get_by_test_id("build-log")
-    log.get_by_test_id("build-log-text").filter(has_text="built-by-dashboard").wait_for(timeout=300_000)
+    # the output of `cat` (a line of its own), not just the step's command line echoed
+    page.wait_for_function("""() => (document.querySelector('[data-testid=build-log-text]')?.textContent || '')
+                                  .split('\\n').some(l => l.trim() === 'built-by-dashboard')""", timeout=300_000)
     log.locator(".badge", has_text="success").wait_for(timeout=300_000)
     assert log.get_by_test_id("build-step").inner_text() == "step 2/2"
     page.locator("tr[data-build]", has_text=name).locator(".badge", has_text="success").wait_for()

@@ -15,6 +15,13 @@ export function BuildsSection({ onBuilt }: { onBuilt: () => void }) {
   const builds = useLoad<Build[]>(() => get("/v1/builds"));
   const [open, setOpen] = useState<string | null>(null);
   const list = builds.data || [];
+  // Steps and statuses of builds under way (the open one has its own live stream).
+  const underWay = list.some((b) => RUNNING.has(b.status));
+  useEffect(() => {
+    if (!underWay) return;
+    const timer = window.setInterval(builds.reload, 3000);
+    return () => clearInterval(timer);
+  }, [underWay, builds.reload]);
   return (
     <section class="builds">
       <div class="page-head"><h2>Builds</h2></div>

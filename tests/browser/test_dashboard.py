@@ -299,3 +299,31 @@ def test_snapshot_from_the_page_then_delete_it_on_templates(destroy_later, brows
     row.wait_for(state="detached")
     with wrenn_server.client() as c:
         assert "browser-snap" not in [t["name"] for t in c.get("/v1/snapshots").json()]
+
+
+def test_build_from_a_dockerfile_see_its_live_log_then_delete_the_template(browser, wrenn_server):
+    page = browser.page
+    name = "browser-build"
+    with wrenn_server.client() as c:
+        c.delete(f"/v1/snapshots/{name}")  # a leftover of an earlier run
+    browser.sign_in()
+    page.get_by_role("link", name="Templates", exact=True).click()
+    form = page.get_by_role("form", name="New build")
+    form.get_by_label("Template name").fill(name)
+    form.get_by_label("Dockerfile").fill("FROM minimal\nRUN echo built-by-dashboard > /tmp/marker\nRUN cat /tmp/marker")
+    form.get_by_role("button", name="Start build").click()
+    log = page.get_by_test_id("build-log")
+    # the output of `cat` (a line of its own), not just the step's command line echoed
+    page.wait_for_function("""() => (document.querySelector('[data-testid=build-log-text]')?.textContent || '')
+                                  .split('\\n').some(l => l.trim() === 'built-by-dashboard')""", timeout=300_000)
+    log.locator(".badge", has_text="success").wait_for(timeout=300_000)
+    assert log.get_by_test_id("build-step").inner_text() == "step 2/2"
+    page.locator("tr[data-build]", has_text=name).locator(".badge", has_text="success").wait_for()
+    row = page.locator(f"tr[data-template='{name}']")
+    row.locator(".badge", has_text="snapshot").wait_for()
+    browser.shot("builds")
+    row.get_by_role("button", name="Delete").click()
+    page.get_by_role("dialog").get_by_role("button", name="Delete").click()
+    row.wait_for(state="detached")
+    with wrenn_server.client() as c:
+        assert name not in [t["name"] for t in c.get("/v1/snapshots").json()]

@@ -146,3 +146,21 @@ async def test_dashboard_files_spa_fallback_and_api_404s(h, tmp_path):
         assert_error(await anon.post("/v1/nothing-here"), 404, "not_found")
         assert_error(await anon.post("http://test/"), 404, "not_found")
         assert (await h.client.get("/v1/capsules")).status_code == 200
+
+
+async def test_ticket_opens_a_build_log_stream_once(h):
+    b = (await h.client.post("/v1/builds", json={"name": "tlog", "recipe": ["RUN echo hi"]})).json()
+    async with h.client_for(None) as anon:
+        assert_error(await anon.get(f"/v1/builds/{b['id']}/logs"), 401, "unauthorized")
+        ticket = (await h.client.post("/v1/auth/ticket")).json()["ticket"]
+        text = ""
+        async with anon.stream("GET", f"/v1/builds/{b['id']}/logs", params={"ticket": ticket}) as resp:
+            assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+            async for chunk in resp.aiter_text():
+                text += chunk
+        assert "event: log" in text and "event: end" in text and '"status": "success"' in text
+        err = assert_error(await anon.get(f"/v1/builds/{b['id']}/logs", params={"ticket": ticket}), 401, "unauthorized")
+        assert "already used" in err["message"]
+        # A ticket gives no more than the stream: not the build itself.
+        other = (await h.client.post("/v1/auth/ticket")).json()["ticket"]
+        assert_error(await anon.get(f"/v1/builds/{b['id']}", params={"ticket": other}), 401, "unauthorized")

@@ -212,3 +212,17 @@ export interface ApiKey {
   prefix: string;
   created_at: string;
 }
+
+export interface Build {
+  id: string;
+  name: string;
+  base_template: string;
+  status: "pending" | "running" | "success" | "failed" | "cancelled";
+  current_step: number;
+  total_steps: number;
+  cached_steps: number;
+  logs: string[];
+  error: string | null;
+  created_at: string;
+  completed_at: string | null;
+}

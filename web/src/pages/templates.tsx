@@ -1,7 +1,8 @@
-// Templates: the built-in ones and the team's snapshots (delete); start a capsule from one.
+// Templates: the built-in ones and the team's snapshots (delete); start a capsule from one; builds.
 import { useState } from "preact/hooks";
 import { type Template, del, get } from "../api";
 import { useTeamEvents } from "../events";
+import { BuildsSection } from "./builds";
 import { Confirm, Empty, ErrorBox, Spinner, bytes, when, useLoad } from "../ui";
 
 export function TemplatesPage() {
@@ -14,7 +15,7 @@ export function TemplatesPage() {
   return (
     <div class="page">
       <div class="page-head"><h1>Templates</h1></div>
-      <p class="muted">Capsules start from a template. Snapshot a running or paused capsule (on its page) to make your own.</p>
+      <p class="muted">Capsules start from a template. Snapshot a running or paused capsule (on its page), or build one from a Dockerfile below, to make your own.</p>
       <ErrorBox error={templates.error} onRetry={templates.reload} />
       {templates.loading && !templates.data ? (
         <Spinner label="Loading templates…" />
@@ -52,6 +53,7 @@ export function TemplatesPage() {
           onDone={() => setRemoving(null)}
         />
       )}
+      <BuildsSection onBuilt={templates.reload} />
     </div>
   );
 }

@@ -21,6 +21,7 @@ from sqlalchemy import select
 from wrenn_control.api.deps import CurrentTeam, DatabaseDep, HostDep
 from wrenn_control.api.multipart import PartData, PartEnd, PartStart, is_multipart, iter_multipart
 from wrenn_control.api.routes.snapshots import NAME_RE
+from wrenn_control.api.routes.tickets import StreamTeam
 from wrenn_control.builds.builtin import BUILTIN_BUILDS
 from wrenn_control.builds.context import BuildContext
 from wrenn_control.builds.manager import FINISHED, BuildStatus, Builds
@@ -241,9 +242,10 @@ def _sse(event: str, data: Any) -> bytes:
 
 @router.get("/builds/{build_id}/logs", responses={
     200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events"}, 404: {"model": ErrorBody}})
-async def stream_build_logs(build_id: str, team: CurrentTeam, builds: BuildsDep) -> StreamingResponse:
+async def stream_build_logs(build_id: str, team: StreamTeam, builds: BuildsDep) -> StreamingResponse:
     """The log as Server-Sent Events: `log` {data: text} (everything so far, then as it comes),
-    `step` {current_step, total_steps}, and a last `end` event carrying the finished build."""
+    `step` {current_step, total_steps}, and a last `end` event carrying the finished build.
+    Takes `?ticket=` (POST /v1/auth/ticket) as well, for the browser's EventSource."""
     row = _team_build(team.id, build_id, builds)
 
     async def events() -> AsyncIterator[bytes]:

@@ -1,7 +1,7 @@
 """`POST /v1/auth/ticket`: a 30 s single-use ticket for one browser stream (see wrenn_control.tickets).
 
-Only the streaming routes accept it, as `?ticket=`: the PTY and exec/process WebSockets and the
-event stream. Everything else still needs `X-API-Key` or `Authorization: Bearer`.
+Only the streaming routes accept it, as `?ticket=`: the PTY and exec/process WebSockets, the
+event stream and a build's log stream. Everything else still needs `X-API-Key` or `Authorization: Bearer`.
 """
 
 from __future__ import annotations

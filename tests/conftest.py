@@ -51,6 +51,41 @@ def kill_qemus(marker: str | Path) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    if Path(marker).is_dir():
+        reclaim_host_leftovers(Path(marker))
+
+
+def reclaim_host_leftovers(data_dir: Path) -> None:
+    """What a stopped server keeps for capsules that would run on (network slots, its firewall
+    table, VMM cgroups), once the test has killed those VMs behind its back. A real restart of
+    the server reclaims the same at start-up."""
+    import hashlib
+    import time as _time
+
+    tag = hashlib.sha256(str((data_dir / "host").resolve()).encode()).hexdigest()[:6]
+    for ns in Path("/run/netns").glob(f"wrenn-{tag}-*") if Path("/run/netns").is_dir() else ():
+        subprocess.run(["ip", "netns", "del", ns.name], capture_output=True)
+    out = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        name = line.split(":")[1].strip().split("@")[0]
+        if name.startswith(f"w{tag}-"):
+            subprocess.run(["ip", "link", "del", name], capture_output=True)
+    subprocess.run(["nft", "delete", "table", "ip", f"wrenn_{tag}"], capture_output=True)
+    for claim in Path("/run/wrenn/net").glob("*/*"):
+        try:
+            if claim.read_text().strip() == tag[:6]:
+                claim.unlink()
+        except OSError:
+            pass
+    for root in Path("/sys/fs/cgroup").glob(f"*/wrenn/{tag}*"):
+        for d in sorted(root.rglob("*"), reverse=True) + [root]:
+            if d.is_dir():
+                for _ in range(20):  # a killed QEMU leaves its cgroup once it is reaped
+                    try:
+                        d.rmdir()
+                        break
+                    except OSError:
+                        _time.sleep(0.05)
 
 
 @pytest_asyncio.fixture(scope="session")

@@ -23,17 +23,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _stats import pct  # noqa: E402
+from _stats import pct, meminfo  # noqa: E402
 
 from wrenn_host.agent import LocalHostAgent  # noqa: E402
-
-
-def meminfo() -> dict[str, int]:
-    out = {}
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        k, v = line.split(":")
-        out[k] = int(v.split()[0]) * 1024
-    return out
 
 
 def proc_mem(pid: int) -> tuple[int, int]:

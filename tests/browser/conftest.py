@@ -20,7 +20,9 @@ SCREENSHOTS = Path(__file__).parent / "screenshots"
 VIEWPORT = {"width": 1280, "height": 800}
 
 
-@pytest.fixture(scope="session")
+# Module scope, not session: Playwright's sync API keeps an asyncio loop running on the main thread
+# while it is open, and pytest-asyncio cannot run any later async test or fixture until it closes.
+@pytest.fixture(scope="module")
 def browser_context(tmp_path_factory) -> Iterator:
     if not (dashboard_dir() / "index.html").is_file():
         pytest.fail("the dashboard is not built: run scripts/setup.sh (npm ci && npm run build in web/)")

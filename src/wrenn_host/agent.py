@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import shutil
-import signal as _signal
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -36,7 +35,7 @@ from wrenn_host.serial_log import SerialLog
 from wrenn_host.spares import SparePool
 from wrenn_host.templates import BuiltinTemplates, TemplateSnapshot, make_overlay_seed, qemu_img, sparse_copy
 from wrenn_host.vmm.accel import choose_accelerator
-from wrenn_host.vmm.qemu import MachineFiles, QemuMachine, qemu_version, uses_file
+from wrenn_host.vmm import Machine, MachineFiles, driver
 from wrenn_images import builder
 from wrenn_images.recipes import TEMPLATES
 
@@ -80,7 +79,7 @@ class Capsule:
     def __init__(self, meta: CapsuleMeta, snapshot: TemplateSnapshot):
         self.meta = meta
         self.snapshot = snapshot  # fixes the machine spec for every restore
-        self.machine: QemuMachine | None = None
+        self.machine: Machine | None = None
         self.guest: GuestClient | None = None
         self.serial: SerialLog | None = None  # copies the console into the capped serial.log
         self.slot: Slot | None = None  # its network namespace, while the VM runs
@@ -92,9 +91,9 @@ class Capsule:
 
 
 class LocalHostAgent(api.HostAgent):
-    def __init__(self, data_dir: Path, *, network: bool | None = None):
+    def __init__(self, data_dir: Path, *, network: bool | None = None, vmm: str | None = None):
         """`network`: give capsules a NIC (default: on unless WRENN_NETWORK=off, and the host
-        can; see wrenn_host.network)."""
+        can; see wrenn_host.network). `vmm`: the VMM driver (default: WRENN_VMM, else qemu)."""
         self.paths = HostPaths(Path(data_dir) / "host")
         self._capsules: dict[str, Capsule] = {}
         self._accel: str | None = None
@@ -102,6 +101,7 @@ class LocalHostAgent(api.HostAgent):
         self._vmm_version = ""
         self._refills: dict[Path, asyncio.Task] = {}
         self.reconcile_seconds = 0.0  # how long the last start-up reconcile took
+        self.vmm = driver(vmm)
         self.jail = Confinement(self.paths.run, self.paths.run.name)
         self.net = CapsuleNetwork(self.paths.tag, enabled=network)
         # Capsules restored ahead under placeholder ids: a create takes one (see spares.py).
@@ -119,7 +119,7 @@ class LocalHostAgent(api.HostAgent):
     @property
     def builtin(self) -> BuiltinTemplates:
         if self._builtin is None:
-            self._builtin = BuiltinTemplates(self.accel, self.paths.run, self.net)
+            self._builtin = BuiltinTemplates(self.accel, self.paths.run, self.net, self.vmm)
         return self._builtin
 
     async def prepare(self, shapes: list[tuple[str, int, int]] | None = None) -> None:
@@ -130,7 +130,7 @@ class LocalHostAgent(api.HostAgent):
             await self.builtin.get(name, vcpus, mem)
 
     async def start(self, known: dict[str, str]) -> api.ReconcileReport:
-        self._vmm_version = await asyncio.to_thread(qemu_version)
+        self._vmm_version = await asyncio.to_thread(self.vmm.version)
         # Older versions left 0644 memory files and disks in 0755 directories: close them.
         await asyncio.to_thread(perms.lock_down, self.paths.root)
         await asyncio.to_thread(perms.lock_down_cache, builder.cache_dir())
@@ -168,7 +168,7 @@ class LocalHostAgent(api.HostAgent):
 
     async def health(self) -> dict[str, Any]:
         running = sum(1 for c in self._capsules.values() if c.machine is not None and c.machine.is_alive())
-        return {"accelerator": self.accel, "vmm": f"qemu {self._vmm_version}".strip(),
+        return {"accelerator": self.accel, "vmm": f"{self.vmm.name} {self._vmm_version}".strip(),
                 "capsules_running": running, "capsules_known": len(self._capsules),
                 "reconcile_seconds": round(self.reconcile_seconds, 3), "confinement": self.jail.report(),
                 "network": self.net.status(), "spare_vms": self.spares.count()}
@@ -205,7 +205,7 @@ class LocalHostAgent(api.HostAgent):
                 errors[cid] = self._quarantine(cid, "capsule metadata or its template is missing or unreadable")
                 return
             files = self.paths.machine_files(cid)
-            out = await recover(cid, cap.snapshot.spec, files, self.paths.capsule_state(cid))
+            out = await recover(cid, cap.snapshot.spec, files, self.paths.capsule_state(cid), self.vmm)
             if out.status == "error":
                 errors[cid] = self._quarantine(cid, out.reason)
                 return
@@ -268,15 +268,10 @@ class LocalHostAgent(api.HostAgent):
             return None
 
     async def _kill_leftover(self, cid: str) -> None:
-        files = self.paths.machine_files(cid)
-        with contextlib.suppress(OSError, ValueError):
-            pid = int(files.pidfile.read_text().strip())
-            if uses_file(pid, files.memory):
-                os.kill(pid, _signal.SIGKILL)
-                for _ in range(200):
-                    if not Path(f"/proc/{pid}").exists():
-                        break
-                    await asyncio.sleep(0.01)
+        machine = self.vmm.adopt(None, self.paths.machine_files(cid))
+        if machine is not None:
+            with contextlib.suppress(Exception):
+                await machine.kill()
 
     def _remove_files(self, cid: str) -> None:
         shutil.rmtree(self.paths.capsule_dir(cid), ignore_errors=True)
@@ -437,7 +432,7 @@ class LocalHostAgent(api.HostAgent):
                        nice: int = 0, steps: str = "resume") -> None:
         """Start the machine from `state` (on a network slot if it has a NIC), reconnect the
         guest agent, push identity + clock."""
-        machine = QemuMachine(cap.snapshot.spec, files or self.paths.machine_files(cap.id))
+        machine = self.vmm.machine(cap.snapshot.spec, files or self.paths.machine_files(cap.id))
         machine.nice = nice
         spec = cap.snapshot.spec
         machine.confine = lambda: self.jail.plan(cap.id, spec.vcpus, spec.memory_mb, machine.files.disk)
@@ -585,7 +580,7 @@ class LocalHostAgent(api.HostAgent):
             state = "paused"
         else:
             state = "error"  # the VM died (crash, OOM kill) and there is no pause to go back to
-        metadata = {"kernel_version": cap.meta.kernel_version, "vmm_version": f"qemu {self._vmm_version}".strip(),
+        metadata = {"kernel_version": cap.meta.kernel_version, "vmm_version": f"{self.vmm.name} {self._vmm_version}".strip(),
                     "agent_version": cap.meta.agent_version, "accelerator": cap.snapshot.spec.accel}
         return api.CapsuleRuntime(cap.id, state, cap.meta.template_id,
                                   cap.meta.vcpus, cap.meta.memory_mb, metadata)

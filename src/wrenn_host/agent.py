@@ -1,5 +1,5 @@
-"""The local host agent: a registry of this host's capsules, each a microVM (QEMU by default) restored from a
-template snapshot (one `capsule.LocalCapsule` each), behind the `api.HostAgent` contract.
+"""The local host agent: a registry of this host's capsules, each a microVM (QEMU by default)
+restored from a template snapshot (one `capsule.LocalCapsule` each), behind `api.HostAgent`.
 
 What lives elsewhere: a capsule's resources and its one `kill()` (capsule.py), start-up recovery
 and orphan sweeps (reclaim.py, recover.py), spare VMs and memory copies (spares.py), templates

@@ -21,7 +21,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Mapping
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from wrenn_control.db.models import Capsule
 from wrenn_control.errors import APIError, agent_error, from_guest_error, invalid_state, not_found
@@ -31,6 +31,7 @@ from wrenn_control.operations import CapsuleOps
 from wrenn_host.api import (
     CapsuleNotFound,
     ExecResult,
+    FileInfo,
     GuestError,
     HostAgent,
     HostAgentError,
@@ -213,10 +214,10 @@ class Guest:
     async def write_file(self, path: str, data: bytes | AsyncIterator[bytes]) -> int:
         return await self._call(self.host.write_file(self.id, path, data))
 
-    async def list_dir(self, path: str, depth: int = 1) -> list[dict[str, Any]]:
+    async def list_dir(self, path: str, depth: int = 1) -> list[FileInfo]:
         return await self._call(self.host.list_dir(self.id, path, depth))
 
-    async def mkdir(self, path: str) -> dict[str, Any]:
+    async def mkdir(self, path: str) -> FileInfo:
         return await self._call(self.host.mkdir(self.id, path))
 
     async def remove(self, path: str) -> None:

@@ -153,7 +153,7 @@ async def _key_manager(request: Request, db: DatabaseDep, creds: BearerDep,
 KeyManagerTeam = Annotated[TeamInfo, Depends(_key_manager)]
 
 
-async def _team_from_key_or_token(request: Request, db: DatabaseDep, creds: BearerDep,
+async def team_from_key_or_token(request: Request, db: DatabaseDep, creds: BearerDep,
                                   key: Annotated[str | None, Security(api_key_header)]) -> TeamInfo:
     """X-API-Key, as Wrenn; a user's Bearer token (its current team) is accepted too."""
     if not key and creds is not None:
@@ -161,7 +161,7 @@ async def _team_from_key_or_token(request: Request, db: DatabaseDep, creds: Bear
     return await team_for_api_key(db, key)
 
 
-CurrentTeam = Annotated[TeamInfo, Depends(_team_from_key_or_token)]
+CurrentTeam = Annotated[TeamInfo, Depends(team_from_key_or_token)]
 
 
 async def _team_capsule(capsule_id: str, team: CurrentTeam, ops: OpsDep) -> Capsule:

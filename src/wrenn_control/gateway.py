@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Mapping
 from typing import TypeVar
 
 from wrenn_control.db.models import Capsule
@@ -150,7 +150,7 @@ class Guest:
             except HostAgentError as exc:
                 raise await self._gateway.translate(self.id, self.host, exc, overrides) from exc
 
-    async def _stream(self, stream: AsyncIterator[T]) -> AsyncIterator[T]:
+    async def _stream(self, stream: AsyncIterator[T]) -> AsyncGenerator[T, None]:
         """A guest stream: a call in flight and the capsule busy for as long as it is read (it
         may outlive the `open` that made it, as a file read's response body does)."""
         with self._ops.guest_call(self.id), self._ops.busy(self.id):
@@ -180,7 +180,7 @@ class Guest:
     async def kill(self, target: int | str, signal: str = "SIGKILL") -> None:
         await self._call(self.host.kill(self.id, target, signal))
 
-    def attach(self, target: int | str) -> AsyncIterator[StreamEvent]:
+    def attach(self, target: int | str) -> AsyncGenerator[StreamEvent, None]:
         return self._stream(self.host.attach(self.id, target))
 
     # ---- terminals --------------------------------------------------------------------------
@@ -194,7 +194,7 @@ class Guest:
     async def pty_sessions(self) -> list[ProcessInfo]:
         return await self._call(self.host.pty_sessions(self.id))
 
-    def pty_attach(self, tag: str) -> AsyncIterator[StreamEvent]:
+    def pty_attach(self, tag: str) -> AsyncGenerator[StreamEvent, None]:
         return self._stream(self.host.pty_attach(self.id, tag))
 
     async def pty_input(self, tag: str, data: bytes) -> None:
@@ -208,7 +208,7 @@ class Guest:
 
     # ---- files ------------------------------------------------------------------------------
 
-    def read_file(self, path: str) -> AsyncIterator[bytes]:
+    def read_file(self, path: str) -> AsyncGenerator[bytes, None]:
         return self._stream(self.host.read_file_stream(self.id, path))
 
     async def write_file(self, path: str, data: bytes | AsyncIterator[bytes]) -> int:

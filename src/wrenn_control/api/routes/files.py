@@ -3,6 +3,7 @@ the unbuffered stream/write and stream/read for any size."""
 
 from __future__ import annotations
 
+import contextlib
 import posixpath
 import tempfile
 from collections.abc import AsyncIterator
@@ -171,10 +172,11 @@ async def _read(capsule: Capsule, path: str, gateway: GuestGateway) -> Streaming
             first = b""
 
     async def body() -> AsyncIterator[bytes]:
-        if first:
-            yield first
-        async for chunk in stream:
-            yield chunk
+        async with contextlib.aclosing(stream):  # a client that leaves ends the guest's read too
+            if first:
+                yield first
+            async for chunk in stream:
+                yield chunk
 
     return StreamingResponse(body(), media_type="application/octet-stream")
 

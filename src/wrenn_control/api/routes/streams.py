@@ -40,7 +40,7 @@ import asyncio
 import base64
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, WebSocket
@@ -143,11 +143,11 @@ async def _cancel(*tasks: asyncio.Task | None) -> None:
 GONE = "gone"  # the client went away (or was dropped for not reading) while we sent it output
 
 
-async def _relay_output(st: _Stream, events: AsyncIterator[StreamEvent]) -> int | str | None:
+async def _relay_output(st: _Stream, events: AsyncGenerator[StreamEvent, None]) -> int | str | None:
     """Forward stdout/stderr as text messages; returns the exit code, GONE, or None if the stream
     ended without an exit code. Raises APIError if the guest fails."""
     text = {"stdout": TextStream(), "stderr": TextStream()}
-    async with contextlib.aclosing(events) as stream:  # type: ignore[type-var]
+    async with contextlib.aclosing(events) as stream:
         async for event in stream:
             if event.kind in text:
                 for piece in split_text(text[event.kind].feed(event.data)):
@@ -292,7 +292,7 @@ async def _attach(st: _Stream, target: str) -> None:
 
 async def _pty_output(st: _Stream, tag: str, send: Callable[[bytes], Awaitable[bool]]) -> int | str | None:
     """Forward terminal output; returns the exit code, GONE, or None (ended without one)."""
-    async with contextlib.aclosing(st.guest.pty_attach(tag)) as stream:  # type: ignore[type-var]
+    async with contextlib.aclosing(st.guest.pty_attach(tag)) as stream:
         async for event in stream:
             if event.kind == "output":
                 for piece in split_bytes(event.data):

@@ -91,10 +91,6 @@ class CapsuleOps:
         with self.db.session() as s:
             return s.scalar(select(Capsule.status).where(Capsule.id == capsule_id))
 
-    def require_running(self, row: Capsule) -> None:
-        if row.status != S.RUNNING.value:
-            raise invalid_state(f"capsule is {row.status}; it must be running")
-
     # ---- state changes --------------------------------------------------------------------
 
     def transition(self, capsule_id: str, to: Status, *, from_: Iterable[Status] | None = None,

@@ -1,0 +1,215 @@
+"""One `HostAgent` over a fleet: each call goes to the host its capsule lives on.
+
+`wrenn control-plane` gives this to the code that was written for one host (CapsuleOps, the
+routes, the reaper, the sampler), so that code keeps one path. A capsule's host is its row's
+`host_id`, set by placement when the row is written and never changed afterwards, so it is
+looked up once per capsule and kept. Calls for a capsule whose host is offline or unknown fail
+with `HostUnavailable` (503 host_unavailable) before anything is sent.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from sqlalchemy import select
+
+from wrenn_control.db.models import Capsule
+from wrenn_control.db.session import Database
+from wrenn_control.hosts.directory import HostUnavailable
+from wrenn_control.hosts.registry import FleetDirectory
+from wrenn_host.api import (
+    CapsuleNotFound,
+    HostAgent,
+    HostAgentError,
+    ReconcileReport,
+    StreamEvent,
+    TemplateNotFound,
+    TemplateRuntime,
+    Tunnel,
+)
+
+log = logging.getLogger(__name__)
+_CACHE_MAX = 100_000
+
+
+class RoutingHostAgent(HostAgent):
+    def __init__(self, db: Database, directory: FleetDirectory):
+        self.db = db
+        self.directory = directory
+        self._host_of: dict[str, str | None] = {}
+
+    def host_of(self, capsule_id: str) -> str | None:
+        if capsule_id not in self._host_of:
+            with self.db.session() as s:
+                found = s.execute(select(Capsule.host_id).where(Capsule.id == capsule_id)).first()
+            if found is None:
+                raise CapsuleNotFound(f"no capsule {capsule_id}")
+            if len(self._host_of) >= _CACHE_MAX:
+                self._host_of.clear()
+            self._host_of[capsule_id] = found[0]
+        return self._host_of[capsule_id]
+
+    def _to(self, capsule_id: str) -> HostAgent:
+        return self.directory.for_capsule(self.host_of(capsule_id))
+
+    def _online(self) -> list[tuple[str, HostAgent]]:
+        hosts = self.directory.all()
+        if not hosts:
+            raise HostUnavailable("no host is online")
+        return hosts
+
+    # ---- the fleet as a whole -----------------------------------------------------------
+
+    async def start(self, known: dict[str, str]) -> ReconcileReport:
+        # Each host reconciles through its heartbeats (api/routes/hosts.py), not at our start.
+        return ReconcileReport(running=[], paused=[], lost=[], errors={})
+
+    async def close(self) -> None:
+        await self.directory.close()
+
+    def health(self) -> dict[str, Any]:
+        return {"mode": "fleet", "hosts": {hid: self.directory.status(hid) for hid, _ in self.directory.all()}}
+
+    def limits(self) -> dict[str, int]:
+        """The largest shape some host takes (each host checks its own on create)."""
+        best: dict[str, int] = {}
+        for hid, agent in self._online():
+            try:
+                lim = agent.limits()
+            except HostAgentError as exc:
+                log.warning("limits of host %s: %s", hid, exc)
+                continue
+            best["max_vcpus"] = max(best.get("max_vcpus", 0), int(lim["max_vcpus"]))
+            best["max_memory_mb"] = max(best.get("max_memory_mb", 0), int(lim["max_memory_mb"]))
+            best["min_memory_mb"] = min(best.get("min_memory_mb", 1 << 30), int(lim.get("min_memory_mb", 1)))
+        if not best:
+            raise HostUnavailable("no host answered")
+        return best
+
+    async def capacity(self) -> dict[str, int | None]:
+        # Room is placement's question (hosts/placement.py), per host; nothing to say fleet-wide.
+        return {"free_memory_mb": None, "free_disk_mb": None}
+
+    def builtin_templates(self) -> list[TemplateRuntime]:
+        seen: dict[str, TemplateRuntime] = {}
+        for hid, agent in self.directory.all():
+            try:
+                for t in agent.builtin_templates():
+                    seen.setdefault(t.template_id, t)
+            except HostAgentError as exc:
+                log.warning("built-in templates of host %s: %s", hid, exc)
+        return list(seen.values())
+
+    async def delete_template(self, template_id: str) -> None:
+        deleted = False
+        for _, agent in self.directory.all():
+            try:
+                await agent.delete_template(template_id)
+                deleted = True
+            except TemplateNotFound:
+                pass
+        if not deleted:
+            raise TemplateNotFound(f"no template {template_id}")
+
+    async def template_info(self, template_id: str) -> TemplateRuntime:
+        for _, agent in self.directory.all():
+            try:
+                return await agent.template_info(template_id)
+            except TemplateNotFound:
+                continue
+        raise TemplateNotFound(f"no template {template_id}")
+
+    # ---- one capsule's host ---------------------------------------------------------------
+
+    async def create(self, capsule_id: str, *args: Any, **kwargs: Any) -> Any:
+        return await self._to(capsule_id).create(capsule_id, *args, **kwargs)
+
+    async def update_network(self, capsule_id: str, *args: Any, **kwargs: Any) -> Any:
+        return await self._to(capsule_id).update_network(capsule_id, *args, **kwargs)
+
+    async def pause(self, capsule_id: str) -> None:
+        await self._to(capsule_id).pause(capsule_id)
+
+    async def resume(self, capsule_id: str) -> Any:
+        return await self._to(capsule_id).resume(capsule_id)
+
+    async def destroy(self, capsule_id: str) -> None:
+        try:
+            agent = self._to(capsule_id)
+        except CapsuleNotFound:
+            return  # idempotent, as the contract says
+        await agent.destroy(capsule_id)
+
+    async def get(self, capsule_id: str) -> Any:
+        return await self._to(capsule_id).get(capsule_id)
+
+    async def snapshot(self, capsule_id: str, template_id: str) -> TemplateRuntime:
+        return await self._to(capsule_id).snapshot(capsule_id, template_id)
+
+    async def exec(self, capsule_id: str, *args: Any, **kwargs: Any) -> Any:
+        return await self._to(capsule_id).exec(capsule_id, *args, **kwargs)
+
+    async def spawn(self, capsule_id: str, *args: Any, **kwargs: Any) -> Any:
+        return await self._to(capsule_id).spawn(capsule_id, *args, **kwargs)
+
+    async def processes(self, capsule_id: str) -> Any:
+        return await self._to(capsule_id).processes(capsule_id)
+
+    async def set_defaults(self, capsule_id: str, **kwargs: Any) -> Any:
+        return await self._to(capsule_id).set_defaults(capsule_id, **kwargs)
+
+    async def kill(self, capsule_id: str, *args: Any, **kwargs: Any) -> None:
+        await self._to(capsule_id).kill(capsule_id, *args, **kwargs)
+
+    async def attach(self, capsule_id: str, target: int | str) -> AsyncIterator[StreamEvent]:  # type: ignore[override]
+        async for event in self._to(capsule_id).attach(capsule_id, target):
+            yield event
+
+    async def pty_start(self, capsule_id: str, *args: Any, **kwargs: Any) -> Any:
+        return await self._to(capsule_id).pty_start(capsule_id, *args, **kwargs)
+
+    async def pty_sessions(self, capsule_id: str) -> Any:
+        return await self._to(capsule_id).pty_sessions(capsule_id)
+
+    async def pty_attach(self, capsule_id: str, target: int | str) -> AsyncIterator[StreamEvent]:  # type: ignore[override]
+        async for event in self._to(capsule_id).pty_attach(capsule_id, target):
+            yield event
+
+    async def pty_input(self, capsule_id: str, *args: Any) -> None:
+        await self._to(capsule_id).pty_input(capsule_id, *args)
+
+    async def pty_resize(self, capsule_id: str, *args: Any) -> None:
+        await self._to(capsule_id).pty_resize(capsule_id, *args)
+
+    async def pty_kill(self, capsule_id: str, *args: Any, **kwargs: Any) -> None:
+        await self._to(capsule_id).pty_kill(capsule_id, *args, **kwargs)
+
+    async def read_file(self, capsule_id: str, path: str) -> bytes:
+        return await self._to(capsule_id).read_file(capsule_id, path)
+
+    async def read_file_stream(self, capsule_id: str, path: str) -> AsyncIterator[bytes]:  # type: ignore[override]
+        async for chunk in self._to(capsule_id).read_file_stream(capsule_id, path):
+            yield chunk
+
+    async def write_file(self, capsule_id: str, path: str, data: Any) -> int:
+        return await self._to(capsule_id).write_file(capsule_id, path, data)
+
+    async def list_dir(self, capsule_id: str, *args: Any, **kwargs: Any) -> Any:
+        return await self._to(capsule_id).list_dir(capsule_id, *args, **kwargs)
+
+    async def stat(self, capsule_id: str, path: str) -> Any:
+        return await self._to(capsule_id).stat(capsule_id, path)
+
+    async def mkdir(self, capsule_id: str, path: str) -> Any:
+        return await self._to(capsule_id).mkdir(capsule_id, path)
+
+    async def remove(self, capsule_id: str, path: str) -> None:
+        await self._to(capsule_id).remove(capsule_id, path)
+
+    async def metrics(self, capsule_id: str) -> Any:
+        return await self._to(capsule_id).metrics(capsule_id)
+
+    async def tcp_connect(self, capsule_id: str, port: int) -> Tunnel:
+        return await self._to(capsule_id).tcp_connect(capsule_id, port)

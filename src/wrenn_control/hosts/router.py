@@ -39,6 +39,7 @@ class RoutingHostAgent(HostAgent):
         self.db = db
         self.directory = directory
         self._host_of: dict[str, str | None] = {}
+        self._builtins: list[TemplateRuntime] | None = None
 
     def host_of(self, capsule_id: str) -> str | None:
         if capsule_id not in self._host_of:
@@ -93,6 +94,7 @@ class RoutingHostAgent(HostAgent):
         return {"free_memory_mb": None, "free_disk_mb": None}
 
     def builtin_templates(self) -> list[TemplateRuntime]:
+        """Those of the hosts online (the last ones known while none is; none ever: 503)."""
         seen: dict[str, TemplateRuntime] = {}
         for hid, agent in self.directory.all():
             try:
@@ -100,7 +102,11 @@ class RoutingHostAgent(HostAgent):
                     seen.setdefault(t.template_id, t)
             except HostAgentError as exc:
                 log.warning("built-in templates of host %s: %s", hid, exc)
-        return list(seen.values())
+        if seen:
+            self._builtins = list(seen.values())
+        elif self._builtins is None:
+            raise HostUnavailable("no host is online")
+        return list(self._builtins)
 
     async def delete_template(self, template_id: str) -> None:
         deleted = False

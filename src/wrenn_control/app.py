@@ -81,6 +81,7 @@ def create_app(settings: Settings, host: HostAgent | None, *, agent_factory: Age
     if fleet is not None:
         ops.place = functools.partial(placement.place, overcommit_vcpu=settings.overcommit_vcpu,
                                       overcommit_memory=settings.overcommit_memory)
+        host.place = ops.place  # type: ignore[attr-defined]
         ops.replica_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
     watcher = HeartbeatWatcher(db, fleet, settings.host_offline_sec, settings.host_watch_interval_sec)
     builds = Builds(db, host, events, work_dir=settings.data_dir / "builds")

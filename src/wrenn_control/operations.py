@@ -178,6 +178,17 @@ class CapsuleOps:
             await asyncio.sleep(self.lease_sec / 3)
             self._set_claim(capsule_id)
 
+    def _reachable(self, capsule_id: str) -> None:
+        """503 host_unavailable, before any state change, if the capsule's host is offline (a
+        fleet's RoutingHostAgent knows; the in-process host always is reachable)."""
+        check = getattr(self.host, "check_reachable", None)
+        if check is not None:
+            try:
+                check(capsule_id)
+            except HostAgentError as exc:
+                if exc.code == "host_unavailable":
+                    raise agent_error(exc) from exc
+
     def _observe(self, op: str, started: float) -> None:
         if self.latency is not None:
             self.latency.labels(op).observe(asyncio.get_running_loop().time() - started)
@@ -279,6 +290,7 @@ class CapsuleOps:
                     reason: str | None = None) -> bool:
         """False if the capsule was not running (or `where` did not hold); APIError on failure.
         `reason` goes into the event's metadata (the reaper's: ttl_expired)."""
+        self._reachable(capsule_id)
         if not self.transition(capsule_id, S.PAUSING, from_={S.RUNNING}, where=where):
             return False
         started = asyncio.get_running_loop().time()
@@ -298,6 +310,7 @@ class CapsuleOps:
         return True
 
     async def resume(self, capsule_id: str) -> bool:
+        self._reachable(capsule_id)
         if not self.transition(capsule_id, S.RESUMING, from_={S.PAUSED}):
             return False
         started = asyncio.get_running_loop().time()
@@ -317,6 +330,7 @@ class CapsuleOps:
 
     async def snapshot(self, capsule_id: str, template_id: str) -> TemplateRuntime:
         """Make a template from a running or paused capsule; the capsule ends paused."""
+        self._reachable(capsule_id)
         if not self.transition(capsule_id, S.SNAPSHOTTING, from_={S.RUNNING, S.PAUSED}):
             raise invalid_state(f"capsule is {self.status(capsule_id)}; "
                                 "only running or paused capsules can be snapshotted")
@@ -345,6 +359,12 @@ class CapsuleOps:
             try:
                 await self.host.destroy(capsule_id)
             except HostAgentError as exc:
+                if exc.code == "host_unavailable":
+                    # Its host is offline: the capsule is gone for the user now, and the host
+                    # destroys it when it is back (its heartbeat reports a capsule stopped here).
+                    if self.transition(capsule_id, S.STOPPED, from_={S.STOPPING}):
+                        self._finished(capsule_id, ev.CAPSULE_DESTROY)
+                    return
                 self.transition(capsule_id, S.ERROR, from_={S.STOPPING},
                                 values={"error": f"destroy failed: {exc.message}"})
                 self._finished(capsule_id, ev.CAPSULE_DESTROY, error=f"destroy failed: {exc.message}")
@@ -357,6 +377,7 @@ class CapsuleOps:
         """New egress rules for a running or paused capsule, in force without a restart."""
         if row.status not in (S.RUNNING.value, S.PAUSED.value):
             raise invalid_state(f"capsule is {row.status}; only running or paused capsules can change their network")
+        self._reachable(row.id)
         async with self._hold(row.id):
             status = self.status(row.id)
             if status not in (S.RUNNING.value, S.PAUSED.value):

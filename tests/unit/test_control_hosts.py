@@ -264,3 +264,50 @@ async def test_metrics_endpoint(tmp_path):
         assert f'wrenn_host_heartbeat_age_seconds{{host="{host.id}"}}' in text
         assert 'wrenn_capsule_operation_seconds_count{op="create"} 1.0' in text
         assert 'wrenn_capsule_operation_seconds_count{op="pause"} 1.0' in text
+
+
+async def test_offline_host_capsules_refuse_lifecycle_calls_but_can_be_destroyed(tmp_path):
+    fleet = FakeFleet()
+    async with fleet_app(make_settings(tmp_path), fleet) as h:
+        host = await add_host(h, fleet, 1)
+        kept, doomed = (await h.running_capsule())["id"], (await h.running_capsule())["id"]
+        paused = (await h.running_capsule())["id"]
+        assert (await h.client.post(f"/v1/capsules/{paused}/pause")).status_code == 200
+        await asyncio.to_thread(h.app.state.heartbeats.run_once, utcnow() + timedelta(seconds=16))
+        for path in (f"{kept}/pause", f"{paused}/resume"):
+            assert_error(await h.client.post(f"/v1/capsules/{path}"), 503, "host_unavailable")
+        # the reaper leaves them alone too (it would pause `kept`, idle past its timeout)
+        with h.app.state.db.session() as s:
+            s.execute(update(Capsule).where(Capsule.id == kept).values(timeout_sec=1))
+            s.commit()
+        assert await h.app.state.reaper.run_once(utcnow() + timedelta(seconds=5)) == []
+        # nothing changed under the `missing` they show
+        assert (await h.client.get(f"/v1/capsules/{paused}")).json()["status"] == "missing"
+        # a destroy is taken now; the host removes the VM once it is back
+        assert (await h.client.delete(f"/v1/capsules/{doomed}")).status_code == 204
+        assert (await h.client.get(f"/v1/capsules/{doomed}")).json()["status"] == "stopped"
+        assert doomed in host.agent.capsules
+        await beat(h, host)
+        for _ in range(100):
+            if doomed not in host.agent.capsules:
+                break
+            await asyncio.sleep(0.01)
+        assert doomed not in host.agent.capsules and kept in host.agent.capsules
+        assert (await h.client.get(f"/v1/capsules/{kept}")).json()["status"] == "running"
+        assert (await h.client.get(f"/v1/capsules/{paused}")).json()["status"] == "paused"
+        assert (await h.client.post(f"/v1/capsules/{paused}/resume")).status_code == 200
+
+
+async def test_openapi_documents_the_hosts_routes(tmp_path):
+    async with fleet_app(make_settings(tmp_path), FakeFleet()) as h:
+        spec = (await h.client.get("/openapi.json")).json()
+    paths = spec["paths"]
+    for path, method, statuses in (("/api/v1/hosts", "post", {"201", "401", "403"}),
+                                   ("/api/v1/hosts", "get", {"200", "401", "403"}),
+                                   ("/api/v1/hosts/{host_id}", "get", {"200", "403", "404"}),
+                                   ("/api/v1/hosts/{host_id}", "delete", {"204", "403", "404", "409"}),
+                                   ("/api/v1/hosts/{host_id}/drain", "post", {"200", "403", "404"}),
+                                   ("/api/v1/hosts/register", "post", {"200", "400", "401"}),
+                                   ("/api/v1/hosts/{host_id}/heartbeat", "post", {"200", "400", "401"})):
+        assert statuses <= set(paths[path][method]["responses"]), (path, method)
+    assert "host_id" in spec["components"]["schemas"]["CapsuleOut"]["properties"]

@@ -17,6 +17,7 @@ from sqlalchemy import select
 
 from wrenn_control.db.models import Capsule
 from wrenn_control.db.session import Database
+from wrenn_control.errors import APIError
 from wrenn_control.hosts.directory import HostUnavailable
 from wrenn_control.hosts.registry import FleetDirectory
 from wrenn_host.api import (
@@ -40,6 +41,8 @@ class RoutingHostAgent(HostAgent):
         self.directory = directory
         self._host_of: dict[str, str | None] = {}
         self._builtins: list[TemplateRuntime] | None = None
+        # placement.place with the app's overcommit settings, for capsules without a row (builds)
+        self.place: Any = None
 
     def host_of(self, capsule_id: str) -> str | None:
         if capsule_id not in self._host_of:
@@ -54,6 +57,10 @@ class RoutingHostAgent(HostAgent):
 
     def _to(self, capsule_id: str) -> HostAgent:
         return self.directory.for_capsule(self.host_of(capsule_id))
+
+    def check_reachable(self, capsule_id: str) -> None:
+        """HostUnavailable if the capsule's host is offline or unknown (CapsuleOps asks first)."""
+        self._to(capsule_id)
 
     def _online(self) -> list[tuple[str, HostAgent]]:
         hosts = self.directory.all()
@@ -129,8 +136,26 @@ class RoutingHostAgent(HostAgent):
 
     # ---- one capsule's host ---------------------------------------------------------------
 
-    async def create(self, capsule_id: str, *args: Any, **kwargs: Any) -> Any:
-        return await self._to(capsule_id).create(capsule_id, *args, **kwargs)
+    async def create(self, capsule_id: str, template_id: str, vcpus: int | None, memory_mb: int | None,
+                     *args: Any, **kwargs: Any) -> Any:
+        try:
+            agent = self._to(capsule_id)
+        except CapsuleNotFound:
+            # No capsule row: a build's capsule (builds/executor.py). Placed here, and kept.
+            agent = self._place_unlisted(capsule_id, template_id, vcpus or 1, memory_mb or 512)
+        return await agent.create(capsule_id, template_id, vcpus, memory_mb, *args, **kwargs)
+
+    def _place_unlisted(self, capsule_id: str, template_id: str, vcpus: int, memory_mb: int) -> HostAgent:
+        if self.place is None:
+            raise CapsuleNotFound(f"no capsule {capsule_id}")
+        with self.db.session() as s:
+            try:
+                host_id = self.place(s, vcpus=vcpus, memory_mb=memory_mb, template_id=template_id)
+            except APIError as exc:
+                raise HostUnavailable(exc.message) from exc
+            s.commit()
+        self._host_of[capsule_id] = host_id
+        return self.directory.for_capsule(host_id)
 
     async def update_network(self, capsule_id: str, *args: Any, **kwargs: Any) -> Any:
         return await self._to(capsule_id).update_network(capsule_id, *args, **kwargs)

@@ -19,6 +19,7 @@ from wrenn_control.clock import utcnow
 from wrenn_control.db.models import Capsule
 from wrenn_control.db.session import Database
 from wrenn_control.errors import APIError
+from wrenn_control.hosts import liveness
 from wrenn_control.lifecycle import Status
 from wrenn_control.operations import CapsuleOps
 from wrenn_control.workers import PeriodicWorker
@@ -44,14 +45,14 @@ class Reaper(PeriodicWorker):
         now = now or utcnow()
         with self.db.session() as s:
             rows = s.execute(
-                select(Capsule.id, Capsule.timeout_sec, Capsule.started_at, Capsule.last_active_at)
+                select(Capsule.id, Capsule.timeout_sec, Capsule.started_at, Capsule.last_active_at, Capsule.host_id)
                 .where(Capsule.status == Status.RUNNING.value, Capsule.timeout_sec > 0)
             ).all()
         due: list[tuple[str, datetime]] = []
-        for capsule_id, timeout_sec, started_at, last_active_at in rows:
+        for capsule_id, timeout_sec, started_at, last_active_at, host_id in rows:
             marks = [t for t in (started_at, last_active_at) if t is not None]
-            if not marks or self.ops.is_busy(capsule_id):
-                continue
+            if not marks or self.ops.is_busy(capsule_id) or liveness.is_offline(host_id):
+                continue  # (a capsule of an offline host is paused once the host is back)
             cutoff = now - timedelta(seconds=timeout_sec)
             if max(marks) <= cutoff:
                 due.append((capsule_id, cutoff))

@@ -13,6 +13,7 @@ event loop.
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import shlex
 from datetime import datetime, timedelta
@@ -40,7 +41,9 @@ from wrenn_control.hosts.schemas import (
 )
 from wrenn_control.lifecycle import Status
 from wrenn_control.schemas import ErrorBody
+from wrenn_host.api import HostAgentError
 
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["hosts"], responses={401: {"model": ErrorBody}})
 S = Status
 PENDING, ONLINE, OFFLINE, DRAINING = "pending", "online", "offline", "draining"
@@ -49,6 +52,8 @@ _SETTLED = (S.RUNNING, S.PAUSED)
 _TRANSITIONAL = (S.PENDING, S.STARTING, S.PAUSING, S.RESUMING, S.SNAPSHOTTING)
 _TRANSITIONAL_GRACE = timedelta(minutes=10)  # a create or pause whose replica died, long ago
 _GONE = frozenset({"error", "stopped", "lost", "missing"})
+
+_LEFTOVERS: set[asyncio.Task[None]] = set()
 
 host_bearer = HTTPBearer(auto_error=False, scheme_name="HostToken",
                          description="a host agent's registration token or credential")
@@ -190,9 +195,10 @@ def register_host(request: Request, body: HostRegister, creds: HostBearer, db: D
 
 
 def _record_heartbeat(db: Database, host_id: str, credential: str, beat: Heartbeat, grace: timedelta
-                      ) -> tuple[str, bool, list[tuple[str, Status, Status | None, datetime]]]:
+                      ) -> tuple[str, bool, list[tuple[str, Status, Status | None, datetime]], list[str]]:
     """Store the heartbeat; returns (status, was offline, [(capsule, its status, what the host
-    says: None if gone, the cutoff)]) for the capsules whose row disagrees with their host."""
+    says: None if gone, the cutoff)] for the capsules whose row disagrees with their host, and
+    the capsules the host still has that were destroyed here meanwhile)."""
     now = utcnow()
     with db.session() as s:
         host = s.get(Host, host_id)
@@ -207,6 +213,10 @@ def _record_heartbeat(db: Database, host_id: str, credential: str, beat: Heartbe
         s.commit()
         rows = s.execute(select(Capsule.id, Capsule.status, Capsule.last_updated).where(
             Capsule.host_id == host_id, Capsule.status.in_([x.value for x in _SETTLED + _TRANSITIONAL]))).all()
+        # (ids without a row are left alone: a build's capsule has none)
+        stopped = list(s.scalars(select(Capsule.id).where(
+            Capsule.id.in_(list(beat.capsules)[:10_000]), Capsule.host_id == host_id,
+            Capsule.status == S.STOPPED.value)))
     wrong = []
     for cid, st, last_updated in rows:
         was = S(st)
@@ -218,7 +228,7 @@ def _record_heartbeat(db: Database, host_id: str, credential: str, beat: Heartbe
             wrong.append((cid, was, None, cutoff))
         elif was in _SETTLED and said in ("running", "paused") and said != st:
             wrong.append((cid, was, S(said), cutoff))
-    return status, was_offline, wrong
+    return status, was_offline, wrong, stopped
 
 
 @router.post("/hosts/{host_id}/heartbeat", response_model=HeartbeatAck)
@@ -227,8 +237,10 @@ async def heartbeat(request: Request, host_id: str, body: Heartbeat, creds: Host
     """Usage, the capsules the host has (id -> state) and the templates it holds. A capsule the
     host no longer has becomes `error`; one it reports in another settled state takes that state."""
     grace = timedelta(seconds=max(10.0, 3 * settings.heartbeat_interval_sec))
-    status, was_offline, wrong = await asyncio.to_thread(_record_heartbeat, db, host_id, _token(creds), body, grace)
+    status, was_offline, wrong, stopped = await asyncio.to_thread(
+        _record_heartbeat, db, host_id, _token(creds), body, grace)
     _mark(request, host_id, status)
+    _destroy_leftovers(request, host_id, stopped)
     for cid, was, said, cutoff in wrong:
         where = [Capsule.host_id == host_id, Capsule.last_updated <= cutoff]
         if said is None:
@@ -238,6 +250,27 @@ async def heartbeat(request: Request, host_id: str, body: Heartbeat, creds: Host
         else:
             ops.transition(cid, said, from_={was}, where=where, force=True)
     return HeartbeatAck(status=status)
+
+
+def _destroy_leftovers(request: Request, host_id: str, capsule_ids: list[str]) -> None:
+    """Capsules destroyed while their host was offline: the host removes them now (in the
+    background; destroy is idempotent, so a second replica doing the same is harmless)."""
+    directory = getattr(request.app.state, "fleet", None)
+    if directory is None or not capsule_ids:
+        return
+    agent = directory.for_capsule(host_id)
+
+    async def destroy(cid: str) -> None:
+        try:
+            await agent.destroy(cid)
+            log.info("host %s: destroyed leftover capsule %s", host_id, cid)
+        except HostAgentError as exc:
+            log.warning("host %s: leftover capsule %s: %s", host_id, cid, exc.message)
+
+    for cid in capsule_ids:
+        task = asyncio.create_task(destroy(cid), name=f"leftover {cid}")
+        _LEFTOVERS.add(task)  # (a reference, so that the task is not collected midway)
+        task.add_done_callback(_LEFTOVERS.discard)
 
 
 def _mark(request: Request, host_id: str, status: str) -> None:

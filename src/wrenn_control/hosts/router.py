@@ -24,6 +24,7 @@ from wrenn_host.api import (
     CapsuleNotFound,
     HostAgent,
     HostAgentError,
+    HostLimits,
     ReconcileReport,
     StreamEvent,
     TemplateNotFound,
@@ -77,35 +78,33 @@ class RoutingHostAgent(HostAgent):
     async def close(self) -> None:
         await self.directory.close()
 
-    def health(self) -> dict[str, Any]:
+    async def health(self) -> dict[str, Any]:
         return {"mode": "fleet", "hosts": {hid: self.directory.status(hid) for hid, _ in self.directory.all()}}
 
-    def limits(self) -> dict[str, int]:
+    async def limits(self) -> HostLimits:
         """The largest shape some host takes (each host checks its own on create)."""
-        best: dict[str, int] = {}
+        found: list[HostLimits] = []
         for hid, agent in self._online():
             try:
-                lim = agent.limits()
+                found.append(await agent.limits())
             except HostAgentError as exc:
                 log.warning("limits of host %s: %s", hid, exc)
-                continue
-            best["max_vcpus"] = max(best.get("max_vcpus", 0), int(lim["max_vcpus"]))
-            best["max_memory_mb"] = max(best.get("max_memory_mb", 0), int(lim["max_memory_mb"]))
-            best["min_memory_mb"] = min(best.get("min_memory_mb", 1 << 30), int(lim.get("min_memory_mb", 1)))
-        if not best:
+        if not found:
             raise HostUnavailable("no host answered")
-        return best
+        return HostLimits(max_vcpus=max(x.max_vcpus for x in found),
+                          min_memory_mb=min(x.min_memory_mb for x in found),
+                          max_memory_mb=max(x.max_memory_mb for x in found))
 
     async def capacity(self) -> dict[str, int | None]:
         # Room is placement's question (hosts/placement.py), per host; nothing to say fleet-wide.
         return {"free_memory_mb": None, "free_disk_mb": None}
 
-    def builtin_templates(self) -> list[TemplateRuntime]:
+    async def builtin_templates(self) -> list[TemplateRuntime]:
         """Those of the hosts online (the last ones known while none is; none ever: 503)."""
         seen: dict[str, TemplateRuntime] = {}
         for hid, agent in self.directory.all():
             try:
-                for t in agent.builtin_templates():
+                for t in await agent.builtin_templates():
                     seen.setdefault(t.template_id, t)
             except HostAgentError as exc:
                 log.warning("built-in templates of host %s: %s", hid, exc)

@@ -311,3 +311,46 @@ async def test_openapi_documents_the_hosts_routes(tmp_path):
                                    ("/api/v1/hosts/{host_id}/heartbeat", "post", {"200", "400", "401"})):
         assert statuses <= set(paths[path][method]["responses"]), (path, method)
     assert "host_id" in spec["components"]["schemas"]["CapsuleOut"]["properties"]
+
+
+async def test_a_call_cut_short_is_settled_by_the_hosts_word(tmp_path):
+    """A replica died during a pause (the row says `pausing`, its lease has lapsed): the host's
+    heartbeat says what is true; while a lease is held, nothing is touched."""
+    fleet = FakeFleet()
+    async with fleet_app(make_settings(tmp_path), fleet) as h:
+        host = await add_host(h, fleet, 1)
+        cut, held = (await h.running_capsule())["id"], (await h.running_capsule())["id"]
+        long_ago = utcnow() - timedelta(hours=1)
+        with h.app.state.db.session() as s:
+            s.execute(update(Capsule).values(status="pausing", last_updated=long_ago))
+            s.execute(update(Capsule).where(Capsule.id == held).values(
+                claimed_by="other-replica", claimed_until=utcnow() + timedelta(seconds=30)))
+            s.commit()
+        host.agent.capsules[cut].state = "paused"
+        await beat(h, host)
+        assert (await h.client.get(f"/v1/capsules/{cut}")).json()["status"] == "paused"
+        assert (await h.client.get(f"/v1/capsules/{held}")).json()["status"] == "pausing"
+
+
+async def test_each_sampler_pass_is_done_by_one_replica(tmp_path, monkeypatch):
+    import time
+    import types
+
+    from wrenn_control.workers import sampler
+    from wrenn_control.workers.passes import claim_pass
+
+    fleet = FakeFleet()
+    settings = make_settings(tmp_path)
+    other = make_settings(tmp_path / "replica-2", database_url=settings.database_url,
+                          bootstrap_api_key=settings.bootstrap_api_key)
+    async with fleet_app(settings, fleet) as one, fleet_app(other, fleet) as two:
+        host = await add_host(one, fleet, 1)
+        await one.running_capsule()
+        before = len(host.agent.ops("metrics"))
+        # both in one time slot, one no pass has had yet
+        monkeypatch.setattr(sampler, "time", types.SimpleNamespace(time=lambda: 4e9, monotonic=time.monotonic))
+        await asyncio.gather(one.app.state.sampler.tick(), two.app.state.sampler.tick())
+        assert len(host.agent.ops("metrics")) == before + 1  # one replica asked, once
+        db = one.app.state.db
+        wins = [await asyncio.to_thread(claim_pass, db, "x", 7, r) for r in ("a", "b", "a")]
+        assert wins == [True, False, False]

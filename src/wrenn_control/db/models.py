@@ -268,3 +268,14 @@ class Host(Base):
     control_token: Mapped[str | None] = mapped_column(Str(128))  # sent to the agent on every call
     last_heartbeat_at: Mapped[datetime | None]
     created_at: Mapped[datetime]
+
+
+class WorkerPass(Base):
+    """One pass of a background worker (sampler, reaper's dead-VM check) in one time slot, claimed
+    by the replica that does it: with several replicas, each pass is done once."""
+
+    __tablename__ = "worker_passes"
+
+    name: Mapped[str] = mapped_column(Str(32), primary_key=True)
+    slot: Mapped[int] = mapped_column(BigInteger, primary_key=True)  # unix time // interval
+    claimed_by: Mapped[str] = mapped_column(Str(64))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from datetime import datetime, timedelta
 
 from sqlalchemy import or_, select
@@ -23,6 +24,7 @@ from wrenn_control.hosts import liveness
 from wrenn_control.lifecycle import Status
 from wrenn_control.operations import CapsuleOps
 from wrenn_control.workers import PeriodicWorker
+from wrenn_control.workers.passes import claim_pass
 from wrenn_host.api import CapsuleNotFound, HostAgentError
 
 log = logging.getLogger(__name__)
@@ -37,7 +39,12 @@ class Reaper(PeriodicWorker):
         self.interval_sec = interval_sec
 
     async def tick(self) -> None:
-        await self.mark_dead()
+        replica = self.ops.replica_id
+        # The dead-VM check asks the hosts about every running capsule: one replica a slot does
+        # it. (The auto-pause scan is a query; its pauses are conditional, so each happens once.)
+        if replica is None or await asyncio.to_thread(
+                claim_pass, self.db, "reaper", int(time.time() / self.interval_sec), replica):
+            await self.mark_dead()
         await self.run_once()
 
     async def run_once(self, now: datetime | None = None) -> list[str]:

@@ -21,7 +21,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Body, Depends, Request, Response, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, or_, select, update
 
 from wrenn_control import ids
 from wrenn_control.api.deps import CurrentTeam, DatabaseDep, OpsDep, SettingsDep, TeamInfo
@@ -50,7 +50,9 @@ PENDING, ONLINE, OFFLINE, DRAINING = "pending", "online", "offline", "draining"
 # A capsule changed this recently may not be in the heartbeat yet (it was taken before).
 _SETTLED = (S.RUNNING, S.PAUSED)
 _TRANSITIONAL = (S.PENDING, S.STARTING, S.PAUSING, S.RESUMING, S.SNAPSHOTTING)
-_TRANSITIONAL_GRACE = timedelta(minutes=10)  # a create or pause whose replica died, long ago
+# A create, pause, ... whose replica died: longer than any of them takes (a create may wait for
+# a built-in template's first build), and only with no replica's lease on it.
+_TRANSITIONAL_GRACE = timedelta(minutes=30)
 _GONE = frozenset({"error", "stopped", "lost", "missing"})
 
 _LEFTOVERS: set[asyncio.Task[None]] = set()
@@ -212,7 +214,8 @@ def _record_heartbeat(db: Database, host_id: str, credential: str, beat: Heartbe
         status = host.status
         s.commit()
         rows = s.execute(select(Capsule.id, Capsule.status, Capsule.last_updated).where(
-            Capsule.host_id == host_id, Capsule.status.in_([x.value for x in _SETTLED + _TRANSITIONAL]))).all()
+            Capsule.host_id == host_id, Capsule.status.in_([x.value for x in _SETTLED + _TRANSITIONAL]),
+            or_(Capsule.claimed_until.is_(None), Capsule.claimed_until < now))).all()
         # (ids without a row are left alone: a build's capsule has none)
         stopped = list(s.scalars(select(Capsule.id).where(
             Capsule.id.in_(list(beat.capsules)[:10_000]), Capsule.host_id == host_id,
@@ -226,7 +229,7 @@ def _record_heartbeat(db: Database, host_id: str, credential: str, beat: Heartbe
         said = beat.capsules.get(cid)
         if said is None or said in _GONE:
             wrong.append((cid, was, None, cutoff))
-        elif was in _SETTLED and said in ("running", "paused") and said != st:
+        elif said in ("running", "paused") and said != st:
             wrong.append((cid, was, S(said), cutoff))
     return status, was_offline, wrong, stopped
 
@@ -235,14 +238,17 @@ def _record_heartbeat(db: Database, host_id: str, credential: str, beat: Heartbe
 async def heartbeat(request: Request, host_id: str, body: Heartbeat, creds: HostBearer, ops: OpsDep,
                     db: DatabaseDep, settings: SettingsDep) -> HeartbeatAck:
     """Usage, the capsules the host has (id -> state) and the templates it holds. A capsule the
-    host no longer has becomes `error`; one it reports in another settled state takes that state."""
+    host no longer has becomes `error`; one it reports in another state (running, paused) takes
+    that state: a settled one changed longer ago than a few heartbeats, a transitional one (its
+    replica died mid-call) after half an hour, and none while a replica holds its lease."""
     grace = timedelta(seconds=max(10.0, 3 * settings.heartbeat_interval_sec))
     status, was_offline, wrong, stopped = await asyncio.to_thread(
         _record_heartbeat, db, host_id, _token(creds), body, grace)
     _mark(request, host_id, status)
     _destroy_leftovers(request, host_id, stopped)
     for cid, was, said, cutoff in wrong:
-        where = [Capsule.host_id == host_id, Capsule.last_updated <= cutoff]
+        where = [Capsule.host_id == host_id, Capsule.last_updated <= cutoff,
+                 or_(Capsule.claimed_until.is_(None), Capsule.claimed_until < utcnow())]
         if said is None:
             # On the loop, not in a thread: a transition publishes events (asyncio queues). Rare.
             ops.transition(cid, S.ERROR, from_={was}, where=where, values={

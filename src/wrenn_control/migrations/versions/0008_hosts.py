@@ -2,6 +2,7 @@
 
 `capsules.host_id` NULL means the in-process host of `wrenn server`. `capsules.claimed_by` /
 `claimed_until`: a lifecycle call's lease across control-plane replicas (operations.py).
+`worker_passes`: which replica does a background pass (workers/passes.py).
 
 Revision ID: 0008
 Revises: 0007
@@ -48,9 +49,16 @@ def upgrade() -> None:
     op.add_column("capsules", sa.Column("claimed_by", sa.String(64), nullable=True))
     op.add_column("capsules", sa.Column("claimed_until", sa.DateTime(), nullable=True))
     op.create_index("ix_capsules_host_id", "capsules", ["host_id"])
+    op.create_table(
+        "worker_passes",
+        sa.Column("name", sa.String(32), primary_key=True),
+        sa.Column("slot", sa.BigInteger(), primary_key=True),
+        sa.Column("claimed_by", sa.String(64), nullable=False),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("worker_passes")
     op.drop_index("ix_capsules_host_id", table_name="capsules")
     op.drop_column("capsules", "claimed_until")
     op.drop_column("capsules", "claimed_by")

@@ -34,10 +34,11 @@ class FleetHost:
 
 
 @contextlib.asynccontextmanager
-async def fleet_app(settings: Any, fleet: FakeFleet) -> AsyncIterator[Harness]:
+async def fleet_app(settings: Any, fleet: FakeFleet | None) -> AsyncIterator[Harness]:
+    """fleet None: the real network client (hosts/remote.py) reaches the hosts."""
     from wrenn_control.app import create_app
 
-    app = create_app(settings, None, agent_factory=fleet.factory)
+    app = create_app(settings, None, agent_factory=fleet.factory if fleet is not None else None)
     async with app.router.lifespan_context(app):
         key = settings.bootstrap_api_key
         harness = Harness(app, None, settings, key, None)  # type: ignore[arg-type]

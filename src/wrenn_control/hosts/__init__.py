@@ -1,2 +1,5 @@
-"""Hosts: which host agent holds a capsule (directory), the fleet's registered hosts (registry),
-where a new capsule goes (placement) and one HostAgent over them all (router)."""
+"""The hosts that run capsules, as the control plane sees them (see directory.py)."""
+
+from wrenn_control.hosts.directory import LOCAL, HostDirectory, HostUnavailable
+
+__all__ = ["LOCAL", "HostDirectory", "HostUnavailable"]

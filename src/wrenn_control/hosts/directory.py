@@ -1,34 +1,42 @@
-"""Which host agent a capsule's calls go to.
+"""Which host agent holds a capsule.
 
-In `wrenn server` mode there is exactly one, the in-process host, whose id is "local"; a capsule
-row's `host_id` is then NULL. A fleet's directory (hosts/registry.py) holds one agent per
-registered host.
+`wrenn server` has one in-process host, whose id is `"local"`; a capsule row's `host_id` (NULL
+for the local host) names the host that runs it. Everything that calls a host about a capsule
+asks here, so that a fleet can put more hosts behind the same calls.
 """
 
 from __future__ import annotations
 
-from wrenn_host.api import HostAgent, HostAgentError
+from wrenn_control.errors import APIError
+from wrenn_host.api import HostAgent
 
-LOCAL_HOST_ID = "local"
+LOCAL = "local"
 
 
-class HostUnavailable(HostAgentError):
-    """The capsule's host is offline, draining away or unknown: 503 host_unavailable."""
+class HostUnavailable(APIError):
+    """The capsule's host is not known here (or not reachable): 503 host_unavailable."""
 
-    code = "host_unavailable"
+    def __init__(self, host_id: str):
+        super().__init__(503, "host_unavailable", f"host {host_id} is not available")
+        self.host_id = host_id
 
 
 class HostDirectory:
     def __init__(self, local: HostAgent | None = None):
-        self._local = local
+        self._hosts: dict[str, HostAgent] = {}
+        if local is not None:
+            self._hosts[LOCAL] = local
 
     def for_capsule(self, host_id: str | None) -> HostAgent:
-        if host_id in (None, LOCAL_HOST_ID) and self._local is not None:
-            return self._local
-        raise HostUnavailable(f"host {host_id or LOCAL_HOST_ID} is not available")
+        """The host agent of a capsule whose row says `host_id` (None: the local host)."""
+        host = self._hosts.get(host_id or LOCAL)
+        if host is None:
+            raise HostUnavailable(host_id or LOCAL)
+        return host
 
     def local(self) -> HostAgent | None:
-        return self._local
+        """The in-process host of `wrenn server` (None when there is none)."""
+        return self._hosts.get(LOCAL)
 
     def all(self) -> list[tuple[str, HostAgent]]:
-        return [(LOCAL_HOST_ID, self._local)] if self._local is not None else []
+        return list(self._hosts.items())

@@ -18,19 +18,31 @@ from wrenn_control.db.models import Host
 from wrenn_control.db.session import Database
 from wrenn_control.hosts import liveness
 from wrenn_control.hosts.directory import HostDirectory, HostUnavailable
-from wrenn_host.api import HostAgent
+from wrenn_host.api import HostAgent, HostAgentError
 
 log = logging.getLogger(__name__)
 AgentFactory = Callable[[str, str], HostAgent]  # (address, control_token) -> a client
 OFFLINE = "offline"
 
 
+class HostNotServing(HostUnavailable):
+    """503 host_unavailable, saying why (offline, not registered, no in-process host)."""
+
+    def __init__(self, host_id: str, why: str):
+        super().__init__(host_id)
+        self.message = f"host {host_id} is not available: {why}"
+
+
+class NoRemoteClient(HostAgentError):
+    code = "host_unavailable"
+
+
 def remote_agent(address: str, control_token: str) -> HostAgent:
     try:
         module = importlib.import_module("wrenn_control.hosts.remote")
     except ImportError as exc:
-        raise HostUnavailable("this build has no network host agent client "
-                              f"(wrenn_control.hosts.remote is missing: {exc})") from exc
+        raise NoRemoteClient("this build has no network host agent client "
+                             f"(wrenn_control.hosts.remote is missing: {exc})") from exc
     return module.RemoteHostAgent(address, control_token)
 
 
@@ -58,7 +70,7 @@ class FleetDirectory(HostDirectory):
                 continue
             try:
                 agents[host_id] = ((address, token), self._factory(address, token))
-            except HostUnavailable as exc:
+            except NoRemoteClient as exc:
                 log.error("host %s: %s", host_id, exc.message)
         self._retired += [a for hid, (key, a) in self._agents.items() if agents.get(hid, (None,))[0] != key]
         self._agents = agents
@@ -75,14 +87,14 @@ class FleetDirectory(HostDirectory):
 
     def for_capsule(self, host_id: str | None) -> HostAgent:
         if host_id is None:
-            raise HostUnavailable("this control plane has no in-process host, and the capsule names none")
+            raise HostNotServing("local", "this control plane has no in-process host (wrenn control-plane)")
         if host_id not in self._agents:
             self.refresh()  # registered through another replica since the last pass
         entry = self._agents.get(host_id)
         if entry is None:
-            raise HostUnavailable(f"host {host_id} is not registered")
+            raise HostNotServing(host_id, "it is not registered")
         if self._status.get(host_id) == OFFLINE:
-            raise HostUnavailable(f"host {host_id} is offline (it missed its heartbeats)")
+            raise HostNotServing(host_id, "it is offline (it missed its heartbeats)")
         return entry[1]
 
     def all(self) -> list[tuple[str, HostAgent]]:

@@ -4,7 +4,8 @@
 routes, the reaper, the sampler), so that code keeps one path. A capsule's host is its row's
 `host_id`, set by placement when the row is written and never changed afterwards, so it is
 looked up once per capsule and kept. Calls for a capsule whose host is offline or unknown fail
-with `HostUnavailable` (503 host_unavailable) before anything is sent.
+with `HostUnreachable` (a HostAgentError, so that the lifecycle flows settle the capsule as for
+any host failure; 503 host_unavailable) before anything is sent.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from sqlalchemy import select
 from wrenn_control.db.models import Capsule
 from wrenn_control.db.session import Database
 from wrenn_control.errors import APIError
-from wrenn_control.hosts.directory import HostUnavailable
+from wrenn_control.hosts.directory import HostUnavailable as NotInDirectory
 from wrenn_control.hosts.registry import FleetDirectory
 from wrenn_host.api import (
     CapsuleNotFound,
@@ -34,6 +35,12 @@ from wrenn_host.api import (
 
 log = logging.getLogger(__name__)
 _CACHE_MAX = 100_000
+
+
+class HostUnreachable(HostAgentError):
+    """The capsule's host is offline, unknown or not answering: 503 host_unavailable."""
+
+    code = "host_unavailable"
 
 
 class RoutingHostAgent(HostAgent):
@@ -57,16 +64,19 @@ class RoutingHostAgent(HostAgent):
         return self._host_of[capsule_id]
 
     def _to(self, capsule_id: str) -> HostAgent:
-        return self.directory.for_capsule(self.host_of(capsule_id))
+        try:
+            return self.directory.for_capsule(self.host_of(capsule_id))
+        except NotInDirectory as exc:
+            raise HostUnreachable(exc.message) from None
 
     def check_reachable(self, capsule_id: str) -> None:
-        """HostUnavailable if the capsule's host is offline or unknown (CapsuleOps asks first)."""
+        """HostUnreachable if the capsule's host is offline or unknown (CapsuleOps asks first)."""
         self._to(capsule_id)
 
     def _online(self) -> list[tuple[str, HostAgent]]:
         hosts = self.directory.all()
         if not hosts:
-            raise HostUnavailable("no host is online")
+            raise HostUnreachable("no host is online")
         return hosts
 
     # ---- the fleet as a whole -----------------------------------------------------------
@@ -90,7 +100,7 @@ class RoutingHostAgent(HostAgent):
             except HostAgentError as exc:
                 log.warning("limits of host %s: %s", hid, exc)
         if not found:
-            raise HostUnavailable("no host answered")
+            raise HostUnreachable("no host answered")
         return HostLimits(max_vcpus=max(x.max_vcpus for x in found),
                           min_memory_mb=min(x.min_memory_mb for x in found),
                           max_memory_mb=max(x.max_memory_mb for x in found))
@@ -111,7 +121,7 @@ class RoutingHostAgent(HostAgent):
         if seen:
             self._builtins = list(seen.values())
         elif self._builtins is None:
-            raise HostUnavailable("no host is online")
+            raise HostUnreachable("no host is online")
         return list(self._builtins)
 
     async def delete_template(self, template_id: str) -> None:
@@ -151,10 +161,10 @@ class RoutingHostAgent(HostAgent):
             try:
                 host_id = self.place(s, vcpus=vcpus, memory_mb=memory_mb, template_id=template_id)
             except APIError as exc:
-                raise HostUnavailable(exc.message) from exc
+                raise HostUnreachable(exc.message) from exc
             s.commit()
         self._host_of[capsule_id] = host_id
-        return self.directory.for_capsule(host_id)
+        return self._to(capsule_id)
 
     async def update_network(self, capsule_id: str, *args: Any, **kwargs: Any) -> Any:
         return await self._to(capsule_id).update_network(capsule_id, *args, **kwargs)

@@ -264,7 +264,11 @@ def _destroy_leftovers(request: Request, host_id: str, capsule_ids: list[str]) -
     directory = getattr(request.app.state, "fleet", None)
     if directory is None or not capsule_ids:
         return
-    agent = directory.for_capsule(host_id)
+    try:
+        agent = directory.for_capsule(host_id)
+    except APIError as exc:  # (not yet in this replica's directory: the next heartbeat will do)
+        log.info("host %s: leftover capsules wait: %s", host_id, exc.message)
+        return
 
     async def destroy(cid: str) -> None:
         try:

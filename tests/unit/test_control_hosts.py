@@ -145,6 +145,9 @@ async def test_offline_host_shows_missing_then_real_state_again(tmp_path):
         assert (await h.client.get(f"/v1/capsules/{on_b}")).json()["status"] == "running"
         listed = {c["id"]: c["status"] for c in (await h.client.get("/v1/capsules")).json()}
         assert listed == {on_a: "missing", on_b: "running"}
+        for status, ids in (("missing", [on_a]), ("running", [on_b])):  # the list filter sees it too
+            found = (await h.client.get("/v1/capsules", params={"status": status})).json()
+            assert [c["id"] for c in found] == ids
         assert_error(await h.client.post(f"/v1/capsules/{on_a}/exec", json={"cmd": "true"}), 503, "host_unavailable")
         assert (await h.client.post(f"/v1/capsules/{on_b}/exec", json={"cmd": "true"})).status_code == 200
         # the host comes back and reports its capsule: it shows its real state again

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 
 MISSING = "missing"
 # Statuses in which a capsule lives on its host (lifecycle.ALIVE, by value).
-_ON_HOST = frozenset({"pending", "starting", "running", "pausing", "paused", "resuming", "snapshotting"})
+ON_HOST = frozenset({"pending", "starting", "running", "pausing", "paused", "resuming", "snapshotting"})
 
 _offline: frozenset[str] = frozenset()
 
@@ -28,4 +28,4 @@ def is_offline(host_id: str | None) -> bool:
 
 
 def shown_status(status: str, host_id: str | None) -> str:
-    return MISSING if status in _ON_HOST and is_offline(host_id) else status
+    return MISSING if status in ON_HOST and is_offline(host_id) else status

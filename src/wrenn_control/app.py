@@ -8,7 +8,12 @@ next start).
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
+import os
+import secrets
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -26,11 +31,15 @@ from wrenn_control.db.session import Database
 from wrenn_control.errors import install_error_handlers
 from wrenn_control.events import EventBus
 from wrenn_control.gateway import GuestGateway
-from wrenn_control.hosts import HostDirectory
+from wrenn_control.hosts import HostDirectory, placement
+from wrenn_control.hosts.registry import AgentFactory, FleetDirectory
+from wrenn_control.hosts.router import RoutingHostAgent
+from wrenn_control.metrics import ControlMetrics
 from wrenn_control.operations import CapsuleOps
 from wrenn_control.proxy import PortProxy
 from wrenn_control.tickets import TicketStore
 from wrenn_control.web import DashboardFallback
+from wrenn_control.workers.heartbeats import HeartbeatWatcher
 from wrenn_control.workers.reaper import Reaper
 from wrenn_control.workers.reconcile import reconcile
 from wrenn_control.workers.retention import Retention
@@ -64,12 +73,29 @@ async def _host_limits(host: HostAgent) -> HostLimits | None:
         return None
 
 
-def create_app(settings: Settings, host: HostAgent) -> FastAPI:
+def create_app(settings: Settings, host: HostAgent | None, *, agent_factory: AgentFactory | None = None) -> FastAPI:
+    """`host`: the in-process host agent of `wrenn server`. None: a fleet's control plane
+    (`wrenn control-plane`), whose capsules live on the registered hosts (hosts/), reached with
+    `agent_factory(address, control_token)` (default: the network client, hosts/remote.py)."""
     db = Database(settings.db_url)
     events = EventBus()
-    hosts = HostDirectory(host)
+    fleet: FleetDirectory | None = None
+    if host is None:
+        fleet = FleetDirectory(db, agent_factory)
+        host = RoutingHostAgent(db, fleet)
+    # Guest calls find a capsule's host here; lifecycle calls go through `host` (in a fleet, the
+    # router that sends each call to the capsule's host).
+    hosts = fleet if fleet is not None else HostDirectory(host)
     ops = CapsuleOps(db, host, events, create_wait_sec=settings.create_wait_sec, hosts=hosts)
     ops.drain_sec = settings.pause_drain_sec
+    metrics = ControlMetrics(db)
+    ops.latency = metrics.latency
+    if fleet is not None:
+        ops.place = functools.partial(placement.place, overcommit_vcpu=settings.overcommit_vcpu,
+                                      overcommit_memory=settings.overcommit_memory)
+        host.place = ops.place  # type: ignore[attr-defined]
+        ops.replica_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+    watcher = HeartbeatWatcher(db, fleet, settings.host_offline_sec, settings.host_watch_interval_sec)
     builds = Builds(db, host, events, work_dir=settings.data_dir / "builds")
     reaper = Reaper(db, ops, settings.reaper_interval_sec)
     retention = Retention(db, settings.stopped_retention_sec, settings.retention_interval_sec)
@@ -84,8 +110,13 @@ def create_app(settings: Settings, host: HostAgent) -> FastAPI:
         app.state.jwt_secret = load_jwt_secret(settings)
         # A freshly generated key, for the caller to show once (None if none was made).
         app.state.bootstrap_key = bootstrap(db, settings)
-        app.state.reconcile_report = await reconcile(ops)
+        if fleet is None:
+            app.state.reconcile_report = await reconcile(ops)
+        else:  # each host reconciles through its heartbeats (api/routes/hosts.py)
+            await asyncio.to_thread(fleet.refresh)
         app.state.host_limits = await _host_limits(host)
+        if fleet is not None:  # (`wrenn server` places nothing on registered hosts)
+            watcher.start()
         builds.work_dir.mkdir(parents=True, exist_ok=True)
         builds.recover()
         reaper.start()
@@ -94,6 +125,7 @@ def create_app(settings: Settings, host: HostAgent) -> FastAPI:
         try:
             yield
         finally:
+            await watcher.stop()
             await retention.stop()
             await sampler.stop()
             await reaper.stop()
@@ -124,6 +156,9 @@ def create_app(settings: Settings, host: HostAgent) -> FastAPI:
     app.state.reaper = reaper
     app.state.sampler = sampler
     app.state.retention = retention
+    app.state.fleet = fleet  # the fleet's directory (None in `wrenn server` mode)
+    app.state.heartbeats = watcher
+    app.state.metrics = metrics
     app.state.bootstrap_key = None
     app.state.host_limits = None  # asked of the host at start-up (lifespan)
     app.state.tickets = TicketStore()  # browsers' single-use stream tickets (api/routes/tickets.py)
@@ -134,6 +169,7 @@ def create_app(settings: Settings, host: HostAgent) -> FastAPI:
     # Outermost: `{port}-{capsule_id}.{domain}` Hosts go to the capsule, untouched by the API's middleware.
     app.add_middleware(PortProxy)
     app.include_router(system.router, prefix="/api")
+    app.add_api_route("/metrics", metrics.endpoint, methods=["GET"], include_in_schema=False)
     app.include_router(api_router, prefix="/api/v1")
     openapi.install(app, host)
     # What no route matched: the web dashboard at / (GET outside /api), else the JSON 404.

@@ -56,3 +56,9 @@ def bootstrap(db: Database, settings: Settings) -> str | None:
             generated = add_api_key(s, team.id, name="bootstrap")
         s.commit()
         return generated
+
+
+def operators_team_id(db: Database) -> str | None:
+    """The operators' team: the first team, made at first start (above). It alone manages hosts."""
+    with db.session() as s:
+        return s.scalar(select(Team.id).order_by(Team.created_at, Team.id).limit(1))

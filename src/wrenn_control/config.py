@@ -86,6 +86,22 @@ class Settings(BaseModel):
     # How long a pause waits for the capsule's in-flight guest calls (exec, files) to end.
     pause_drain_sec: float = Field(default_factory=lambda: _num("WRENN_PAUSE_DRAIN_SEC", 10.0), ge=0)
 
+
+    # ---- a fleet (`wrenn control-plane`, hosts/) ----
+    # Placement lets a host promise this many times its vCPUs / memory to capsules.
+    overcommit_vcpu: float = Field(default_factory=lambda: _num("WRENN_OVERCOMMIT_VCPU", 4.0), gt=0)
+    overcommit_memory: float = Field(default_factory=lambda: _num("WRENN_OVERCOMMIT_MEMORY", 1.0), gt=0)
+    # A host that has not sent a heartbeat for this long is offline (its capsules show `missing`).
+    host_offline_sec: float = Field(default_factory=lambda: _num("WRENN_HOST_OFFLINE_SEC", 15.0), gt=0)
+    # What host agents are told to use between heartbeats, and how often offline hosts are looked for.
+    heartbeat_interval_sec: float = Field(default_factory=lambda: _num("WRENN_HEARTBEAT_INTERVAL_SEC", 3.0), gt=0)
+    host_watch_interval_sec: float = Field(default=1.0, gt=0)
+    # The URL host agents reach this control plane at (the `wrenn host-agent` line of POST
+    # /v1/hosts); else the URL the request came in on.
+    public_url: str | None = Field(default_factory=lambda: _env("WRENN_PUBLIC_URL"))
+    # GET /metrics (Prometheus) wants `Authorization: Bearer <this>` when set.
+    metrics_token: str | None = Field(default_factory=lambda: _env("WRENN_METRICS_TOKEN"))
+
     @model_validator(mode="after")
     def _default_database_url(self) -> "Settings":
         if self.database_url is None:

@@ -38,12 +38,14 @@ def _clip(message: str) -> str:
 
 
 class APIError(Exception):
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None,
+                 extra: dict[str, Any] | None = None):
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.headers = headers
+        self.extra = extra  # more fields of the error (host_has_capsules: capsule_ids)
 
 
 def not_found(what: str = "capsule") -> APIError:
@@ -59,6 +61,8 @@ def invalid_state(message: str) -> APIError:
 
 
 def agent_error(exc: HostAgentError | str) -> APIError:
+    if getattr(exc, "code", None) == "host_unavailable":  # the capsule's host is offline or unknown
+        return APIError(503, "host_unavailable", exc.message)  # type: ignore[union-attr]
     return APIError(502, "agent_error", exc if isinstance(exc, str) else exc.message)
 
 
@@ -96,8 +100,12 @@ _STATUS_CODES = {
 }
 
 
-def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None,
+                   extra: dict[str, Any] | None = None) -> JSONResponse:
+    body: dict[str, Any] = {"error": {"code": code, "message": message, **(extra or {})}}
+    # The published SDK reads extra fields (capsule_ids) at the top level too.
+    body.update(extra or {})
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def validation_message(errors: list[dict[str, Any]]) -> str:
@@ -125,7 +133,7 @@ def validation_message(errors: list[dict[str, Any]]) -> str:
 
 async def _api_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, APIError)
-    return error_response(exc.status, exc.code, exc.message, exc.headers)
+    return error_response(exc.status, exc.code, exc.message, exc.headers, exc.extra)
 
 
 async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
@@ -157,7 +165,8 @@ async def _host_error(_: Request, exc: Exception) -> JSONResponse:
     if isinstance(exc, GuestError) and not isinstance(exc, CapsuleNotFound):
         api = from_guest_error(exc)
         return error_response(api.status, api.code, api.message)
-    return error_response(502, "agent_error", exc.message)
+    api = agent_error(exc)
+    return error_response(api.status, api.code, api.message)
 
 
 async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -82,8 +82,7 @@ class GuestGateway:
             if purpose is None:
                 raise invalid_state(f"capsule is {status}; it must be running")
             raise invalid_state(f"capsule {capsule.id} is {status}; it must be running {purpose}")
-        # (`host_id` comes with the fleet's migration; until then every capsule is the local host's)
-        host = self.hosts.for_capsule(getattr(capsule, "host_id", None))
+        host = self.hosts.for_capsule(capsule.host_id)  # NULL: the in-process host of `wrenn server`
         if activity:
             self._active[capsule.id] = time.monotonic()
         with self.ops.busy(capsule.id):

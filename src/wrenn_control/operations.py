@@ -17,10 +17,12 @@ import asyncio
 import collections
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from contextlib import asynccontextmanager
+from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, select
+from sqlalchemy import ColumnElement, or_, select, update
 
 from wrenn_control import events as ev
 from wrenn_control import ids
@@ -72,6 +74,14 @@ class CapsuleOps:
         # for them, up to `drain_sec`, before it stops the VM (see `_drain`).
         self._calls: collections.Counter[str] = collections.Counter()
         self.drain_sec = 10.0
+        # Fleet mode (`wrenn control-plane`): `place(session, vcpus=, memory_mb=, template_id=)`
+        # picks a new capsule's host (hosts/placement.py) in the transaction that writes its row;
+        # `replica_id` names this process in the capsules' lifecycle leases (see `_hold`).
+        self.place: Callable[..., str] | None = None
+        self.replica_id: str | None = None
+        self.lease_sec = 30.0
+        # Latency of create/pause/resume, for /metrics (observability: a prometheus Histogram).
+        self.latency: Any = None
 
     # ---- reads ----------------------------------------------------------------------------
 
@@ -129,6 +139,67 @@ class CapsuleOps:
     def _lock(self, capsule_id: str) -> asyncio.Lock:
         return self._locks.setdefault(capsule_id, asyncio.Lock())
 
+    @asynccontextmanager
+    async def _hold(self, capsule_id: str) -> AsyncIterator[None]:
+        """The right to make a lifecycle call on the capsule's VM: this process's lock, and with
+        replicas (`replica_id`) a lease in the capsule's row, so that two control planes never
+        call one VM's host at once (a destroy on one waits for a pause on the other). The lease
+        is renewed while held and lapses after `lease_sec` if its replica dies."""
+        async with self._lock(capsule_id):
+            if self.replica_id is None:
+                yield
+                return
+            await self._claim(capsule_id)
+            renew = asyncio.create_task(self._renew(capsule_id), name=f"lease {capsule_id}")
+            try:
+                yield
+            finally:
+                renew.cancel()
+                self._set_claim(capsule_id, release=True)
+
+    def _set_claim(self, capsule_id: str, *, release: bool = False) -> bool:
+        now = utcnow()
+        mine = Capsule.claimed_by == self.replica_id
+        stmt = update(Capsule).where(Capsule.id == capsule_id).execution_options(synchronize_session=False)
+        if release:
+            stmt = stmt.where(mine).values(claimed_by=None, claimed_until=None)
+        else:
+            stmt = stmt.where(or_(Capsule.claimed_by.is_(None), mine, Capsule.claimed_until < now)).values(
+                claimed_by=self.replica_id, claimed_until=now + timedelta(seconds=self.lease_sec))
+        with self.db.session() as s:
+            done = s.execute(stmt).rowcount == 1  # type: ignore[attr-defined]
+            s.commit()
+        return done
+
+    async def _claim(self, capsule_id: str) -> None:
+        deadline = asyncio.get_running_loop().time() + self.lease_sec + 5
+        while not self._set_claim(capsule_id):
+            if self.get(capsule_id) is None:
+                return  # no row (nothing to claim): the call below finds nothing either
+            if asyncio.get_running_loop().time() > deadline:
+                raise invalid_state("another control-plane replica holds the capsule; try again")
+            await asyncio.sleep(0.05)
+
+    async def _renew(self, capsule_id: str) -> None:
+        while True:
+            await asyncio.sleep(self.lease_sec / 3)
+            self._set_claim(capsule_id)
+
+    def _reachable(self, capsule_id: str) -> None:
+        """503 host_unavailable, before any state change, if the capsule's host is offline (a
+        fleet's RoutingHostAgent knows; the in-process host always is reachable)."""
+        check = getattr(self.host, "check_reachable", None)
+        if check is not None:
+            try:
+                check(capsule_id)
+            except HostAgentError as exc:
+                if exc.code == "host_unavailable":
+                    raise agent_error(exc) from exc
+
+    def _observe(self, op: str, started: float) -> None:
+        if self.latency is not None:
+            self.latency.labels(op).observe(asyncio.get_running_loop().time() - started)
+
     # ---- create ---------------------------------------------------------------------------
 
     async def create(self, team_id: str, *, template: str, template_id: str, vcpus: int, memory_mb: int,
@@ -167,6 +238,8 @@ class CapsuleOps:
             egress={"allow_out": rules["allow_out"], "deny_out": rules["deny_out"]},
         )
         with self.db.session() as s:
+            if self.place is not None:  # its host, chosen in the transaction that writes the row
+                row.host_id = self.place(s, vcpus=vcpus, memory_mb=memory_mb, template_id=template_id)
             s.add(row)
             s.commit()
         self._publish(row, ev.CAPSULE_STATE_CHANGED, metadata={"to": row.status})
@@ -181,10 +254,11 @@ class CapsuleOps:
                     prepare: Callable[[], Awaitable[object]] | None = None) -> None:
         if not self.transition(capsule_id, S.STARTING, from_={S.PENDING}):
             return  # destroyed before the boot began
+        started = asyncio.get_running_loop().time()
         try:
             if prepare is not None:
                 await prepare()
-            async with self._lock(capsule_id):
+            async with self._hold(capsule_id):
                 runtime = await self.host.create(capsule_id, template_id, vcpus, memory_mb, network=network)
         except HostAgentError as exc:
             await self._fail_boot(capsule_id, f"create failed: {exc.message}")
@@ -196,6 +270,7 @@ class CapsuleOps:
         # If this fails, a destroy took the capsule over while it booted; that destroy waits for
         # this task and then removes the VM, so nothing leaks.
         if self._set_running(capsule_id, runtime, from_={S.STARTING}):
+            self._observe("create", started)
             self._finished(capsule_id, ev.CAPSULE_CREATE)
 
     async def _fail_boot(self, capsule_id: str, reason: str) -> None:
@@ -204,7 +279,7 @@ class CapsuleOps:
             self._finished(capsule_id, ev.CAPSULE_CREATE, error=reason)
             # Free whatever a half-done create left behind (destroy is idempotent).
             try:
-                async with self._lock(capsule_id):
+                async with self._hold(capsule_id):
                     await self.host.destroy(capsule_id)
             except HostAgentError as exc:
                 log.warning("cleanup of failed capsule %s: %s", capsule_id, exc)
@@ -222,10 +297,12 @@ class CapsuleOps:
                     reason: str | None = None) -> bool:
         """False if the capsule was not running (or `where` did not hold); APIError on failure.
         `reason` goes into the event's metadata (the reaper's: ttl_expired)."""
+        self._reachable(capsule_id)
         if not self.transition(capsule_id, S.PAUSING, from_={S.RUNNING}, where=where):
             return False
+        started = asyncio.get_running_loop().time()
         await self._drain(capsule_id)
-        async with self._lock(capsule_id):
+        async with self._hold(capsule_id):
             self._still(capsule_id, S.PAUSING, "pause")
             try:
                 await self.host.pause(capsule_id)
@@ -235,13 +312,16 @@ class CapsuleOps:
                 raise agent_error(exc) from exc
         if not self.transition(capsule_id, S.PAUSED, from_={S.PAUSING}):
             raise self._changed(capsule_id, "pause")
+        self._observe("pause", started)
         self._finished(capsule_id, ev.CAPSULE_PAUSE, reason=reason)
         return True
 
     async def resume(self, capsule_id: str) -> bool:
+        self._reachable(capsule_id)
         if not self.transition(capsule_id, S.RESUMING, from_={S.PAUSED}):
             return False
-        async with self._lock(capsule_id):
+        started = asyncio.get_running_loop().time()
+        async with self._hold(capsule_id):
             self._still(capsule_id, S.RESUMING, "resume")
             try:
                 runtime = await self.host.resume(capsule_id)
@@ -251,16 +331,18 @@ class CapsuleOps:
                 raise agent_error(exc) from exc
         if not self._set_running(capsule_id, runtime, from_={S.RESUMING}):
             raise self._changed(capsule_id, "resume")
+        self._observe("resume", started)
         self._finished(capsule_id, ev.CAPSULE_RESUME)
         return True
 
     async def snapshot(self, capsule_id: str, template_id: str) -> TemplateRuntime:
         """Make a template from a running or paused capsule; the capsule ends paused."""
+        self._reachable(capsule_id)
         if not self.transition(capsule_id, S.SNAPSHOTTING, from_={S.RUNNING, S.PAUSED}):
             raise invalid_state(f"capsule is {self.status(capsule_id)}; "
                                 "only running or paused capsules can be snapshotted")
         await self._drain(capsule_id)
-        async with self._lock(capsule_id):
+        async with self._hold(capsule_id):
             self._still(capsule_id, S.SNAPSHOTTING, "snapshot")
             try:
                 template = await self.host.snapshot(capsule_id, template_id)
@@ -280,10 +362,16 @@ class CapsuleOps:
             # Stop a boot in progress; the host.destroy below removes whatever it had made.
             boot.cancel()
             await asyncio.wait({boot})
-        async with self._lock(capsule_id):
+        async with self._hold(capsule_id):
             try:
                 await self.host.destroy(capsule_id)
             except HostAgentError as exc:
+                if exc.code == "host_unavailable":
+                    # Its host is offline: the capsule is gone for the user now, and the host
+                    # destroys it when it is back (its heartbeat reports a capsule stopped here).
+                    if self.transition(capsule_id, S.STOPPED, from_={S.STOPPING}):
+                        self._finished(capsule_id, ev.CAPSULE_DESTROY)
+                    return
                 self.transition(capsule_id, S.ERROR, from_={S.STOPPING},
                                 values={"error": f"destroy failed: {exc.message}"})
                 self._finished(capsule_id, ev.CAPSULE_DESTROY, error=f"destroy failed: {exc.message}")
@@ -296,7 +384,8 @@ class CapsuleOps:
         """New egress rules for a running or paused capsule, in force without a restart."""
         if row.status not in (S.RUNNING.value, S.PAUSED.value):
             raise invalid_state(f"capsule is {row.status}; only running or paused capsules can change their network")
-        async with self._lock(row.id):
+        self._reachable(row.id)
+        async with self._hold(row.id):
             status = self.status(row.id)
             if status not in (S.RUNNING.value, S.PAUSED.value):
                 raise invalid_state(f"capsule is {status}; only running or paused capsules can change their network")

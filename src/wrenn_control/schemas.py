@@ -29,6 +29,7 @@ from wrenn_host.api import FileInfo
 from wrenn_host.network.policy import ENTRY_MAX_LENGTH, ENTRY_PATTERN
 from wrenn_control.db.models import Capsule as CapsuleRow
 from wrenn_control.errors import short
+from wrenn_control.hosts import liveness
 
 Timestamp = Annotated[datetime, PlainSerializer(iso_z, return_type=str, when_used="json")]
 INT32_MAX = 2**31 - 1
@@ -149,20 +150,24 @@ class CapsuleOut(BaseModel):
     metadata: dict[str, str]
     allow_internet_access: bool = True
     network: NetworkRulesOut = NetworkRulesOut()
+    # The host it lives on (a fleet's GET /v1/hosts id); null: the server's own, in-process host.
+    host_id: str | None = None
 
     @classmethod
     def of(cls, row: CapsuleRow, **extra: Any) -> "CapsuleOut":
         metadata = {str(k): str(v) for k, v in (row.meta or {}).items()}
         if row.status == "error" and row.error:
             metadata["error"] = row.error  # the reason, visible to SDKs that only know the seed fields
+        host_id = getattr(row, "host_id", None)
         return cls(
-            id=row.id, status=row.status, template=row.template, vcpus=row.vcpus,
+            # A capsule of an offline host shows `missing` until the host is back (hosts/liveness.py).
+            id=row.id, status=liveness.shown_status(row.status, host_id), template=row.template, vcpus=row.vcpus,
             memory_mb=row.memory_mb, timeout_sec=row.timeout_sec, created_at=row.created_at,
             last_updated=row.last_updated, started_at=row.started_at,
             last_active_at=row.last_active_at, metadata=metadata,
             allow_internet_access=row.allow_internet_access is not False,
             network=NetworkRulesOut(**{k: list(v) for k, v in (row.egress or {}).items()
-                                       if k in ("allow_out", "deny_out")}), **extra,
+                                       if k in ("allow_out", "deny_out")}), host_id=host_id, **extra,
         )
 
 

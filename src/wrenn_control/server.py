@@ -9,6 +9,7 @@ from wrenn_control.bootstrap import bootstrap
 from wrenn_control.config import Settings
 from wrenn_control.db.migrate import run_migrations
 from wrenn_control.db.session import Database
+from wrenn_control.logs import uvicorn_log_config
 from wrenn_host.api import HostAgent
 
 
@@ -23,7 +24,8 @@ def prepare(settings: Settings) -> str | None:
         db.dispose()
 
 
-def run(host: str, port: int, settings: Settings, host_agent: HostAgent) -> None:
+def run(host: str, port: int, settings: Settings, host_agent: HostAgent | None) -> None:
+    """`host_agent` None: a fleet's control plane (`wrenn control-plane`), no in-process host."""
     key = prepare(settings)
     if key is not None:
         print(f"API key (shown once): {key}\n"
@@ -32,6 +34,7 @@ def run(host: str, port: int, settings: Settings, host_agent: HostAgent) -> None
               flush=True)
     app = create_app(settings, host_agent)
     try:
-        uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=15)
+        uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=15,
+                    log_config=uvicorn_log_config())
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown has run
         pass

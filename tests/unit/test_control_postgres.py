@@ -32,7 +32,7 @@ from .fake_host_agent import FakeHostAgent, make_settings, running_app
 
 S = Status
 TABLES = {"teams", "api_keys", "capsules", "templates", "capsule_runs", "capsule_metrics", "team_stats_samples",
-          "users", "team_members", "builds", "build_layers"}
+          "users", "team_members", "builds", "build_layers", "hosts", "worker_passes"}
 
 
 def _capsule(team_id: str, cid: str, status: str = "running", created_at: datetime | None = None) -> Capsule:

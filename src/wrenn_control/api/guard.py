@@ -26,6 +26,9 @@ from wrenn_control.api.openapi import allowed_methods
 from wrenn_control.errors import error_response
 
 PUBLIC = frozenset({"/api/v1/auth/signup", "/api/v1/auth/login"})
+# A host agent's calls carry its own Bearer (a registration token or credential, checked by the
+# route, routes/hosts.py), neither an API key nor a JWT.
+_HOST_AGENT = re.compile(r"^/api/v1/hosts/(register|[^/]+/heartbeat)/?$")
 # Uploads stream their body to the guest and cap it themselves (files/write) or not at all; a
 # build's context tar has its own cap (routes/builds.py).
 _UPLOAD = re.compile(r"^/api/v1/(capsules/[^/]+/files/(stream/)?write|builds)/?$")
@@ -59,7 +62,7 @@ class RequestGuard:
         if not has_body:
             await self.app(scope, receive, send)
             return
-        if path.startswith("/api/v1/") and path.rstrip("/") not in PUBLIC:
+        if path.startswith("/api/v1/") and path.rstrip("/") not in PUBLIC and not _HOST_AGENT.match(path):
             refusal = self._auth_refusal(scope)
             if refusal is not None:
                 await self._refuse(scope, send, 401, "unauthorized", refusal)

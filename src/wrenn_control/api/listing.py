@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from wrenn_control.db.models import Capsule
 from wrenn_control.errors import invalid, short
+from wrenn_control.hosts import liveness
 from wrenn_control.lifecycle import Status
 from wrenn_control.schemas import METADATA_KEY_PATTERN, CapsuleOut
 
@@ -26,7 +27,8 @@ NEXT_HEADER = "X-Next-Token"
 MAX_LIMIT = 1000
 _BATCH = 200
 
-StatusName = Literal[tuple(s.value for s in Status)]  # type: ignore[valid-type]
+# (`missing`: a capsule of an offline host, hosts/liveness.py; its row keeps its own status)
+StatusName = Literal[tuple(s.value for s in Status) + (liveness.MISSING,)]  # type: ignore[valid-type]
 StatusFilter = Annotated[list[StatusName] | None, Query(description="Only capsules in one of these statuses.")]
 MetadataFilter = Annotated[list[Annotated[str, Query(pattern=METADATA_KEY_PATTERN[:-1] + "=.{0,64}$")]] | None, Query(
     description="key=value: only capsules whose metadata has that label (all of those given).")]
@@ -55,7 +57,8 @@ def page(session: Session, team_id: str, statuses: list[str] | None, metadata: l
     labels = _labels(metadata)
     query = select(Capsule).where(Capsule.team_id == team_id)
     if statuses:
-        query = query.where(Capsule.status.in_(statuses))
+        stored = set(statuses) | (set(liveness.ON_HOST) if liveness.MISSING in statuses else set())
+        query = query.where(Capsule.status.in_(sorted(stored)))
     if cursor is not None:
         query = query.where(Capsule.seq < int(cursor))
     query = query.order_by(Capsule.seq.desc())
@@ -63,7 +66,7 @@ def page(session: Session, team_id: str, statuses: list[str] | None, metadata: l
     last: Capsule | None = None
     for row in session.scalars(query.execution_options(yield_per=_BATCH)):
         item = CapsuleOut.of(row)
-        if any(item.metadata.get(k) != v for k, v in labels.items()):
+        if any(item.metadata.get(k) != v for k, v in labels.items()) or (statuses and item.status not in statuses):
             continue
         if limit is not None and len(out) == limit:
             return out, str(last.seq) if last is not None else None

@@ -103,6 +103,11 @@ class Capsule(Base):
     last_updated: Mapped[datetime]
     started_at: Mapped[datetime | None]
     last_active_at: Mapped[datetime | None]
+    # The host it lives on (migration 0008); None: the in-process host of `wrenn server`.
+    host_id: Mapped[str | None] = mapped_column(Str(40), index=True)
+    # A lifecycle call's lease across control-plane replicas (operations.py `_hold`).
+    claimed_by: Mapped[str | None] = mapped_column(Str(64))
+    claimed_until: Mapped[datetime | None]
 
 
 class Template(Base):
@@ -234,3 +239,43 @@ class BuildLayer(Base):
     step: Mapped[int]  # how many steps it holds
     created_at: Mapped[datetime]
     last_used_at: Mapped[datetime]
+
+
+# ---- fleet (migration 0008) -----------------------------------------------------------------
+
+
+class Host(Base):
+    """A registered host agent. Made by POST /v1/hosts (a one-time registration token, only its
+    hash kept), filled in by the agent's register call, kept fresh by its heartbeats."""
+
+    __tablename__ = "hosts"
+
+    id: Mapped[str] = mapped_column(Str(40), primary_key=True)
+    name: Mapped[str] = mapped_column(Str(200))
+    address: Mapped[str | None] = mapped_column(Str(300))  # http://IP:PORT of its service
+    status: Mapped[str] = mapped_column(Str(16), index=True)  # pending|online|offline|draining
+    # Asked to drain: it takes no new capsules, also after it was offline for a while.
+    draining: Mapped[bool] = mapped_column(Boolean, default=False)
+    vcpus: Mapped[int | None] = mapped_column(Integer)
+    memory_mb: Mapped[int | None] = mapped_column(Integer)
+    disk_mb: Mapped[int | None] = mapped_column(Integer)
+    usage: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # the last heartbeat's
+    templates: Mapped[list[str] | None] = mapped_column(JSON)  # template ids it holds
+    accelerator: Mapped[str | None] = mapped_column(Str(16))
+    version: Mapped[str | None] = mapped_column(Str(64))
+    token_hash: Mapped[str | None] = mapped_column(Str(64), unique=True)  # None once spent
+    credential_hash: Mapped[str | None] = mapped_column(Str(64), unique=True)
+    control_token: Mapped[str | None] = mapped_column(Str(128))  # sent to the agent on every call
+    last_heartbeat_at: Mapped[datetime | None]
+    created_at: Mapped[datetime]
+
+
+class WorkerPass(Base):
+    """One pass of a background worker (sampler, reaper's dead-VM check) in one time slot, claimed
+    by the replica that does it: with several replicas, each pass is done once."""
+
+    __tablename__ = "worker_passes"
+
+    name: Mapped[str] = mapped_column(Str(32), primary_key=True)
+    slot: Mapped[int] = mapped_column(BigInteger, primary_key=True)  # unix time // interval
+    claimed_by: Mapped[str] = mapped_column(Str(64))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from datetime import datetime, timedelta
 
 from sqlalchemy import or_, select
@@ -19,9 +20,11 @@ from wrenn_control.clock import utcnow
 from wrenn_control.db.models import Capsule
 from wrenn_control.db.session import Database
 from wrenn_control.errors import APIError
+from wrenn_control.hosts import liveness
 from wrenn_control.lifecycle import Status
 from wrenn_control.operations import CapsuleOps
 from wrenn_control.workers import PeriodicWorker
+from wrenn_control.workers.passes import claim_pass
 from wrenn_host.api import CapsuleNotFound, HostAgentError
 
 log = logging.getLogger(__name__)
@@ -36,7 +39,12 @@ class Reaper(PeriodicWorker):
         self.interval_sec = interval_sec
 
     async def tick(self) -> None:
-        await self.mark_dead()
+        replica = self.ops.replica_id
+        # The dead-VM check asks the hosts about every running capsule: one replica a slot does
+        # it. (The auto-pause scan is a query; its pauses are conditional, so each happens once.)
+        if replica is None or await asyncio.to_thread(
+                claim_pass, self.db, "reaper", int(time.time() / self.interval_sec), replica):
+            await self.mark_dead()
         await self.run_once()
 
     async def run_once(self, now: datetime | None = None) -> list[str]:
@@ -44,14 +52,14 @@ class Reaper(PeriodicWorker):
         now = now or utcnow()
         with self.db.session() as s:
             rows = s.execute(
-                select(Capsule.id, Capsule.timeout_sec, Capsule.started_at, Capsule.last_active_at)
+                select(Capsule.id, Capsule.timeout_sec, Capsule.started_at, Capsule.last_active_at, Capsule.host_id)
                 .where(Capsule.status == Status.RUNNING.value, Capsule.timeout_sec > 0)
             ).all()
         due: list[tuple[str, datetime]] = []
-        for capsule_id, timeout_sec, started_at, last_active_at in rows:
+        for capsule_id, timeout_sec, started_at, last_active_at, host_id in rows:
             marks = [t for t in (started_at, last_active_at) if t is not None]
-            if not marks or self.ops.is_busy(capsule_id):
-                continue
+            if not marks or self.ops.is_busy(capsule_id) or liveness.is_offline(host_id):
+                continue  # (a capsule of an offline host is paused once the host is back)
             cutoff = now - timedelta(seconds=timeout_sec)
             if max(marks) <= cutoff:
                 due.append((capsule_id, cutoff))

@@ -28,6 +28,7 @@ from wrenn_control.lifecycle import Status
 from wrenn_control.observability import to_ms
 from wrenn_control.operations import CapsuleOps
 from wrenn_control.workers import PeriodicWorker
+from wrenn_control.workers.passes import claim_pass
 from wrenn_host.api import CapsuleMetrics, HostAgentError
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,10 @@ class Sampler(PeriodicWorker):
         self._last_prune: float | None = None
 
     async def tick(self) -> None:
+        replica = self.ops.replica_id
+        if replica is not None and not await asyncio.to_thread(
+                claim_pass, self.db, self.name, round(time.time() / self.interval_sec), replica):
+            return  # another replica samples this slot
         await self.run_once()
 
     def next_delay(self) -> float:

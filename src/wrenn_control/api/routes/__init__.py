@@ -5,11 +5,11 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from wrenn_control.api.routes import (
-    accounts, builds, capsules, events, exec, files, observability, snapshots, streams, tickets,
+    accounts, builds, capsules, events, exec, files, hosts, observability, snapshots, streams, tickets,
 )
 
 api_router = APIRouter()
 # First: its /capsules/stats and /capsules/usage must be matched before /capsules/{capsule_id}.
 api_router.include_router(observability.router)
-for module in (capsules, exec, files, snapshots, events, streams, accounts, tickets, builds):
+for module in (capsules, exec, files, snapshots, events, streams, accounts, tickets, builds, hosts):
     api_router.include_router(module.router)

@@ -1,0 +1,31 @@
+"""Which hosts are offline, as this process last read the hosts table (the heartbeat watcher
+refreshes it every pass). A capsule of an offline host is *shown* `missing` (a status the
+published SDK knows) while its row keeps its real status: when the host comes back and reports
+its capsules they show that status again, with no row rewritten either way."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+MISSING = "missing"
+# Statuses in which a capsule lives on its host (lifecycle.ALIVE, by value).
+ON_HOST = frozenset({"pending", "starting", "running", "pausing", "paused", "resuming", "snapshotting"})
+
+_offline: frozenset[str] = frozenset()
+
+
+def set_offline(host_ids: Iterable[str]) -> None:
+    global _offline
+    _offline = frozenset(host_ids)
+
+
+def mark(host_id: str, offline: bool) -> None:
+    set_offline(_offline | {host_id} if offline else _offline - {host_id})
+
+
+def is_offline(host_id: str | None) -> bool:
+    return host_id is not None and host_id in _offline
+
+
+def shown_status(status: str, host_id: str | None) -> str:
+    return MISSING if status in ON_HOST and is_offline(host_id) else status

@@ -1,0 +1,255 @@
+"""One `HostAgent` over a fleet: each call goes to the host its capsule lives on.
+
+`wrenn control-plane` gives this to the code that was written for one host (CapsuleOps, the
+routes, the reaper, the sampler), so that code keeps one path. A capsule's host is its row's
+`host_id`, set by placement when the row is written and never changed afterwards, so it is
+looked up once per capsule and kept. Calls for a capsule whose host is offline or unknown fail
+with `HostUnreachable` (a HostAgentError, so that the lifecycle flows settle the capsule as for
+any host failure; 503 host_unavailable) before anything is sent.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from sqlalchemy import select
+
+from wrenn_control.db.models import Capsule
+from wrenn_control.db.session import Database
+from wrenn_control.errors import APIError
+from wrenn_control.hosts.directory import HostUnavailable as NotInDirectory
+from wrenn_control.hosts.registry import FleetDirectory
+from wrenn_host.api import (
+    CapsuleNotFound,
+    HostAgent,
+    HostAgentError,
+    HostLimits,
+    ReconcileReport,
+    StreamEvent,
+    TemplateNotFound,
+    TemplateRuntime,
+    Tunnel,
+)
+
+log = logging.getLogger(__name__)
+_CACHE_MAX = 100_000
+
+
+class HostUnreachable(HostAgentError):
+    """The capsule's host is offline, unknown or not answering: 503 host_unavailable."""
+
+    code = "host_unavailable"
+
+
+class RoutingHostAgent(HostAgent):
+    def __init__(self, db: Database, directory: FleetDirectory):
+        self.db = db
+        self.directory = directory
+        self._host_of: dict[str, str | None] = {}
+        self._builtins: list[TemplateRuntime] | None = None
+        # placement.place with the app's overcommit settings, for capsules without a row (builds)
+        self.place: Any = None
+
+    def host_of(self, capsule_id: str) -> str | None:
+        if capsule_id not in self._host_of:
+            with self.db.session() as s:
+                found = s.execute(select(Capsule.host_id).where(Capsule.id == capsule_id)).first()
+            if found is None:
+                raise CapsuleNotFound(f"no capsule {capsule_id}")
+            if len(self._host_of) >= _CACHE_MAX:
+                self._host_of.clear()
+            self._host_of[capsule_id] = found[0]
+        return self._host_of[capsule_id]
+
+    def _to(self, capsule_id: str) -> HostAgent:
+        try:
+            return self.directory.for_capsule(self.host_of(capsule_id))
+        except NotInDirectory as exc:
+            raise HostUnreachable(exc.message) from None
+
+    def check_reachable(self, capsule_id: str) -> None:
+        """HostUnreachable if the capsule's host is offline or unknown (CapsuleOps asks first)."""
+        self._to(capsule_id)
+
+    def _online(self) -> list[tuple[str, HostAgent]]:
+        hosts = self.directory.all()
+        if not hosts:
+            raise HostUnreachable("no host is online")
+        return hosts
+
+    # ---- the fleet as a whole -----------------------------------------------------------
+
+    async def start(self, known: dict[str, str]) -> ReconcileReport:
+        # Each host reconciles through its heartbeats (api/routes/hosts.py), not at our start.
+        return ReconcileReport(running=[], paused=[], lost=[], errors={})
+
+    async def close(self) -> None:
+        await self.directory.close()
+
+    async def health(self) -> dict[str, Any]:
+        return {"mode": "fleet", "hosts": {hid: self.directory.status(hid) for hid, _ in self.directory.all()}}
+
+    async def limits(self) -> HostLimits:
+        """The largest shape some host takes (each host checks its own on create)."""
+        found: list[HostLimits] = []
+        for hid, agent in self._online():
+            try:
+                found.append(await agent.limits())
+            except HostAgentError as exc:
+                log.warning("limits of host %s: %s", hid, exc)
+        if not found:
+            raise HostUnreachable("no host answered")
+        return HostLimits(max_vcpus=max(x.max_vcpus for x in found),
+                          min_memory_mb=min(x.min_memory_mb for x in found),
+                          max_memory_mb=max(x.max_memory_mb for x in found))
+
+    async def capacity(self) -> dict[str, int | None]:
+        # Room is placement's question (hosts/placement.py), per host; nothing to say fleet-wide.
+        return {"free_memory_mb": None, "free_disk_mb": None}
+
+    async def builtin_templates(self) -> list[TemplateRuntime]:
+        """Those of the hosts online (the last ones known while none is; none ever: 503)."""
+        seen: dict[str, TemplateRuntime] = {}
+        for hid, agent in self.directory.all():
+            try:
+                for t in await agent.builtin_templates():
+                    seen.setdefault(t.template_id, t)
+            except HostAgentError as exc:
+                log.warning("built-in templates of host %s: %s", hid, exc)
+        if seen:
+            self._builtins = list(seen.values())
+        elif self._builtins is None:
+            raise HostUnreachable("no host is online")
+        return list(self._builtins)
+
+    async def delete_template(self, template_id: str) -> None:
+        deleted = False
+        for _, agent in self.directory.all():
+            try:
+                await agent.delete_template(template_id)
+                deleted = True
+            except TemplateNotFound:
+                pass
+        if not deleted:
+            raise TemplateNotFound(f"no template {template_id}")
+
+    async def template_info(self, template_id: str) -> TemplateRuntime:
+        for _, agent in self.directory.all():
+            try:
+                return await agent.template_info(template_id)
+            except TemplateNotFound:
+                continue
+        raise TemplateNotFound(f"no template {template_id}")
+
+    # ---- one capsule's host ---------------------------------------------------------------
+
+    async def create(self, capsule_id: str, template_id: str, vcpus: int | None, memory_mb: int | None,
+                     *args: Any, **kwargs: Any) -> Any:
+        try:
+            agent = self._to(capsule_id)
+        except CapsuleNotFound:
+            # No capsule row: a build's capsule (builds/executor.py). Placed here, and kept.
+            agent = self._place_unlisted(capsule_id, template_id, vcpus or 1, memory_mb or 512)
+        return await agent.create(capsule_id, template_id, vcpus, memory_mb, *args, **kwargs)
+
+    def _place_unlisted(self, capsule_id: str, template_id: str, vcpus: int, memory_mb: int) -> HostAgent:
+        if self.place is None:
+            raise CapsuleNotFound(f"no capsule {capsule_id}")
+        with self.db.session() as s:
+            try:
+                host_id = self.place(s, vcpus=vcpus, memory_mb=memory_mb, template_id=template_id)
+            except APIError as exc:
+                raise HostUnreachable(exc.message) from exc
+            s.commit()
+        self._host_of[capsule_id] = host_id
+        return self._to(capsule_id)
+
+    async def update_network(self, capsule_id: str, *args: Any, **kwargs: Any) -> Any:
+        return await self._to(capsule_id).update_network(capsule_id, *args, **kwargs)
+
+    async def pause(self, capsule_id: str) -> None:
+        await self._to(capsule_id).pause(capsule_id)
+
+    async def resume(self, capsule_id: str) -> Any:
+        return await self._to(capsule_id).resume(capsule_id)
+
+    async def destroy(self, capsule_id: str) -> None:
+        try:
+            agent = self._to(capsule_id)
+        except CapsuleNotFound:
+            return  # idempotent, as the contract says
+        await agent.destroy(capsule_id)
+
+    async def get(self, capsule_id: str) -> Any:
+        return await self._to(capsule_id).get(capsule_id)
+
+    async def snapshot(self, capsule_id: str, template_id: str) -> TemplateRuntime:
+        return await self._to(capsule_id).snapshot(capsule_id, template_id)
+
+    async def exec(self, capsule_id: str, *args: Any, **kwargs: Any) -> Any:
+        return await self._to(capsule_id).exec(capsule_id, *args, **kwargs)
+
+    async def spawn(self, capsule_id: str, *args: Any, **kwargs: Any) -> Any:
+        return await self._to(capsule_id).spawn(capsule_id, *args, **kwargs)
+
+    async def processes(self, capsule_id: str) -> Any:
+        return await self._to(capsule_id).processes(capsule_id)
+
+    async def set_defaults(self, capsule_id: str, **kwargs: Any) -> Any:
+        return await self._to(capsule_id).set_defaults(capsule_id, **kwargs)
+
+    async def kill(self, capsule_id: str, *args: Any, **kwargs: Any) -> None:
+        await self._to(capsule_id).kill(capsule_id, *args, **kwargs)
+
+    async def attach(self, capsule_id: str, target: int | str) -> AsyncIterator[StreamEvent]:  # type: ignore[override]
+        async for event in self._to(capsule_id).attach(capsule_id, target):
+            yield event
+
+    async def pty_start(self, capsule_id: str, *args: Any, **kwargs: Any) -> Any:
+        return await self._to(capsule_id).pty_start(capsule_id, *args, **kwargs)
+
+    async def pty_sessions(self, capsule_id: str) -> Any:
+        return await self._to(capsule_id).pty_sessions(capsule_id)
+
+    async def pty_attach(self, capsule_id: str, target: int | str) -> AsyncIterator[StreamEvent]:  # type: ignore[override]
+        async for event in self._to(capsule_id).pty_attach(capsule_id, target):
+            yield event
+
+    async def pty_input(self, capsule_id: str, *args: Any) -> None:
+        await self._to(capsule_id).pty_input(capsule_id, *args)
+
+    async def pty_resize(self, capsule_id: str, *args: Any) -> None:
+        await self._to(capsule_id).pty_resize(capsule_id, *args)
+
+    async def pty_kill(self, capsule_id: str, *args: Any, **kwargs: Any) -> None:
+        await self._to(capsule_id).pty_kill(capsule_id, *args, **kwargs)
+
+    async def read_file(self, capsule_id: str, path: str) -> bytes:
+        return await self._to(capsule_id).read_file(capsule_id, path)
+
+    async def read_file_stream(self, capsule_id: str, path: str) -> AsyncIterator[bytes]:  # type: ignore[override]
+        async for chunk in self._to(capsule_id).read_file_stream(capsule_id, path):
+            yield chunk
+
+    async def write_file(self, capsule_id: str, path: str, data: Any) -> int:
+        return await self._to(capsule_id).write_file(capsule_id, path, data)
+
+    async def list_dir(self, capsule_id: str, *args: Any, **kwargs: Any) -> Any:
+        return await self._to(capsule_id).list_dir(capsule_id, *args, **kwargs)
+
+    async def stat(self, capsule_id: str, path: str) -> Any:
+        return await self._to(capsule_id).stat(capsule_id, path)
+
+    async def mkdir(self, capsule_id: str, path: str) -> Any:
+        return await self._to(capsule_id).mkdir(capsule_id, path)
+
+    async def remove(self, capsule_id: str, path: str) -> None:
+        await self._to(capsule_id).remove(capsule_id, path)
+
+    async def metrics(self, capsule_id: str) -> Any:
+        return await self._to(capsule_id).metrics(capsule_id)
+
+    async def tcp_connect(self, capsule_id: str, port: int) -> Tunnel:
+        return await self._to(capsule_id).tcp_connect(capsule_id, port)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from wrenn_guest.protocol import MAX_PAYLOAD
-from wrenn_host import api, perms
+from wrenn_host import api, perms, transfer
 from wrenn_host.api import CapsuleNotFound, HostAgentError, InvalidShape, TemplateNotFound, VMMError
 from wrenn_host.durable import crashpoint, fsync_dir, write_durable
 from wrenn_host.guest import GuestClient
@@ -809,6 +809,18 @@ class LocalHostAgent(api.HostAgent):
         """Guest agent requests in flight on this capsule's channel (tests check for leaks)."""
         cap = self._get(capsule_id)
         return len(cap.guest._pending) if cap.guest is not None else 0
+
+    # ------------------------------------------------------------------ moving between hosts
+
+    async def archive_manifest(self, kind: str, object_id: str) -> api.ArchiveManifest:
+        return await transfer.manifest(self, kind, object_id)
+
+    def read_archive(self, kind: str, object_id: str) -> AsyncIterator[bytes]:
+        return transfer.read(self, kind, object_id)
+
+    async def write_archive(self, kind: str, object_id: str, data: AsyncIterator[bytes],
+                            manifest: api.ArchiveManifest) -> None:
+        await transfer.install(self, kind, object_id, data, manifest)
 
 
 def host_capacity(data_root: Path) -> dict[str, int | None]:

@@ -216,6 +216,7 @@ async def test_paused_capsule_moves_with_its_overlay_rebased(agents):
     result = await move_paused_capsule(a, b, "cap-1", "tpl-3")
     assert result.template.moved and result.transfer.moved and result.source_removed
     assert (await b.get("cap-1")).state == "paused"
+    assert b.paths.capsule_run_dir("cap-1").is_dir()  # where its sockets go when it resumes
     dst = b.paths.capsule_dir("cap-1")
     assert sha(dst / "memory") == memory_sha
     assert backing_of(dst / "disk.qcow2")[0] == b.paths.template_dir("tpl-3") / "disk.qcow2"

@@ -131,12 +131,30 @@ async def manifest(agent: LocalHostAgent, kind: str, object_id: str) -> ArchiveM
 
 
 async def _flatten(agent: LocalHostAgent, cap) -> None:
-    """The capsule's whole disk as one standalone qcow2 (the built-in chain is this host's own)."""
+    """The capsule's whole disk as one standalone qcow2 (the built-in chain is this host's own).
+    One made since the capsule's last pause is still exact: kept (a manifest, then the read)."""
+    _sweep_exports(agent)
     out_dir = _export_dir(agent, cap.id)
+    out = out_dir / "disk.qcow2"
+    with contextlib.suppress(OSError):
+        if out.stat().st_mtime_ns >= agent.paths.capsule_state(cap.id).stat().st_mtime_ns \
+                and (out_dir / "done").exists():
+            return
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(mode=0o700)
     disk = agent.paths.machine_files(cap.id).disk
-    await asyncio.to_thread(qemu_img, "convert", "-O", "qcow2", str(disk), str(out_dir / "disk.qcow2"))
+    await asyncio.to_thread(qemu_img, "convert", "-O", "qcow2", str(disk), str(out))
+    (out_dir / "done").touch()
+
+
+def _sweep_exports(agent: LocalHostAgent) -> None:
+    """Flattened disks of capsules that are gone or run again (a move that never read its
+    archive leaves one; start-up removes them all too)."""
+    for d in agent.paths.templates.glob(".export-*"):
+        cap = agent._capsules.get(d.name.removeprefix(".export-"))
+        if cap is None or (cap.machine is not None and cap.machine.is_alive()) \
+                or not agent.paths.capsule_state(cap.id).exists():
+            shutil.rmtree(d, ignore_errors=True)
 
 
 async def read(agent: LocalHostAgent, kind: str, object_id: str) -> AsyncIterator[bytes]:
@@ -148,8 +166,8 @@ async def read(agent: LocalHostAgent, kind: str, object_id: str) -> AsyncIterato
             yield chunk
         return
     cap = _paused_capsule(agent, object_id)
-    if _is_builtin_capsule(agent, cap) and not (_export_dir(agent, object_id) / "disk.qcow2").exists():
-        await _flatten(agent, cap)  # read without a manifest first: the receiver will refuse it anyway
+    if _is_builtin_capsule(agent, cap):
+        await _flatten(agent, cap)  # made by the manifest (kept), unless it was asked for first
     try:
         async for chunk in archive.stream_files(_capsule_sources(agent, cap)):
             yield chunk

@@ -28,29 +28,55 @@ async def sh(agent, cid, script: str):
     return r.stdout.decode()
 
 
+class Hosts:
+    """Two host agents, each with its own data directory."""
+
+    def __init__(self, tmp_path_factory):
+        self.dirs = [tmp_path_factory.mktemp("host-a"), tmp_path_factory.mktemp("host-b")]
+        self.agents: list = []
+
+    @staticmethod
+    async def start(data_dir, known: dict[str, str]):
+        from wrenn_host.agent import LocalHostAgent
+
+        agent = LocalHostAgent(data_dir)
+        agent.spares.per_key = 0  # no spare VMs: two pools would only compete for the CPU here
+        await agent.prepare([("minimal", 1, 512)])
+        await agent.start(known)
+        return agent
+
+    async def restart_b(self, known: dict[str, str]):
+        """b's agent process ends and a new one starts on the same data directory."""
+        await self.agents[1].close()
+        self.agents[1] = await self.start(self.dirs[1], known)
+        return self.agents[1]
+
+    @property
+    def a(self):
+        return self.agents[0]
+
+    @property
+    def b(self):
+        return self.agents[1]
+
+
 @pytest.fixture(scope="module")
 async def hosts(tmp_path_factory):
-    from wrenn_host.agent import LocalHostAgent
-
-    made = []
+    h = Hosts(tmp_path_factory)
     try:
-        for name in ("host-a", "host-b"):
-            data_dir = tmp_path_factory.mktemp(name)
-            agent = LocalHostAgent(data_dir)
-            agent.spares.per_key = 0  # no spare VMs: two pools would only compete for the CPU here
-            made.append((agent, data_dir))
-            await agent.prepare([("minimal", 1, 512)])
-            await agent.start({})
-        yield made[0][0], made[1][0], made[0][1], made[1][1]
+        for d in h.dirs:
+            h.agents.append(await h.start(d, {}))
+        yield h
     finally:
-        for agent, data_dir in made:
+        for agent in h.agents:
             for cid in list(agent._capsules):
                 try:
                     await agent.destroy(cid)
                 except Exception:
                     pass
             await agent.close()
-            kill_qemus(data_dir)
+        for d in h.dirs:
+            kill_qemus(d)
 
 
 def report(what: str, t) -> None:
@@ -58,7 +84,7 @@ def report(what: str, t) -> None:
 
 
 async def test_snapshot_made_on_one_host_starts_a_capsule_on_another(hosts):
-    a, b, _, _ = hosts
+    a, b = hosts.a, hosts.b
     cid, tid = new_id(), "tpl-" + secrets.token_hex(6)
     await a.create(cid, "minimal", None, None)
     await sh(a, cid, "echo made-on-a > /root/hello.txt; sync")
@@ -85,6 +111,7 @@ async def test_snapshot_made_on_one_host_starts_a_capsule_on_another(hosts):
     await sh(a, from_tpl, "echo overlay > /tmp/o")
     await a.pause(from_tpl)
     result = await move_paused_capsule(a, b, from_tpl, tid)
+    report("paused 512 MiB capsule (snapshot template: overlay only)", result.transfer)
     assert not result.template.moved and result.source_removed
     assert backing_of(b.paths.machine_files(from_tpl).disk)[0] == b.paths.template_dir(tid) / "disk.qcow2"
     await b.resume(from_tpl)
@@ -93,7 +120,7 @@ async def test_snapshot_made_on_one_host_starts_a_capsule_on_another(hosts):
 
 
 async def test_paused_capsule_moves_and_resumes_with_its_processes(hosts):
-    a, b, a_dir, _ = hosts
+    a, b, a_dir = hosts.a, hosts.b, hosts.dirs[0]
     cid = new_id()
     await a.create(cid, "minimal", 1, 512)
     policy = EgressPolicy.parse(allow_internet_access=False, allow_out=["10.9.0.0/16"])
@@ -115,7 +142,7 @@ async def test_paused_capsule_moves_and_resumes_with_its_processes(hosts):
 
     await a.pause(cid)
     result = await move_paused_capsule(a, b, cid, "minimal")
-    report("paused 512 MiB capsule", result.transfer)
+    report("paused 512 MiB capsule (built-in template: disk flattened)", result.transfer)
     assert result.source_removed and (await b.get(cid)).state == "paused"
 
     # gone from a: not known, no files, no QEMU
@@ -124,6 +151,15 @@ async def test_paused_capsule_moves_and_resumes_with_its_processes(hosts):
     assert not a.paths.capsule_dir(cid).exists()
     assert qemu_pids(a_dir) == []
     assert [p.name for p in a.paths.templates.iterdir() if p.name.startswith(".")] == []
+
+    # b's agent restarts before the resume: the capsule it received is on disk, paused; a
+    # half-written transfer (as a crash mid-stream leaves it) is cleaned up at start
+    leftover = b.paths.templates / f".in-capsule-{new_id()}-0badf00d"
+    leftover.mkdir()
+    (leftover / "memory").write_bytes(b"half")
+    b = await hosts.restart_b({cid: "paused"})
+    assert (await b.get(cid)).state == "paused"
+    assert not leftover.exists()
 
     await b.resume(cid)
     assert await b.read_file(cid, "/tmp/note.txt") == b"kept across hosts"

@@ -260,10 +260,13 @@ async def _install_template(agent: LocalHostAgent, template_id: str, data: Async
         write_durable(work / MANIFEST_CACHE, json.dumps(to_wire(manifest)).encode())
         TemplateSnapshot.load(work)  # it must load before it is published
         fsync_dir(work)
-        if _template_present(agent, template_id):  # another transfer of it finished first
-            shutil.rmtree(work, ignore_errors=True)
+        try:
+            work.rename(final)
+        except OSError:
+            if not _template_present(agent, template_id):
+                raise
+            shutil.rmtree(work, ignore_errors=True)  # another transfer of it finished first
             return
-        work.rename(final)
         fsync_dir(final.parent)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)

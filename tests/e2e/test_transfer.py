@@ -80,7 +80,8 @@ async def hosts(tmp_path_factory):
 
 
 def report(what: str, t) -> None:
-    print(f"\n{what}: {t.bytes / (1 << 20):.1f} MiB sent in {t.seconds:.2f} s ({t.mib_per_s:.1f} MiB/s)")
+    print(f"\n{what}: {t.file_bytes / (1 << 20):.0f} MiB of files, {t.bytes / (1 << 20):.1f} MiB sent "
+          f"in {t.seconds:.2f} s ({t.mib_per_s:.1f} MiB/s)")
 
 
 async def test_snapshot_made_on_one_host_starts_a_capsule_on_another(hosts):

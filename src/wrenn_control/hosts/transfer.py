@@ -44,14 +44,15 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class Transfer:
-    """What one move did: bytes that crossed (holes are not sent), seconds, and whether it was
-    needed at all (False: dst had it already)."""
+    """What one move did: whether it was needed at all (False: dst had it already), the bytes
+    that crossed (holes and zero chunks are not sent), the files' full size, seconds."""
 
     kind: str
     object_id: str
     moved: bool
     bytes: int = 0
     seconds: float = 0.0
+    file_bytes: int = 0
 
     @property
     def mib_per_s(self) -> float:
@@ -101,7 +102,7 @@ async def _stream(src: HostAgent, dst: HostAgent, kind: str, object_id: str) -> 
         await counted.aclose()
     seconds = time.monotonic() - t0
     log.info("%s %s moved: %d bytes in %.2f s", kind, object_id, counted.bytes, seconds)
-    return Transfer(kind, object_id, True, counted.bytes, seconds)
+    return Transfer(kind, object_id, True, counted.bytes, seconds, manifest.size)
 
 
 async def _is_builtin(host: HostAgent, template_id: str) -> bool:

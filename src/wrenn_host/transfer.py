@@ -45,6 +45,7 @@ from wrenn_host.api import (
     to_wire,
 )
 from wrenn_host.durable import fsync_dir, write_durable
+from wrenn_host.paths import check_id
 from wrenn_host.templates import TemplateSnapshot, make_overlay_seed, qemu_img
 from wrenn_images import builder
 
@@ -59,9 +60,13 @@ MANIFEST_CACHE = "manifest.json"
 KINDS = ("template", "capsule")
 
 
-def _check_kind(kind: str) -> None:
+def _check(kind: str, object_id: str) -> None:
     if kind not in KINDS:
         raise HostAgentError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}", code="invalid")
+    try:
+        check_id(object_id)
+    except ValueError as e:
+        raise HostAgentError(str(e), code="invalid") from e
 
 
 # ---------------------------------------------------------------------- sending
@@ -104,7 +109,7 @@ def _capsule_sources(agent: LocalHostAgent, cap) -> list[tuple[str, Path]]:
 
 
 async def manifest(agent: LocalHostAgent, kind: str, object_id: str) -> ArchiveManifest:
-    _check_kind(kind)
+    _check(kind, object_id)
     if kind == "template":
         d = _template_dir(agent, object_id)
         cached = d / MANIFEST_CACHE
@@ -158,7 +163,7 @@ def _sweep_exports(agent: LocalHostAgent) -> None:
 
 
 async def read(agent: LocalHostAgent, kind: str, object_id: str) -> AsyncIterator[bytes]:
-    _check_kind(kind)
+    _check(kind, object_id)
     if kind == "template":
         d = _template_dir(agent, object_id)
         sources = [(name, d / name) for name in TEMPLATE_FILES]
@@ -216,7 +221,7 @@ async def _drain(data: AsyncIterator[bytes]) -> None:
 
 async def install(agent: LocalHostAgent, kind: str, object_id: str, data: AsyncIterator[bytes],
                   manifest: ArchiveManifest) -> None:
-    _check_kind(kind)
+    _check(kind, object_id)
     if manifest.kind != kind or manifest.object_id != object_id:
         await _drain(data)
         raise HostAgentError(f"manifest is for {manifest.kind} {manifest.object_id}, not {kind} {object_id}",
@@ -248,7 +253,11 @@ async def _install_template(agent: LocalHostAgent, template_id: str, data: Async
     if _template_present(agent, template_id):
         await _drain(data)  # templates never change: the copy here is the cache
         return
-    meta = _local_spec_meta(agent, manifest.meta.get("template_meta", ""))
+    try:
+        meta = await asyncio.to_thread(_local_spec_meta, agent, manifest.meta.get("template_meta", ""))
+    except BaseException:
+        await _drain(data)
+        raise
     final = agent.paths.template_dir(template_id)
     work = _staging(agent, "template", template_id)
     try:
@@ -296,7 +305,11 @@ async def _install_capsule(agent: LocalHostAgent, capsule_id: str, data: AsyncIt
     flat = manifest.meta.get("disk") == "flat"
     final = agent.paths.capsule_dir(capsule_id)
     if flat:
-        tmeta = _local_spec_meta(agent, manifest.meta.get("template_meta", ""))
+        try:
+            tmeta = await asyncio.to_thread(_local_spec_meta, agent, manifest.meta.get("template_meta", ""))
+        except BaseException:
+            await _drain(data)
+            raise
         template_dir = final / "template"
     else:
         if not _template_present(agent, meta.template_id):

@@ -340,3 +340,22 @@ async def test_fake_move_refuses_an_id_the_destination_has():
         await move_paused_capsule(a, b, "c1", "minimal")
     assert e.value.code == "exists"
     assert "c1" in a.capsules and b.capsules["c1"].state == "running" and b.ops("destroy") == []
+
+
+async def test_bad_kind_or_id_is_a_clear_error(agents):
+    a, _, _ = agents
+    for kind, oid in (("volume", "x"), ("template", "../etc"), ("capsule", "")):
+        with pytest.raises(HostAgentError) as e:
+            await a.archive_manifest(kind, oid)
+        assert e.value.code == "invalid"
+
+
+async def test_incompatible_snapshot_is_refused(agents):
+    a, b, kernel = agents
+    fake_template(a, "tpl-5", kernel)
+    m = await a.archive_manifest("template", "tpl-5")
+    b._accel = "kvm"
+    with pytest.raises(HostAgentError) as e:
+        await b.write_archive("template", "tpl-5", a.read_archive("template", "tpl-5"), m)
+    assert e.value.code == "incompatible"
+    assert list(b.paths.templates.iterdir()) == []

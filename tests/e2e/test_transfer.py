@@ -123,7 +123,13 @@ async def test_snapshot_made_on_one_host_starts_a_capsule_on_another(hosts):
 async def test_paused_capsule_moves_and_resumes_with_its_processes(hosts):
     a, b, a_dir = hosts.a, hosts.b, hosts.dirs[0]
     cid = new_id()
+    # most creates take a spare VM (started under another id, its disk through a link): move one
+    a.spares.per_key = 1
+    a.spares.want(await a.builtin.get("minimal", 1, 512))
+    assert await a.spares.wait_full(timeout=180)
     await a.create(cid, "minimal", 1, 512)
+    a.spares.per_key = 0
+    assert a._capsules[cid].meta.spawned_as
     policy = EgressPolicy.parse(allow_internet_access=False, allow_out=["10.9.0.0/16"])
     await a.update_network(cid, policy)
     await a.write_file(cid, "/tmp/note.txt", b"kept across hosts")
@@ -150,6 +156,7 @@ async def test_paused_capsule_moves_and_resumes_with_its_processes(hosts):
     with pytest.raises(CapsuleNotFound):
         await a.get(cid)
     assert not a.paths.capsule_dir(cid).exists()
+    assert list(a.paths.links.iterdir()) == []
     assert qemu_pids(a_dir) == []
     assert [p.name for p in a.paths.templates.iterdir() if p.name.startswith(".")] == []
 

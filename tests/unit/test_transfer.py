@@ -359,3 +359,20 @@ async def test_incompatible_snapshot_is_refused(agents):
         await b.write_archive("template", "tpl-5", a.read_archive("template", "tpl-5"), m)
     assert e.value.code == "incompatible"
     assert list(b.paths.templates.iterdir()) == []
+
+
+async def test_cut_stream_leaves_nothing_on_the_receiver(agents):
+    a, b, kernel = agents
+    fake_template(a, "tpl-6", kernel)
+    await move_template(a, b, "tpl-6")
+    fake_paused_capsule(a, "cap-6", "tpl-6")
+    m = await a.archive_manifest("capsule", "cap-6")
+    chunks = await collect(a.read_archive("capsule", "cap-6"))
+    with pytest.raises(HostAgentError) as e:  # the connection broke half way
+        await b.write_archive("capsule", "cap-6", replay(chunks[:len(chunks) // 2]), m)
+    assert e.value.code == "invalid_archive"
+    with pytest.raises(CapsuleNotFound):
+        await b.get("cap-6")
+    assert not b.paths.capsule_dir("cap-6").exists()
+    assert [p.name for p in b.paths.templates.iterdir()] == ["tpl-6"]
+    assert (await a.get("cap-6")).state == "paused"  # the source is untouched

@@ -91,9 +91,11 @@ def _paused_capsule(agent: LocalHostAgent, capsule_id: str):
     return cap
 
 
-def _is_builtin_capsule(agent: LocalHostAgent, cap) -> bool:
-    """Its disk backs onto a built-in snapshot (or onto none: a capsule that moved in flat)."""
-    return Path(cap.meta.template_dir).parent != agent.paths.templates
+def _moves_flat(agent: LocalHostAgent, cap) -> bool:
+    """Its disk moves flattened: it backs onto a built-in snapshot, onto none (a capsule that
+    moved in flat), or onto a snapshot template deleted since (it no longer moves on its own)."""
+    d = Path(cap.meta.template_dir)
+    return d.parent != agent.paths.templates or (d / "deleted").exists()
 
 
 def _export_dir(agent: LocalHostAgent, capsule_id: str) -> Path:
@@ -102,7 +104,7 @@ def _export_dir(agent: LocalHostAgent, capsule_id: str) -> Path:
 
 def _capsule_sources(agent: LocalHostAgent, cap) -> list[tuple[str, Path]]:
     files = agent.paths.machine_files(cap.id)
-    disk = _export_dir(agent, cap.id) / "disk.qcow2" if _is_builtin_capsule(agent, cap) else files.disk
+    disk = _export_dir(agent, cap.id) / "disk.qcow2" if _moves_flat(agent, cap) else files.disk
     paths = {"memory": files.memory, "state": agent.paths.capsule_state(cap.id), "disk.qcow2": disk,
              "serial.log": files.serial_log}
     return [(name, paths[name]) for name in CAPSULE_FILES if paths[name].exists()]
@@ -123,7 +125,7 @@ async def manifest(agent: LocalHostAgent, kind: str, object_id: str) -> ArchiveM
     cap = _paused_capsule(agent, object_id)
     async with cap.lock:
         cap = _paused_capsule(agent, object_id)  # a resume may have run while we waited
-        flat = _is_builtin_capsule(agent, cap)
+        flat = _moves_flat(agent, cap)
         if flat:
             await _flatten(agent, cap)
         sources = _capsule_sources(agent, cap)
@@ -171,7 +173,7 @@ async def read(agent: LocalHostAgent, kind: str, object_id: str) -> AsyncIterato
             yield chunk
         return
     cap = _paused_capsule(agent, object_id)
-    if _is_builtin_capsule(agent, cap):
+    if _moves_flat(agent, cap):
         await _flatten(agent, cap)  # made by the manifest (kept), unless it was asked for first
     try:
         async for chunk in archive.stream_files(_capsule_sources(agent, cap)):

@@ -376,3 +376,18 @@ async def test_cut_stream_leaves_nothing_on_the_receiver(agents):
     assert not b.paths.capsule_dir("cap-6").exists()
     assert [p.name for p in b.paths.templates.iterdir()] == ["tpl-6"]
     assert (await a.get("cap-6")).state == "paused"  # the source is untouched
+
+
+async def test_capsule_of_a_deleted_template_moves_flattened(agents):
+    a, b, kernel = agents
+    fake_template(a, "tpl-7", kernel)
+    fake_paused_capsule(a, "cap-7", "tpl-7")
+    await a.delete_template("tpl-7")  # its files stay while cap-7 uses them
+    result = await move_paused_capsule(a, b, "cap-7", "tpl-7")
+    assert not result.template.moved and result.source_removed
+    dst = b.paths.capsule_dir("cap-7")
+    assert backing_of(dst / "disk.qcow2") is None  # standalone: b never had the template
+    assert json.loads((dst / "meta.json").read_text())["template_dir"] == str(dst / "template")
+    assert (await b.get("cap-7")).state == "paused"
+    assert not b.paths.template_dir("tpl-7").exists()
+    assert not a.paths.template_dir("tpl-7").exists()  # its last capsule left: swept on a

@@ -132,7 +132,8 @@ async def move_paused_capsule(src: HostAgent, dst: HostAgent, capsule_id: str, t
     same /tmp, a fresh network slot, its egress policy kept).
 
     Order, so the capsule is never lost: (1) its template to dst if dst lacks it (kept on dst
-    even if a later step fails: a valid cache); (2) the capsule's files to dst (checked, staged,
+    even if a later step fails: a valid cache; a template deleted on src since is not needed:
+    the capsule's disk then travels flattened); (2) the capsule's files to dst (checked, staged,
     installed at once); (3) `on_moved()`: record in the database that the capsule lives on dst;
     (4) destroy it on src. If any of (1)-(3) fails, the copy on dst (if any) is destroyed, the
     source stays as it was, and the error is raised. A failure of (4) is logged and reported as
@@ -151,7 +152,11 @@ async def move_paused_capsule(src: HostAgent, dst: HostAgent, capsule_id: str, t
         pass
     else:
         raise HostAgentError(f"capsule {capsule_id} already exists on the destination host", code="exists")
-    template = await move_template(src, dst, template_id)
+    try:
+        template = await move_template(src, dst, template_id)
+    except TemplateNotFound:
+        # deleted on src since the capsule was made: src then sends the capsule's disk flattened
+        template = Transfer("template", template_id, False)
     try:
         moved = await _stream(src, dst, "capsule", capsule_id)
         now = await dst.get(capsule_id)

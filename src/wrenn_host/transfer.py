@@ -11,8 +11,9 @@ What moves (archive.py carries the files):
     The receiver must hold the template (the control plane moves it first) and points the
     overlay at its own copy with `qemu-img rebase -u` (the bytes are the same, only the path
     recorded in the header changes).
-  - made from a built-in template ("disk": "flat"): built-in snapshots are built by every host on
-    its own, so their disks are not the same bytes on two hosts. The source flattens the disk
+  - made from a built-in template, or from a snapshot template deleted since ("disk": "flat"):
+    built-in snapshots are built by every host on its own, so their disks are not the same bytes
+    on two hosts (and a deleted template no longer moves). The source flattens the disk
     (`qemu-img convert`, into `.export-<id>` beside the templates) and the receiver keeps the
     template's meta (the machine shape) in the capsule's own `template/` directory.
   The network slot is not moved: a pause released it, the receiver's resume takes a fresh one.

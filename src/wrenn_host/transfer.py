@@ -45,6 +45,7 @@ from wrenn_host.api import (
     from_wire,
     to_wire,
 )
+from wrenn_host.capsule import CapsuleMeta, LocalCapsule
 from wrenn_host.durable import fsync_dir, write_durable
 from wrenn_host.paths import check_id
 from wrenn_host.templates import TemplateSnapshot, make_overlay_seed, qemu_img
@@ -241,7 +242,7 @@ async def install(agent: LocalHostAgent, kind: str, object_id: str, data: AsyncI
 def _template_present(agent: LocalHostAgent, template_id: str) -> bool:
     d = agent.paths.template_dir(template_id)
     if (d / "deleted").exists():
-        agent._sweep_template(d)  # deleted and no capsule uses it: gone now, so it can come back
+        agent.templates.sweep(d)  # deleted and no capsule uses it: gone now, so it can come back
         if d.exists():
             raise HostAgentError(f"template {template_id} was deleted here and capsules still use it",
                                  code="exists")
@@ -288,8 +289,6 @@ async def _install_template(agent: LocalHostAgent, template_id: str, data: Async
 
 async def _install_capsule(agent: LocalHostAgent, capsule_id: str, data: AsyncIterator[bytes],
                            manifest: ArchiveManifest) -> None:
-    from wrenn_host.agent import Capsule, CapsuleMeta
-
     if capsule_id in agent._capsules or agent.paths.capsule_dir(capsule_id).exists():
         await _drain(data)
         raise HostAgentError(f"capsule {capsule_id} already exists on this host", code="exists")
@@ -320,7 +319,6 @@ async def _install_capsule(agent: LocalHostAgent, capsule_id: str, data: AsyncIt
             raise TemplateNotFound(f"capsule {capsule_id} needs template {meta.template_id} on this host first")
         template_dir = agent.paths.template_dir(meta.template_id)
     work = _staging(agent, "capsule", capsule_id)
-    cap = None
     try:
         await archive.receive_into(work, data, manifest)
         if flat:
@@ -345,8 +343,7 @@ async def _install_capsule(agent: LocalHostAgent, capsule_id: str, data: AsyncIt
         agent.paths.capsule_run_dir(capsule_id).mkdir(parents=True, exist_ok=True)  # its sockets, as _build makes
         work.rename(final)
         fsync_dir(final.parent)
-        cap = Capsule(meta, snap)
-        agent._capsules[capsule_id] = cap
+        agent._register(LocalCapsule(capsule_id, agent.host, meta, snap))
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise

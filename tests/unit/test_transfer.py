@@ -151,7 +151,7 @@ def fake_template(agent, template_id: str, kernel: Path) -> Path:
 
 
 def fake_paused_capsule(agent, capsule_id: str, template_id: str) -> Path:
-    from wrenn_host.agent import Capsule, CapsuleMeta
+    from wrenn_host.capsule import CapsuleMeta, LocalCapsule
     from wrenn_host.templates import TemplateSnapshot
 
     tdir = agent.paths.template_dir(template_id)
@@ -163,7 +163,7 @@ def fake_paused_capsule(agent, capsule_id: str, template_id: str) -> Path:
     meta = CapsuleMeta(capsule_id, template_id, str(tdir), 1, 128, "6.1-test",
                        network={"allow_out": ["10.0.0.0/8"]}, slot=3, spawned_as="spare-x")
     meta.save(d / "meta.json")
-    agent._capsules[capsule_id] = Capsule(meta, TemplateSnapshot.load(tdir))
+    agent._capsules[capsule_id] = LocalCapsule(capsule_id, agent.host, meta, TemplateSnapshot.load(tdir))
     return d
 
 

@@ -15,10 +15,11 @@ import contextlib
 import functools
 import logging
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from wrenn_host import api, perms
+from wrenn_host import api, perms, transfer
 from wrenn_host.api import CapsuleNotFound, HostAgentError, TemplateNotFound
 from wrenn_host.capsule import CapsuleMeta, HostResources, LocalCapsule
 from wrenn_host.guest import GuestClient
@@ -267,6 +268,18 @@ class LocalHostAgent(GuestCalls, api.HostAgent):
     async def builtin_templates(self) -> list[api.TemplateRuntime]:
         return [api.TemplateRuntime(name, 1, 512, 0, version=TEMPLATES[name].image_key())
                 for name in self.builtin.names]
+
+    # ------------------------------------------------------------------ moving between hosts
+
+    async def archive_manifest(self, kind: str, object_id: str) -> api.ArchiveManifest:
+        return await transfer.manifest(self, kind, object_id)
+
+    def read_archive(self, kind: str, object_id: str) -> AsyncIterator[bytes]:
+        return transfer.read(self, kind, object_id)
+
+    async def write_archive(self, kind: str, object_id: str, data: AsyncIterator[bytes],
+                            manifest: api.ArchiveManifest) -> None:
+        await transfer.install(self, kind, object_id, data, manifest)
 
 
 def host_capacity(data_root: Path) -> dict[str, int | None]:

@@ -182,6 +182,36 @@ class ReconcileReport:
     errors: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
+@dataclasses.dataclass(frozen=True)
+class ArchiveFile:
+    """One file of an archive: its name inside the object's directory (flat, no "/"), size in
+    bytes, sha256 (hex, over the whole content with holes as zeros) and permission bits."""
+
+    path: str
+    size: int
+    sha256: str
+    mode: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ArchiveManifest:
+    """What `read_archive` will send for one object, and what `write_archive` checks it against.
+
+    kind: "template" (a snapshot template) or "capsule" (a paused capsule); object_id: its id.
+    meta: what the receiving host needs besides the files (its metadata as JSON strings, the
+    archive format); opaque to the control plane."""
+
+    kind: str
+    object_id: str
+    files: list[ArchiveFile]
+    meta: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        """Bytes of file content (holes included): what a transfer moves at most."""
+        return sum(f.size for f in self.files)
+
+
 class Tunnel(abc.ABC):
     """A TCP connection to a port inside a capsule (`HostAgent.tcp_connect`). Use it as an async
     context manager, or call `close()`: that ends the connection in the guest too."""
@@ -365,6 +395,31 @@ class HostAgent(abc.ABC):
     async def tcp_connect(self, capsule_id: str, port: int) -> Tunnel:
         """Connect to `port` on the capsule's loopback. Nothing listening: GuestError with code
         "refused"."""
+
+
+    # moving templates and paused capsules between hosts (see wrenn_control/hosts/transfer.py)
+    async def archive_manifest(self, kind: str, object_id: str) -> ArchiveManifest:
+        """The files (names, sizes, sha256) `read_archive(kind, object_id)` sends. kind "template":
+        a snapshot template (TemplateNotFound if this host has none; built-in templates are built
+        by every host and never move). kind "capsule": a paused capsule (CapsuleNotFound; a running
+        one: HostAgentError code "invalid_state"). The object must not change until it is read."""
+        raise HostAgentError("this host agent cannot move templates or capsules", code="unsupported")
+
+    def read_archive(self, kind: str, object_id: str) -> AsyncIterator[bytes]:
+        """The object's files as one archive stream (wrenn_host/archive.py), read chunk by chunk,
+        never whole in memory. Same errors as `archive_manifest`."""
+        raise HostAgentError("this host agent cannot move templates or capsules", code="unsupported")
+
+    async def write_archive(self, kind: str, object_id: str, data: AsyncIterator[bytes],
+                            manifest: ArchiveManifest) -> None:
+        """Receive an object another host's `read_archive` sends: staged, every file checked
+        against `manifest` (a different size or sha256: HostAgentError code "checksum_mismatch",
+        nothing installed, nothing left behind), then installed at once. A template is then usable
+        by `create` and `template_info` (one this host already holds: no-op, the stream is not
+        read). A capsule is then known here as paused, ready for `resume` with its memory and
+        files (its template must be here first: TemplateNotFound; an id this host already has:
+        code "exists"). It gets a fresh network slot when it resumes and keeps its egress policy."""
+        raise HostAgentError("this host agent cannot move templates or capsules", code="unsupported")
 
 
 # ---------------------------------------------------------------------- wire form

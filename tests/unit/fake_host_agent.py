@@ -12,6 +12,8 @@ Knobs:
   exception it raises; `metrics_delays[capsule_id] = seconds` before it answers.
 - `forwards[(capsule_id, port)] = local_port`: tcp_connect reaches that local port (a real TCP
   connection); `tunnels_open` counts the tunnels not closed yet.
+- `archive_tamper(chunk) -> chunk`: read_archive's data passes through it (damage in flight);
+  archives use the real format and checks (wrenn_host/archive.py), one pickled object each.
 """
 
 from __future__ import annotations
@@ -19,12 +21,15 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
+import pickle
 import stat
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from wrenn_host.network.policy import EgressPolicy
+from wrenn_host import archive
 from wrenn_host.api import (
+    ArchiveManifest,
     CapsuleMetrics,
     CapsuleNotFound,
     CapsuleRuntime,
@@ -118,6 +123,9 @@ class FakeHostAgent(HostAgent):
         self.free = {"free_memory_mb": 16384, "free_disk_mb": 100_000}
         self.exec_caps: list[int | None] = []
         self.paths_seen: list[tuple[str, str]] = []  # (op, path) as the file calls received them
+        # read_archive passes its data chunks through this (a test damages them in flight)
+        self.archive_tamper: Callable[[bytes], bytes] | None = None
+        self.bytes_received = 0  # archive bytes write_archive took in
 
     # ---- knobs -----------------------------------------------------------------------------
 
@@ -501,6 +509,57 @@ class FakeHostAgent(HostAgent):
             raise GuestError(f"connection refused: nothing is listening on port {port}", code="refused")
         reader, writer = await asyncio.open_connection("127.0.0.1", local)
         return FakeTunnel(self, reader, writer)
+
+    # ---- moving between hosts: the real archive format (wrenn_host/archive.py), one file each
+
+    def _archive_blob(self, kind: str, object_id: str) -> bytes:
+        if kind == "template":
+            if object_id not in self.templates:
+                raise TemplateNotFound(f"template {object_id} not found")
+            return pickle.dumps(self.templates[object_id])
+        if kind != "capsule":
+            raise HostAgentError(f"kind must be template or capsule, got {kind!r}", code="invalid")
+        cap = self._capsule(object_id, running=False)
+        if cap.state != "paused":
+            raise HostAgentError(f"capsule {object_id} is {cap.state}: pause it before moving it",
+                                 code="invalid_state")
+        return pickle.dumps(cap)
+
+    async def archive_manifest(self, kind: str, object_id: str) -> ArchiveManifest:
+        await self._hook("archive_manifest", object_id)
+        blob = self._archive_blob(kind, object_id)
+        return ArchiveManifest(kind, object_id, [archive.describe_blob(f"{kind}.pickle", blob)],
+                               {"format": archive.FORMAT})
+
+    async def read_archive(self, kind: str, object_id: str) -> AsyncIterator[bytes]:  # type: ignore[override]
+        await self._hook("read_archive", object_id)
+        blob = self._archive_blob(kind, object_id)
+        async for chunk in archive.stream_blobs([(f"{kind}.pickle", blob, 0o600)]):
+            if self.archive_tamper is not None and len(chunk) > 64:
+                chunk = self.archive_tamper(chunk)
+            yield chunk
+
+    async def write_archive(self, kind: str, object_id: str, data: AsyncIterator[bytes],
+                            manifest: ArchiveManifest) -> None:
+        await self._hook("write_archive", object_id)
+        if kind == "template" and object_id in self.templates:
+            return  # the cache
+        if kind == "capsule" and object_id in self.capsules:
+            raise HostAgentError(f"capsule {object_id} already exists on this host", code="exists")
+        sinks: list[archive.MemorySink] = []
+
+        def open_sink(f):
+            sinks.append(archive.MemorySink(f.size))
+            return sinks[-1]
+
+        self.bytes_received += await archive.receive(data, manifest, open_sink)
+        obj = pickle.loads(bytes(sinks[0].buf))
+        if kind == "template":
+            self.templates[object_id] = obj
+        else:
+            if obj.template_id not in self.templates and obj.template_id not in {t.template_id for t in BUILTINS}:
+                raise TemplateNotFound(f"capsule {object_id} needs template {obj.template_id} here first")
+            self.capsules[object_id] = obj
 
 
 class FakeTunnel(Tunnel):

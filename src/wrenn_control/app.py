@@ -39,6 +39,7 @@ from wrenn_control.operations import CapsuleOps
 from wrenn_control.proxy import PortProxy
 from wrenn_control.tickets import TicketStore
 from wrenn_control.web import DashboardFallback
+from wrenn_control.workers.drainer import Drainer
 from wrenn_control.workers.heartbeats import HeartbeatWatcher
 from wrenn_control.workers.reaper import Reaper
 from wrenn_control.workers.reconcile import reconcile
@@ -96,6 +97,7 @@ def create_app(settings: Settings, host: HostAgent | None, *, agent_factory: Age
         host.place = ops.place  # type: ignore[attr-defined]
         ops.replica_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
     watcher = HeartbeatWatcher(db, fleet, settings.host_offline_sec, settings.host_watch_interval_sec)
+    drainer = Drainer(ops, fleet, settings.drain_interval_sec) if fleet is not None else None
     builds = Builds(db, host, events, work_dir=settings.data_dir / "builds")
     reaper = Reaper(db, ops, settings.reaper_interval_sec)
     retention = Retention(db, settings.stopped_retention_sec, settings.retention_interval_sec)
@@ -117,6 +119,7 @@ def create_app(settings: Settings, host: HostAgent | None, *, agent_factory: Age
         app.state.host_limits = await _host_limits(host)
         if fleet is not None:  # (`wrenn server` places nothing on registered hosts)
             watcher.start()
+            drainer.start()
         builds.work_dir.mkdir(parents=True, exist_ok=True)
         builds.recover()
         reaper.start()
@@ -125,6 +128,8 @@ def create_app(settings: Settings, host: HostAgent | None, *, agent_factory: Age
         try:
             yield
         finally:
+            if drainer is not None:
+                await drainer.stop()
             await watcher.stop()
             await retention.stop()
             await sampler.stop()
@@ -158,6 +163,7 @@ def create_app(settings: Settings, host: HostAgent | None, *, agent_factory: Age
     app.state.retention = retention
     app.state.fleet = fleet  # the fleet's directory (None in `wrenn server` mode)
     app.state.heartbeats = watcher
+    app.state.drainer = drainer
     app.state.metrics = metrics
     app.state.bootstrap_key = None
     app.state.host_limits = None  # asked of the host at start-up (lifespan)

@@ -96,6 +96,8 @@ class Settings(BaseModel):
     # What host agents are told to use between heartbeats, and how often offline hosts are looked for.
     heartbeat_interval_sec: float = Field(default_factory=lambda: _num("WRENN_HEARTBEAT_INTERVAL_SEC", 3.0), gt=0)
     host_watch_interval_sec: float = Field(default=1.0, gt=0)
+    # How often each replica looks for paused capsules to move off draining hosts.
+    drain_interval_sec: float = Field(default_factory=lambda: _num("WRENN_DRAIN_INTERVAL_SEC", 5.0), gt=0)
     # The URL host agents reach this control plane at (the `wrenn host-agent` line of POST
     # /v1/hosts); else the URL the request came in on.
     public_url: str | None = Field(default_factory=lambda: _env("WRENN_PUBLIC_URL"))

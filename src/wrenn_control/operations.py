@@ -76,7 +76,7 @@ class CapsuleOps:
         self.drain_sec = 10.0
         # Fleet mode (`wrenn control-plane`): `place(session, vcpus=, memory_mb=, template_id=)`
         # picks a new capsule's host (hosts/placement.py) in the transaction that writes its row;
-        # `replica_id` names this process in the capsules' lifecycle leases (see `_hold`).
+        # `replica_id` names this process in the capsules' lifecycle leases (see `hold`).
         self.place: Callable[..., str] | None = None
         self.replica_id: str | None = None
         self.lease_sec = 30.0
@@ -140,7 +140,7 @@ class CapsuleOps:
         return self._locks.setdefault(capsule_id, asyncio.Lock())
 
     @asynccontextmanager
-    async def _hold(self, capsule_id: str) -> AsyncIterator[None]:
+    async def hold(self, capsule_id: str) -> AsyncIterator[None]:
         """The right to make a lifecycle call on the capsule's VM: this process's lock, and with
         replicas (`replica_id`) a lease in the capsule's row, so that two control planes never
         call one VM's host at once (a destroy on one waits for a pause on the other). The lease
@@ -156,6 +156,12 @@ class CapsuleOps:
             finally:
                 renew.cancel()
                 self._set_claim(capsule_id, release=True)
+
+    def host_moved(self, capsule_id: str) -> None:
+        """The capsule's row names another host now (a drain moved it): forget where it was."""
+        forget = getattr(self.host, "forget", None)
+        if forget is not None:
+            forget(capsule_id)
 
     def _set_claim(self, capsule_id: str, *, release: bool = False) -> bool:
         now = utcnow()
@@ -258,7 +264,7 @@ class CapsuleOps:
         try:
             if prepare is not None:
                 await prepare()
-            async with self._hold(capsule_id):
+            async with self.hold(capsule_id):
                 runtime = await self.host.create(capsule_id, template_id, vcpus, memory_mb, network=network)
         except HostAgentError as exc:
             await self._fail_boot(capsule_id, f"create failed: {exc.message}")
@@ -279,7 +285,7 @@ class CapsuleOps:
             self._finished(capsule_id, ev.CAPSULE_CREATE, error=reason)
             # Free whatever a half-done create left behind (destroy is idempotent).
             try:
-                async with self._hold(capsule_id):
+                async with self.hold(capsule_id):
                     await self.host.destroy(capsule_id)
             except HostAgentError as exc:
                 log.warning("cleanup of failed capsule %s: %s", capsule_id, exc)
@@ -302,7 +308,7 @@ class CapsuleOps:
             return False
         started = asyncio.get_running_loop().time()
         await self._drain(capsule_id)
-        async with self._hold(capsule_id):
+        async with self.hold(capsule_id):
             self._still(capsule_id, S.PAUSING, "pause")
             try:
                 await self.host.pause(capsule_id)
@@ -321,7 +327,7 @@ class CapsuleOps:
         if not self.transition(capsule_id, S.RESUMING, from_={S.PAUSED}):
             return False
         started = asyncio.get_running_loop().time()
-        async with self._hold(capsule_id):
+        async with self.hold(capsule_id):
             self._still(capsule_id, S.RESUMING, "resume")
             try:
                 runtime = await self.host.resume(capsule_id)
@@ -342,7 +348,7 @@ class CapsuleOps:
             raise invalid_state(f"capsule is {self.status(capsule_id)}; "
                                 "only running or paused capsules can be snapshotted")
         await self._drain(capsule_id)
-        async with self._hold(capsule_id):
+        async with self.hold(capsule_id):
             self._still(capsule_id, S.SNAPSHOTTING, "snapshot")
             try:
                 template = await self.host.snapshot(capsule_id, template_id)
@@ -362,7 +368,7 @@ class CapsuleOps:
             # Stop a boot in progress; the host.destroy below removes whatever it had made.
             boot.cancel()
             await asyncio.wait({boot})
-        async with self._hold(capsule_id):
+        async with self.hold(capsule_id):
             try:
                 await self.host.destroy(capsule_id)
             except HostAgentError as exc:
@@ -385,7 +391,7 @@ class CapsuleOps:
         if row.status not in (S.RUNNING.value, S.PAUSED.value):
             raise invalid_state(f"capsule is {row.status}; only running or paused capsules can change their network")
         self._reachable(row.id)
-        async with self._hold(row.id):
+        async with self.hold(row.id):
             status = self.status(row.id)
             if status not in (S.RUNNING.value, S.PAUSED.value):
                 raise invalid_state(f"capsule is {status}; only running or paused capsules can change their network")

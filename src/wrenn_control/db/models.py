@@ -105,7 +105,7 @@ class Capsule(Base):
     last_active_at: Mapped[datetime | None]
     # The host it lives on (migration 0008); None: the in-process host of `wrenn server`.
     host_id: Mapped[str | None] = mapped_column(Str(40), index=True)
-    # A lifecycle call's lease across control-plane replicas (operations.py `_hold`).
+    # A lifecycle call's lease across control-plane replicas (operations.py `hold`).
     claimed_by: Mapped[str | None] = mapped_column(Str(64))
     claimed_until: Mapped[datetime | None]
 

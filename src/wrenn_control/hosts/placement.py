@@ -3,7 +3,8 @@
 Load is what a host has promised, not what it measures: the vCPUs and memory of the capsules it
 holds (running, paused or on their way), against its capacity times an overcommit factor
 (WRENN_OVERCOMMIT_VCPU, WRENN_OVERCOMMIT_MEMORY). Hosts that already hold the template come
-first (no template copy); a team's snapshot template (or a build layer) can only go where it is.
+first (no template copy); a team's snapshot template (or a build layer) goes elsewhere only if a
+live host holds it to copy from (the router copies it before the create).
 Offline, draining and not yet registered hosts never get one. On PostgreSQL the candidate rows are
 locked (FOR UPDATE) until the caller commits the new capsule row, so that replicas placing at the
 same time see each other's choice.
@@ -20,6 +21,7 @@ from wrenn_control.db.models import BuildLayer, Capsule, Host, Template
 from wrenn_control.errors import APIError
 
 ONLINE = "online"
+DRAINING = "draining"
 RESERVING = ("pending", "starting", "running", "pausing", "paused", "resuming", "snapshotting")
 
 
@@ -47,13 +49,16 @@ def candidates(session: Session, *, vcpus: int, memory_mb: int, template_id: str
     hosts = session.scalars(query).all()
     pinned = session.scalar(select(func.count()).select_from(Template).where(Template.id == template_id)) or \
         session.scalar(select(func.count()).select_from(BuildLayer).where(BuildLayer.template_id == template_id))
+    # A snapshot template another live host holds can be copied to the chosen one (hosts/router.py).
+    copyable = bool(pinned) and any(template_id in (templates or []) for templates in session.scalars(
+        select(Host.templates).where(Host.status.in_((ONLINE, DRAINING)))))
     used = reserved(session, [h.id for h in hosts])
     found = []
     for host in hosts:
         if not host.vcpus or not host.memory_mb:
             continue
         has_template = template_id in (host.templates or [])
-        if pinned and not has_template:
+        if pinned and not has_template and not copyable:
             continue
         used_v, used_m = used.get(host.id, (0, 0))
         allow_v, allow_m = host.vcpus * overcommit_vcpu, host.memory_mb * overcommit_memory

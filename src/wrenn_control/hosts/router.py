@@ -2,25 +2,29 @@
 
 `wrenn control-plane` gives this to the code that was written for one host (CapsuleOps, the
 routes, the reaper, the sampler), so that code keeps one path. A capsule's host is its row's
-`host_id`, set by placement when the row is written and never changed afterwards, so it is
-looked up once per capsule and kept. Calls for a capsule whose host is offline or unknown fail
+`host_id`, set by placement when the row is written and changed only when a drain moves the
+capsule (workers/drainer.py), so it is looked up once per capsule and kept, and looked up again
+when the host remembered no longer has it. A create on a host that lacks its snapshot template
+copies the template there first (hosts/transfer.py). Calls for a capsule whose host is offline or unknown fail
 with `HostUnreachable` (a HostAgentError, so that the lifecycle flows settle the capsule as for
 any host failure; 503 host_unavailable) before anything is sent.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 from sqlalchemy import select
 
-from wrenn_control.db.models import Capsule
+from wrenn_control.db.models import BuildLayer, Capsule, Host, Template
 from wrenn_control.db.session import Database
 from wrenn_control.errors import APIError
 from wrenn_control.hosts.directory import HostUnavailable as NotInDirectory
 from wrenn_control.hosts.registry import FleetDirectory
+from wrenn_control.hosts.transfer import move_template
 from wrenn_host.api import (
     CapsuleNotFound,
     HostAgent,
@@ -35,6 +39,7 @@ from wrenn_host.api import (
 
 log = logging.getLogger(__name__)
 _CACHE_MAX = 100_000
+T = TypeVar("T")
 
 
 class HostUnreachable(HostAgentError):
@@ -49,6 +54,7 @@ class RoutingHostAgent(HostAgent):
         self.directory = directory
         self._host_of: dict[str, str | None] = {}
         self._builtins: list[TemplateRuntime] | None = None
+        self._copying: dict[tuple[str, str], asyncio.Lock] = {}  # (host, template) copies under way
         # placement.place with the app's overcommit settings, for capsules without a row (builds)
         self.place: Any = None
 
@@ -68,6 +74,22 @@ class RoutingHostAgent(HostAgent):
             return self.directory.for_capsule(self.host_of(capsule_id))
         except NotInDirectory as exc:
             raise HostUnreachable(exc.message) from None
+
+    def forget(self, capsule_id: str) -> None:
+        """Its host changed (a drain moved it): look it up again on the next call."""
+        self._host_of.pop(capsule_id, None)
+
+    async def _routed(self, capsule_id: str, call: Callable[[HostAgent], Awaitable[T]]) -> T:
+        """`call` on the capsule's host. The host is remembered per replica; a capsule moved by
+        another replica's drain is not found on the old one, so look again once before failing."""
+        agent = self._to(capsule_id)
+        try:
+            return await call(agent)
+        except CapsuleNotFound:
+            was = self._host_of.pop(capsule_id, None)
+            if self.host_of(capsule_id) == was:
+                raise
+            return await call(self._to(capsule_id))
 
     def check_reachable(self, capsule_id: str) -> None:
         """HostUnreachable if the capsule's host is offline or unknown (CapsuleOps asks first)."""
@@ -152,7 +174,46 @@ class RoutingHostAgent(HostAgent):
         except CapsuleNotFound:
             # No capsule row: a build's capsule (builds/executor.py). Placed here, and kept.
             agent = self._place_unlisted(capsule_id, template_id, vcpus or 1, memory_mb or 512)
+        await self._bring_template(capsule_id, agent, template_id)
         return await agent.create(capsule_id, template_id, vcpus, memory_mb, *args, **kwargs)
+
+    def _template_holders(self, template_id: str) -> tuple[bool, list[str]]:
+        """(is it a snapshot template or build layer, the live hosts holding it)."""
+        with self.db.session() as s:
+            pinned = s.get(Template, template_id) is not None or s.scalar(
+                select(BuildLayer.template_id).where(BuildLayer.template_id == template_id).limit(1)) is not None
+            hosts = s.execute(select(Host.id, Host.templates).where(Host.status.in_(("online", "draining")))).all()
+        return pinned, [hid for hid, templates in hosts if template_id in (templates or [])]
+
+    def _note_template(self, host_id: str, template_id: str) -> None:
+        """Until its next heartbeat says so, the host holds it (placement prefers it from now on)."""
+        with self.db.session() as s:
+            host = s.get(Host, host_id)
+            if host is not None and template_id not in (host.templates or []):
+                host.templates = [*(host.templates or []), template_id]
+                s.commit()
+
+    async def _bring_template(self, capsule_id: str, agent: HostAgent, template_id: str) -> None:
+        """A snapshot template made on another host is copied to this capsule's host first
+        (checksummed; kept there after, so the next create finds it)."""
+        host_id = self._host_of.get(capsule_id)
+        if host_id is None:
+            return
+        pinned, holders = await asyncio.to_thread(self._template_holders, template_id)
+        if not pinned or host_id in holders:
+            return
+        async with self._copying.setdefault((host_id, template_id), asyncio.Lock()):
+            for src_id in holders:
+                try:
+                    src = self.directory.for_capsule(src_id)
+                except NotInDirectory:
+                    continue
+                moved = await move_template(src, agent, template_id)
+                log.info("template %s copied from host %s to %s (%.1f MiB in %.1f s)", template_id, src_id, host_id,
+                         moved.bytes / 2**20, moved.seconds)
+                await asyncio.to_thread(self._note_template, host_id, template_id)
+                return
+        raise HostUnreachable(f"no live host holds template {template_id} to copy it from")
 
     def _place_unlisted(self, capsule_id: str, template_id: str, vcpus: int, memory_mb: int) -> HostAgent:
         if self.place is None:
@@ -167,13 +228,13 @@ class RoutingHostAgent(HostAgent):
         return self._to(capsule_id)
 
     async def update_network(self, capsule_id: str, *args: Any, **kwargs: Any) -> Any:
-        return await self._to(capsule_id).update_network(capsule_id, *args, **kwargs)
+        return await self._routed(capsule_id, lambda agent: agent.update_network(capsule_id, *args, **kwargs))
 
     async def pause(self, capsule_id: str) -> None:
-        await self._to(capsule_id).pause(capsule_id)
+        await self._routed(capsule_id, lambda agent: agent.pause(capsule_id))
 
     async def resume(self, capsule_id: str) -> Any:
-        return await self._to(capsule_id).resume(capsule_id)
+        return await self._routed(capsule_id, lambda agent: agent.resume(capsule_id))
 
     async def destroy(self, capsule_id: str) -> None:
         try:
@@ -183,73 +244,73 @@ class RoutingHostAgent(HostAgent):
         await agent.destroy(capsule_id)
 
     async def get(self, capsule_id: str) -> Any:
-        return await self._to(capsule_id).get(capsule_id)
+        return await self._routed(capsule_id, lambda agent: agent.get(capsule_id))
 
     async def snapshot(self, capsule_id: str, template_id: str) -> TemplateRuntime:
-        return await self._to(capsule_id).snapshot(capsule_id, template_id)
+        return await self._routed(capsule_id, lambda agent: agent.snapshot(capsule_id, template_id))
 
     async def exec(self, capsule_id: str, *args: Any, **kwargs: Any) -> Any:
-        return await self._to(capsule_id).exec(capsule_id, *args, **kwargs)
+        return await self._routed(capsule_id, lambda agent: agent.exec(capsule_id, *args, **kwargs))
 
     async def spawn(self, capsule_id: str, *args: Any, **kwargs: Any) -> Any:
-        return await self._to(capsule_id).spawn(capsule_id, *args, **kwargs)
+        return await self._routed(capsule_id, lambda agent: agent.spawn(capsule_id, *args, **kwargs))
 
     async def processes(self, capsule_id: str) -> Any:
-        return await self._to(capsule_id).processes(capsule_id)
+        return await self._routed(capsule_id, lambda agent: agent.processes(capsule_id))
 
     async def set_defaults(self, capsule_id: str, **kwargs: Any) -> Any:
-        return await self._to(capsule_id).set_defaults(capsule_id, **kwargs)
+        return await self._routed(capsule_id, lambda agent: agent.set_defaults(capsule_id, **kwargs))
 
     async def kill(self, capsule_id: str, *args: Any, **kwargs: Any) -> None:
-        await self._to(capsule_id).kill(capsule_id, *args, **kwargs)
+        await self._routed(capsule_id, lambda agent: agent.kill(capsule_id, *args, **kwargs))
 
     async def attach(self, capsule_id: str, target: int | str) -> AsyncIterator[StreamEvent]:  # type: ignore[override]
         async for event in self._to(capsule_id).attach(capsule_id, target):
             yield event
 
     async def pty_start(self, capsule_id: str, *args: Any, **kwargs: Any) -> Any:
-        return await self._to(capsule_id).pty_start(capsule_id, *args, **kwargs)
+        return await self._routed(capsule_id, lambda agent: agent.pty_start(capsule_id, *args, **kwargs))
 
     async def pty_sessions(self, capsule_id: str) -> Any:
-        return await self._to(capsule_id).pty_sessions(capsule_id)
+        return await self._routed(capsule_id, lambda agent: agent.pty_sessions(capsule_id))
 
     async def pty_attach(self, capsule_id: str, target: int | str) -> AsyncIterator[StreamEvent]:  # type: ignore[override]
         async for event in self._to(capsule_id).pty_attach(capsule_id, target):
             yield event
 
     async def pty_input(self, capsule_id: str, *args: Any) -> None:
-        await self._to(capsule_id).pty_input(capsule_id, *args)
+        await self._routed(capsule_id, lambda agent: agent.pty_input(capsule_id, *args))
 
     async def pty_resize(self, capsule_id: str, *args: Any) -> None:
-        await self._to(capsule_id).pty_resize(capsule_id, *args)
+        await self._routed(capsule_id, lambda agent: agent.pty_resize(capsule_id, *args))
 
     async def pty_kill(self, capsule_id: str, *args: Any, **kwargs: Any) -> None:
-        await self._to(capsule_id).pty_kill(capsule_id, *args, **kwargs)
+        await self._routed(capsule_id, lambda agent: agent.pty_kill(capsule_id, *args, **kwargs))
 
     async def read_file(self, capsule_id: str, path: str) -> bytes:
-        return await self._to(capsule_id).read_file(capsule_id, path)
+        return await self._routed(capsule_id, lambda agent: agent.read_file(capsule_id, path))
 
     async def read_file_stream(self, capsule_id: str, path: str) -> AsyncIterator[bytes]:  # type: ignore[override]
         async for chunk in self._to(capsule_id).read_file_stream(capsule_id, path):
             yield chunk
 
     async def write_file(self, capsule_id: str, path: str, data: Any) -> int:
-        return await self._to(capsule_id).write_file(capsule_id, path, data)
+        return await self._to(capsule_id).write_file(capsule_id, path, data)  # a stream: never sent twice
 
     async def list_dir(self, capsule_id: str, *args: Any, **kwargs: Any) -> Any:
-        return await self._to(capsule_id).list_dir(capsule_id, *args, **kwargs)
+        return await self._routed(capsule_id, lambda agent: agent.list_dir(capsule_id, *args, **kwargs))
 
     async def stat(self, capsule_id: str, path: str) -> Any:
-        return await self._to(capsule_id).stat(capsule_id, path)
+        return await self._routed(capsule_id, lambda agent: agent.stat(capsule_id, path))
 
     async def mkdir(self, capsule_id: str, path: str) -> Any:
-        return await self._to(capsule_id).mkdir(capsule_id, path)
+        return await self._routed(capsule_id, lambda agent: agent.mkdir(capsule_id, path))
 
     async def remove(self, capsule_id: str, path: str) -> None:
-        await self._to(capsule_id).remove(capsule_id, path)
+        await self._routed(capsule_id, lambda agent: agent.remove(capsule_id, path))
 
     async def metrics(self, capsule_id: str) -> Any:
-        return await self._to(capsule_id).metrics(capsule_id)
+        return await self._routed(capsule_id, lambda agent: agent.metrics(capsule_id))
 
     async def tcp_connect(self, capsule_id: str, port: int) -> Tunnel:
-        return await self._to(capsule_id).tcp_connect(capsule_id, port)
+        return await self._routed(capsule_id, lambda agent: agent.tcp_connect(capsule_id, port))

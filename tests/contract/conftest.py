@@ -43,6 +43,13 @@ async def serving(agent: HostAgent, token: str | None = None, **kwargs: Any) -> 
 
     token = token or secrets.token_urlsafe(24)
     app = create_app(agent, token, **kwargs)
+    async with serving_app(app) as url:
+        yield url, token, app
+
+
+@contextlib.asynccontextmanager
+async def serving_app(app: Any) -> AsyncIterator[str]:
+    """An ASGI app on a loopback port, in this event loop (uvicorn, as in production)."""
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off",
                                            log_level="warning", ws_max_size=32 * 1024 * 1024))
@@ -52,7 +59,7 @@ async def serving(agent: HostAgent, token: str | None = None, **kwargs: Any) -> 
             task.result()
         await asyncio.sleep(0.01)
     try:
-        yield f"http://127.0.0.1:{port}", token, app
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         await task

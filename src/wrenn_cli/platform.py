@@ -86,7 +86,7 @@ def _build_builtins(names: list[str], data_dir: Path) -> None:
             await agent.prepare([(BUILTIN_BUILDS[n].base, BUILTIN_BUILDS[n].vcpus, BUILTIN_BUILDS[n].memory_mb)
                                  for n in names])
             for name in names:
-                template_id = builtin_template_id(agent, name)
+                template_id = await builtin_template_id(agent, name)
                 try:
                     await agent.template_info(template_id)
                     console.print(f"{name} is up to date ({template_id})")

@@ -33,7 +33,7 @@ from wrenn_control.workers.reaper import Reaper
 from wrenn_control.workers.reconcile import reconcile
 from wrenn_control.workers.retention import Retention
 from wrenn_control.workers.sampler import Sampler
-from wrenn_host.api import HostAgent
+from wrenn_host.api import HostAgent, HostLimits
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,14 @@ class FormEncodedJSON:
                        for k, v in scope["headers"]]
             scope = dict(scope, headers=headers)
         await self.app(scope, receive, send)
+
+
+async def _host_limits(host: HostAgent) -> HostLimits | None:
+    try:
+        return await host.limits()
+    except Exception as exc:  # a host that cannot say is not a reason to refuse to start
+        log.warning("host limits unavailable: %s", exc)
+        return None
 
 
 def create_app(settings: Settings, host: HostAgent) -> FastAPI:
@@ -74,6 +82,7 @@ def create_app(settings: Settings, host: HostAgent) -> FastAPI:
         # A freshly generated key, for the caller to show once (None if none was made).
         app.state.bootstrap_key = bootstrap(db, settings)
         app.state.reconcile_report = await reconcile(ops)
+        app.state.host_limits = await _host_limits(host)
         builds.work_dir.mkdir(parents=True, exist_ok=True)
         builds.recover()
         reaper.start()
@@ -111,6 +120,7 @@ def create_app(settings: Settings, host: HostAgent) -> FastAPI:
     app.state.sampler = sampler
     app.state.retention = retention
     app.state.bootstrap_key = None
+    app.state.host_limits = None  # asked of the host at start-up (lifespan)
     app.state.tickets = TicketStore()  # browsers' single-use stream tickets (api/routes/tickets.py)
     install_error_handlers(app)
     # Auth and size checks before any body is read (innermost of these, after the Host routing).

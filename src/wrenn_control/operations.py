@@ -421,7 +421,7 @@ class CapsuleOps:
         except (HostAgentError, asyncio.TimeoutError):
             return {}
         mib = 1024 * 1024
-        used, size = metrics.get("disk_bytes"), metrics.get("disk_size_bytes")
+        used, size = metrics.disk_bytes, metrics.disk_size_bytes
         return {
             "disk_used_mb": int(used) // mib if isinstance(used, (int, float)) else None,
             "disk_size_mb": int(size) // mib if isinstance(size, (int, float)) else None,

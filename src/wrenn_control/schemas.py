@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from wrenn_control.clock import iso_z
+from wrenn_host.api import FileInfo
 from wrenn_host.network.policy import ENTRY_MAX_LENGTH, ENTRY_PATTERN
 from wrenn_control.db.models import Capsule as CapsuleRow
 from wrenn_control.errors import short
@@ -244,30 +245,21 @@ class FileEntry(BaseModel):
     symlink_target: str | None = None
 
     @classmethod
-    def of(cls, entry: dict[str, Any]) -> "FileEntry":
-        """From the guest's entry: the published SDK wants modified_at as unix seconds and
+    def of(cls, info: FileInfo) -> "FileEntry":
+        """From the host's FileInfo: the published SDK wants modified_at as unix seconds and
         permissions ls-style with the type letter ("-rwxr-xr-x")."""
-        perms = str(entry.get("permissions") or "")
-        kind = entry.get("type", "file")
+        perms = info.permissions
         if len(perms) == 9:
-            perms = {"directory": "d", "symlink": "l"}.get(kind, "-") + perms
-        modified = entry.get("modified_at")
-        if isinstance(modified, str):
-            try:
-                parsed = datetime.fromisoformat(modified.replace("Z", "+00:00"))
-            except ValueError:
-                modified = None
-            else:
-                if parsed.tzinfo is None:
-                    parsed = parsed.replace(tzinfo=timezone.utc)
-                modified = int(parsed.timestamp())
-        elif isinstance(modified, float):
-            modified = int(modified)
-        return cls(
-            name=entry["name"], path=entry["path"], type=kind, size=int(entry.get("size") or 0),
-            mode=int(entry.get("mode") or 0), permissions=perms, owner=entry.get("owner"),
-            group=entry.get("group"), modified_at=modified, symlink_target=entry.get("symlink_target"),
-        )
+            perms = {"directory": "d", "symlink": "l"}.get(info.type, "-") + perms
+        try:
+            parsed = datetime.fromisoformat(info.modified_at.replace("Z", "+00:00"))
+        except ValueError:
+            modified = None
+        else:
+            modified = int((parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)).timestamp())
+        return cls(name=info.name, path=info.path, type=info.type, size=info.size, mode=info.mode,
+                   permissions=perms, owner=info.owner, group=info.group, modified_at=modified,
+                   symlink_target=info.symlink_target)
 
 
 class ListDirResponse(BaseModel):

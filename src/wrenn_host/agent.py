@@ -166,17 +166,20 @@ class LocalHostAgent(api.HostAgent):
                     self.jail.empty.rmdir()
             self.paths.run.rmdir()
 
-    def health(self) -> dict[str, Any]:
+    async def health(self) -> dict[str, Any]:
         running = sum(1 for c in self._capsules.values() if c.machine is not None and c.machine.is_alive())
         return {"accelerator": self.accel, "vmm": f"qemu {self._vmm_version}".strip(),
                 "capsules_running": running, "capsules_known": len(self._capsules),
                 "reconcile_seconds": round(self.reconcile_seconds, 3), "confinement": self.jail.report(),
                 "network": self.net.status(), "spare_vms": self.spares.count()}
 
-    def limits(self) -> dict[str, int]:
+    async def limits(self) -> api.HostLimits:
+        return self._limits()
+
+    def _limits(self) -> api.HostLimits:
         total_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024)
-        return {"max_vcpus": os.cpu_count() or 1, "min_memory_mb": 128,
-                "max_memory_mb": max(128, (total_mb * 3 // 4) // 64 * 64)}
+        return api.HostLimits(max_vcpus=os.cpu_count() or 1, min_memory_mb=128,
+                              max_memory_mb=max(128, (total_mb * 3 // 4) // 64 * 64))
 
     async def capacity(self) -> dict[str, int | None]:
         return await asyncio.to_thread(host_capacity, self.paths.root)
@@ -296,11 +299,7 @@ class LocalHostAgent(api.HostAgent):
         return snap
 
     def _check_shape(self, vcpus: int, memory_mb: int) -> None:
-        lim = self.limits()
-        if not 1 <= vcpus <= lim["max_vcpus"]:
-            raise InvalidShape(f"vcpus must be between 1 and {lim['max_vcpus']} on this host")
-        if not lim["min_memory_mb"] <= memory_mb <= lim["max_memory_mb"]:
-            raise InvalidShape(f"memory_mb must be between {lim['min_memory_mb']} and {lim['max_memory_mb']}")
+        self._limits().check(vcpus, memory_mb)
 
     async def create(self, capsule_id: str, template_id: str, vcpus: int | None = None,
                      memory_mb: int | None = None, network: EgressPolicy | None = None) -> api.CapsuleRuntime:
@@ -677,7 +676,7 @@ class LocalHostAgent(api.HostAgent):
                 except NetworkError as e:
                     raise HostAgentError(f"egress rules not applied: {e}") from e
 
-    def builtin_templates(self) -> list[api.TemplateRuntime]:
+    async def builtin_templates(self) -> list[api.TemplateRuntime]:
         return [api.TemplateRuntime(name, 1, 512, 0, version=TEMPLATES[name].image_key())
                 for name in self.builtin.names]
 
@@ -701,10 +700,10 @@ class LocalHostAgent(api.HostAgent):
         return api.ProcessInfo(pid=res["pid"], tag=res["tag"], cmd=cmd, args=list(args), running=True, exit_code=None)
 
     async def set_defaults(self, capsule_id: str, *, user: str | None = None, cwd: str | None = None,
-                           envs: dict[str, str] | None = None) -> dict[str, Any]:
+                           envs: dict[str, str] | None = None) -> api.GuestDefaults:
         fields = {k: v for k, v in (("user", user), ("cwd", cwd), ("envs", envs)) if v is not None}
         res, _ = await self._guest(capsule_id).call("defaults", **fields)
-        return res
+        return api.GuestDefaults(user=res["user"], uid=res["uid"], cwd=res["cwd"], envs=res.get("envs") or {})
 
     async def processes(self, capsule_id: str) -> list[api.ProcessInfo]:
         res, _ = await self._guest(capsule_id).call("ps")
@@ -770,24 +769,24 @@ class LocalHostAgent(api.HostAgent):
         res = await self._guest(capsule_id).upload("file_write", data, path=path)
         return int(res.get("size", 0))
 
-    async def list_dir(self, capsule_id: str, path: str, depth: int = 1) -> list[dict[str, Any]]:
+    async def list_dir(self, capsule_id: str, path: str, depth: int = 1) -> list[api.FileInfo]:
         res, _ = await self._guest(capsule_id).call("list", path=path, depth=depth)
-        return res["entries"]
+        return [api.from_wire(api.FileInfo, e) for e in res["entries"]]
 
-    async def stat(self, capsule_id: str, path: str) -> dict[str, Any]:
+    async def stat(self, capsule_id: str, path: str) -> api.FileInfo:
         res, _ = await self._guest(capsule_id).call("stat", path=path)
-        return res["entry"]
+        return api.from_wire(api.FileInfo, res["entry"])
 
-    async def mkdir(self, capsule_id: str, path: str) -> dict[str, Any]:
+    async def mkdir(self, capsule_id: str, path: str) -> api.FileInfo:
         res, _ = await self._guest(capsule_id).call("mkdir", path=path)
-        return res["entry"]
+        return api.from_wire(api.FileInfo, res["entry"])
 
     async def remove(self, capsule_id: str, path: str) -> None:
         await self._guest(capsule_id).call("remove", path=path)
 
-    async def metrics(self, capsule_id: str) -> dict[str, Any]:
+    async def metrics(self, capsule_id: str) -> api.CapsuleMetrics:
         res, _ = await self._guest(capsule_id).call("metrics")
-        return res
+        return api.from_wire(api.CapsuleMetrics, res)
 
     # ------------------------------------------------------------------ ports
 

@@ -1,8 +1,9 @@
 """The host agent's interface, as the control plane sees it.
 
 The control plane never touches a VM: it calls these methods. In single-machine mode the
-implementation is `wrenn_host.agent.LocalHostAgent`, in the same process; a remote agent would
-implement the same class over RPC.
+implementation is `wrenn_host.agent.LocalHostAgent`, in the same process; a remote agent
+implements the same class over the network. So every method is async and every result is a plain
+dataclass of this module that `to_wire` / `from_wire` carry as JSON.
 
 Capsule and template records (teams, names, statuses) belong to the control plane; the host agent
 only knows ids and the files/processes behind them. Template ids are opaque strings chosen by the
@@ -14,9 +15,12 @@ Errors: every method raises a subclass of `HostAgentError`.
 from __future__ import annotations
 
 import abc
+import base64
 import dataclasses
+import types
+import typing
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeVar
 
 from wrenn_host.network.policy import EgressPolicy
 
@@ -107,6 +111,59 @@ class ProcessInfo:
 
 
 @dataclasses.dataclass(frozen=True)
+class FileInfo:
+    """A file, directory or symlink in the guest (`stat`, `mkdir`, `list_dir`)."""
+
+    name: str
+    path: str
+    type: str  # "file" | "directory" | "symlink"
+    size: int
+    mode: int
+    permissions: str  # "rwxr-xr-x"
+    owner: str
+    group: str
+    modified_at: str  # RFC 3339, UTC
+    symlink_target: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class CapsuleMetrics:
+    """One sample of the guest's usage; a field the guest could not read is None."""
+
+    cpu_pct: float | None = None
+    mem_bytes: int | None = None
+    disk_bytes: int | None = None
+    disk_size_bytes: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class GuestDefaults:
+    """The user, working directory and environment exec, spawn, PTYs and file ops use by default."""
+
+    user: str
+    uid: int
+    cwd: str
+    envs: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class HostLimits:
+    """The capsule shapes this host can give."""
+
+    max_vcpus: int
+    min_memory_mb: int
+    max_memory_mb: int
+
+    def check(self, vcpus: int, memory_mb: int) -> None:
+        """The one shape check: InvalidShape, with the bounds, when a capsule does not fit."""
+        if not 1 <= vcpus <= self.max_vcpus:
+            raise InvalidShape(f"vcpus must be between 1 and {self.max_vcpus}, got {vcpus}")
+        if not self.min_memory_mb <= memory_mb <= self.max_memory_mb:
+            raise InvalidShape(f"memory_mb must be between {self.min_memory_mb} and {self.max_memory_mb}, "
+                               f"got {memory_mb}")
+
+
+@dataclasses.dataclass(frozen=True)
 class StreamEvent:
     """One event of an attached process: kind is "stdout", "stderr" or "exit" (a PTY: "output"
     or "exit")."""
@@ -172,12 +229,12 @@ class HostAgent(abc.ABC):
         """Stop background work. Running capsules keep running (they survive a server restart)."""
 
     @abc.abstractmethod
-    def health(self) -> dict[str, Any]:
-        """{"accelerator": "kvm"|"tcg", "vmm": "qemu 7.2", "capsules": n, ...}"""
+    async def health(self) -> dict[str, Any]:
+        """A free-form report for /api/health: {"accelerator": "kvm"|"tcg", "vmm": "qemu 7.2", ...}"""
 
     @abc.abstractmethod
-    def limits(self) -> dict[str, int]:
-        """{"max_vcpus": n, "max_memory_mb": n, "min_memory_mb": n}"""
+    async def limits(self) -> HostLimits:
+        """The shapes `create` accepts; outside them it raises InvalidShape (the one shape check)."""
 
     async def capacity(self) -> dict[str, int | None]:
         """What the host has left now: {"free_memory_mb", "free_disk_mb"} (None: unknown)."""
@@ -221,7 +278,7 @@ class HostAgent(abc.ABC):
         """A snapshot template's shape and size; TemplateNotFound if this host has none by that id."""
 
     @abc.abstractmethod
-    def builtin_templates(self) -> list[TemplateRuntime]: ...
+    async def builtin_templates(self) -> list[TemplateRuntime]: ...
 
     # commands and processes
     @abc.abstractmethod
@@ -239,11 +296,11 @@ class HostAgent(abc.ABC):
 
     @abc.abstractmethod
     async def set_defaults(self, capsule_id: str, *, user: str | None = None, cwd: str | None = None,
-                           envs: dict[str, str] | None = None) -> dict[str, Any]:
+                           envs: dict[str, str] | None = None) -> GuestDefaults:
         """Change the user, working directory and environment that exec, spawn, PTYs and file
         ops use when the call gives none (a template's USER, WORKDIR, ENV). None keeps a field;
         `envs` merge over the current ones. They are part of the guest's memory, so a snapshot
-        template keeps them. Returns {user, uid, cwd, envs}."""
+        template keeps them. Returns the defaults now in force."""
 
     @abc.abstractmethod
     async def kill(self, capsule_id: str, target: int | str, signal: str = "SIGKILL") -> None: ...
@@ -288,22 +345,74 @@ class HostAgent(abc.ABC):
     async def write_file(self, capsule_id: str, path: str, data: bytes | AsyncIterator[bytes]) -> int: ...
 
     @abc.abstractmethod
-    async def list_dir(self, capsule_id: str, path: str, depth: int = 1) -> list[dict[str, Any]]: ...
+    async def list_dir(self, capsule_id: str, path: str, depth: int = 1) -> list[FileInfo]: ...
 
     @abc.abstractmethod
-    async def stat(self, capsule_id: str, path: str) -> dict[str, Any]: ...
+    async def stat(self, capsule_id: str, path: str) -> FileInfo: ...
 
     @abc.abstractmethod
-    async def mkdir(self, capsule_id: str, path: str) -> dict[str, Any]: ...
+    async def mkdir(self, capsule_id: str, path: str) -> FileInfo:
+        """Create the directory and its parents; an existing directory is no error."""
 
     @abc.abstractmethod
     async def remove(self, capsule_id: str, path: str) -> None: ...
 
     @abc.abstractmethod
-    async def metrics(self, capsule_id: str) -> dict[str, Any]: ...
+    async def metrics(self, capsule_id: str) -> CapsuleMetrics: ...
 
     # ports
     @abc.abstractmethod
     async def tcp_connect(self, capsule_id: str, port: int) -> Tunnel:
         """Connect to `port` on the capsule's loopback. Nothing listening: GuestError with code
         "refused"."""
+
+
+# ---------------------------------------------------------------------- wire form
+# A remote host agent sends these dataclasses as JSON: fields by name, bytes as base64, nested
+# dataclasses as objects. Decoding follows the field types, so a newer peer's extra fields are
+# ignored and a missing field with a default keeps it.
+
+T = TypeVar("T")
+
+
+def to_wire(obj: Any) -> Any:
+    """A dataclass of this module (or a list/dict of them) as plain JSON types."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_wire(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(obj)).decode("ascii")
+    if isinstance(obj, (list, tuple)):
+        return [to_wire(v) for v in obj]
+    if isinstance(obj, dict):
+        return {str(k): to_wire(v) for k, v in obj.items()}
+    return obj
+
+
+def from_wire(cls: type[T], data: Any) -> T:
+    """The inverse of `to_wire` for `cls` (a dataclass, or a type such as list[FileInfo])."""
+    return _decode(cls, data)
+
+
+def _decode(tp: Any, data: Any) -> Any:
+    if data is None:
+        return None
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _decode(inner[0], data) if len(inner) == 1 else data
+    if origin in (list, tuple):
+        (item,) = typing.get_args(tp)[:1] or (Any,)
+        return [_decode(item, v) for v in data]
+    if origin is dict:
+        _, value = typing.get_args(tp) or (Any, Any)
+        return {k: _decode(value, v) for k, v in data.items()}
+    if tp is bytes:
+        return base64.b64decode(data)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(data, dict):
+            raise ValueError(f"{tp.__name__}: an object was expected, got {type(data).__name__}")
+        hints = typing.get_type_hints(tp)
+        fields = {f.name: _decode(hints[f.name], data[f.name])
+                  for f in dataclasses.fields(tp) if f.name in data}
+        return tp(**fields)
+    return data

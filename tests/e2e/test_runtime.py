@@ -78,11 +78,11 @@ async def test_files_round_trip_10mb_and_errors(host_agent, capsule):
         await host_agent.read_file(capsule, "/root/missing.txt")
     assert e.value.code == "not_found"
     entry = await host_agent.mkdir(capsule, "/root/a/b")
-    assert entry["type"] == "directory"
+    assert entry.type == "directory" and entry.path == "/root/a/b"
     entries = await host_agent.list_dir(capsule, "/root", depth=1)
-    names = {e["name"]: e for e in entries}
-    assert names["big.bin"]["size"] == len(data) and names["big.bin"]["type"] == "file"
-    assert names["a"]["type"] == "directory"
+    names = {e.name: e for e in entries}
+    assert names["big.bin"].size == len(data) and names["big.bin"].type == "file"
+    assert names["a"].type == "directory"
     await host_agent.remove(capsule, "/root/a")
     with pytest.raises(GuestError):
         await host_agent.stat(capsule, "/root/a")

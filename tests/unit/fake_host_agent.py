@@ -25,12 +25,16 @@ from typing import Any
 
 from wrenn_host.network.policy import EgressPolicy
 from wrenn_host.api import (
+    CapsuleMetrics,
     CapsuleNotFound,
     CapsuleRuntime,
     ExecResult,
+    FileInfo,
+    GuestDefaults,
     GuestError,
     HostAgent,
     HostAgentError,
+    HostLimits,
     InvalidShape,
     ProcessInfo,
     ReconcileReport,
@@ -77,17 +81,17 @@ def _parent(path: str) -> str:
     return parent or "/"
 
 
-def _entry(path: str, kind: str, size: int = 0) -> dict[str, Any]:
+def _entry(path: str, kind: str, size: int = 0) -> FileInfo:
     mode = (stat.S_IFDIR | 0o755) if kind == "directory" else (stat.S_IFREG | 0o644)
-    return {"name": path.rsplit("/", 1)[-1], "path": path, "type": kind, "size": size, "mode": mode,
-            "permissions": "rwxr-xr-x" if kind == "directory" else "rw-r--r--", "owner": "root",
-            "group": "root", "modified_at": "2024-11-01T10:00:05Z", "symlink_target": None}
+    return FileInfo(name=path.rsplit("/", 1)[-1], path=path, type=kind, size=size, mode=mode,
+                    permissions="rwxr-xr-x" if kind == "directory" else "rw-r--r--", owner="root",
+                    group="root", modified_at="2024-11-01T10:00:05Z")
 
 
 class FakeHostAgent(HostAgent):
     def __init__(self, *, max_vcpus: int = 8, max_memory_mb: int = 8192, min_memory_mb: int = 128,
                  lost_on_start: set[str] | None = None):
-        self._limits = {"max_vcpus": max_vcpus, "max_memory_mb": max_memory_mb, "min_memory_mb": min_memory_mb}
+        self._limits = HostLimits(max_vcpus=max_vcpus, min_memory_mb=min_memory_mb, max_memory_mb=max_memory_mb)
         self.capsules: dict[str, FakeCapsule] = {}
         self.templates: dict[str, tuple[TemplateRuntime, FakeCapsule]] = {}
         self.failures: dict[str, tuple[HostAgentError, int | None]] = {}
@@ -126,8 +130,8 @@ class FakeHostAgent(HostAgent):
     def survivors(self, *, drop: set[str] = frozenset(), lost: set[str] = frozenset()) -> "FakeHostAgent":
         """A fresh agent (as after a server restart) that finds this one's capsules on disk,
         minus `drop` (vanished) and with `lost` ones reported unrecoverable."""
-        other = FakeHostAgent(max_vcpus=self._limits["max_vcpus"], max_memory_mb=self._limits["max_memory_mb"],
-                              min_memory_mb=self._limits["min_memory_mb"], lost_on_start=set(lost))
+        other = FakeHostAgent(max_vcpus=self._limits.max_vcpus, max_memory_mb=self._limits.max_memory_mb,
+                              min_memory_mb=self._limits.min_memory_mb, lost_on_start=set(lost))
         other.capsules = {k: copy.deepcopy(v) for k, v in self.capsules.items() if k not in drop}
         other.templates = copy.deepcopy(self.templates)
         return other
@@ -182,13 +186,13 @@ class FakeHostAgent(HostAgent):
     async def close(self) -> None:
         self.closed = True
 
-    def health(self) -> dict[str, Any]:
+    async def health(self) -> dict[str, Any]:
         if "health" in self.failures:
             raise self.failures["health"][0]
         return {"accelerator": "tcg", "vmm": "qemu 7.2 (fake)", "capsules": len(self.capsules)}
 
-    def limits(self) -> dict[str, int]:
-        return dict(self._limits)
+    async def limits(self) -> HostLimits:
+        return self._limits
 
     async def create(self, capsule_id: str, template_id: str, vcpus: int | None, memory_mb: int | None,
                      network: EgressPolicy | None = None) -> CapsuleRuntime:
@@ -206,8 +210,7 @@ class FakeHostAgent(HostAgent):
             cap.capsule_id, cap.state, cap.template_id = capsule_id, "running", template_id
         else:
             raise TemplateNotFound(f"no template {template_id}")
-        if not (1 <= cap.vcpus <= self._limits["max_vcpus"]):
-            raise InvalidShape("vcpus out of range")
+        self._limits.check(cap.vcpus, cap.memory_mb)
         cap.network = network or EgressPolicy()
         self.capsules[capsule_id] = cap
         return cap.runtime()
@@ -257,7 +260,7 @@ class FakeHostAgent(HostAgent):
             raise TemplateNotFound(f"no template {template_id}")
         del self.templates[template_id]
 
-    def builtin_templates(self) -> list[TemplateRuntime]:
+    async def builtin_templates(self) -> list[TemplateRuntime]:
         return list(BUILTINS)
 
     async def capacity(self) -> dict[str, int | None]:
@@ -287,7 +290,7 @@ class FakeHostAgent(HostAgent):
         return info
 
     async def set_defaults(self, capsule_id: str, *, user: str | None = None, cwd: str | None = None,
-                           envs: dict[str, str] | None = None) -> dict[str, Any]:
+                           envs: dict[str, str] | None = None) -> GuestDefaults:
         await self._hook("set_defaults", capsule_id)
         cap = self._capsule(capsule_id)
         if cwd is not None and cwd not in cap.dirs:
@@ -298,7 +301,7 @@ class FakeHostAgent(HostAgent):
         d["cwd"] = cwd or d["cwd"]
         d["envs"] = {**d["envs"], **(envs or {})}
         cap.defaults = d
-        return dict(cap.defaults)
+        return GuestDefaults(user=d["user"], uid=d["uid"], cwd=d["cwd"], envs=dict(d["envs"]))
 
     async def processes(self, capsule_id: str) -> list[ProcessInfo]:
         await self._hook("processes", capsule_id)
@@ -433,7 +436,7 @@ class FakeHostAgent(HostAgent):
         self.written[path] = len(content)
         return len(content)
 
-    async def list_dir(self, capsule_id: str, path: str, depth: int = 1) -> list[dict[str, Any]]:
+    async def list_dir(self, capsule_id: str, path: str, depth: int = 1) -> list[FileInfo]:
         await self._hook("list_dir", capsule_id)
         cap = self._capsule(capsule_id)
         if path in cap.files:
@@ -447,16 +450,16 @@ class FakeHostAgent(HostAgent):
 
         entries = [_entry(d, "directory") for d in cap.dirs if within(d)]
         entries += [_entry(f, "file", len(v)) for f, v in cap.files.items() if within(f)]
-        return sorted(entries, key=lambda e: e["path"])
+        return sorted(entries, key=lambda e: e.path)
 
-    async def stat(self, capsule_id: str, path: str) -> dict[str, Any]:
+    async def stat(self, capsule_id: str, path: str) -> FileInfo:
         await self._hook("stat", capsule_id)
         cap = self._capsule(capsule_id)
         if path in cap.dirs:
             return _entry(path, "directory")
         return _entry(path, "file", len(self._file(cap, path)))
 
-    async def mkdir(self, capsule_id: str, path: str) -> dict[str, Any]:
+    async def mkdir(self, capsule_id: str, path: str) -> FileInfo:
         await self._hook("mkdir", capsule_id)
         cap = self._capsule(capsule_id)
         if path in cap.files:
@@ -477,7 +480,7 @@ class FakeHostAgent(HostAgent):
         cap.files = {p: v for p, v in cap.files.items() if p != path and not p.startswith(prefix)}
         cap.dirs = {d for d in cap.dirs if d != path and not d.startswith(prefix)}
 
-    async def metrics(self, capsule_id: str) -> dict[str, Any]:
+    async def metrics(self, capsule_id: str) -> CapsuleMetrics:
         await self._hook("metrics", capsule_id)
         cap = self._capsule(capsule_id)
         override = self.metrics_values.get(capsule_id, {})
@@ -488,7 +491,7 @@ class FakeHostAgent(HostAgent):
                   "disk_size_bytes": 2048 * 1024 * 1024, **override}
         if capsule_id in self.metrics_delays:  # measured, then slow to arrive
             await asyncio.sleep(self.metrics_delays[capsule_id])
-        return answer
+        return CapsuleMetrics(**answer)
 
     async def tcp_connect(self, capsule_id: str, port: int) -> Tunnel:
         await self._hook("tcp_connect", capsule_id)

@@ -52,15 +52,13 @@ def build(app: FastAPI, host: HostAgent) -> dict[str, Any]:
     schemas = spec.get("components", {}).get("schemas", {})
     schemas.pop("HTTPValidationError", None)
     schemas.pop("ValidationError", None)
-    try:
-        limits = host.limits()
-    except Exception:  # the document must not depend on a healthy host
-        limits = {}
+    # Asked of the host at start-up (the contract is async; this document is built synchronously);
+    # None when the host did not answer: the document must not depend on a healthy host.
+    limits = getattr(app.state, "host_limits", None)
     create = schemas.get("CapsuleCreate")
-    if create is not None and limits:
-        _bound(create, "vcpus", minimum=1, maximum=int(limits["max_vcpus"]))
-        _bound(create, "memory_mb", minimum=int(limits.get("min_memory_mb", 1)),
-               maximum=int(limits["max_memory_mb"]))
+    if create is not None and limits is not None:
+        _bound(create, "vcpus", minimum=1, maximum=limits.max_vcpus)
+        _bound(create, "memory_mb", minimum=limits.min_memory_mb, maximum=limits.max_memory_mb)
     return spec
 
 

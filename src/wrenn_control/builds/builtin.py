@@ -62,7 +62,7 @@ BUILTIN_BUILDS: dict[str, BuiltinBuild] = {
 }
 
 
-def builtin_build_shape(builds, name: str, body) -> tuple[str, int, int]:
+async def builtin_build_shape(builds, name: str, body) -> tuple[str, int, int]:
     """(template id, vcpus, memory_mb) of a capsule made from built-in build `name`: a snapshot, so
     its shape is fixed (a different one asked for is refused)."""
     from wrenn_control.errors import invalid
@@ -73,4 +73,4 @@ def builtin_build_shape(builds, name: str, body) -> tuple[str, int, int]:
         if asked is not None and asked != fixed:
             raise invalid(f"template {name!r} is a snapshot with {field}={fixed}; it cannot be changed "
                           f"(got {asked}); omit {field}")
-    return builds.builtin_template_id(name), b.vcpus, b.memory_mb
+    return await builds.builtin_template_id(name), b.vcpus, b.memory_mb

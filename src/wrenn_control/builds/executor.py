@@ -216,7 +216,7 @@ class Execution:
         into_dir = dst.endswith("/") or len(sources) > 1 or any(is_dir for _, _, is_dir in sources)
         if not into_dir:
             try:
-                into_dir = (await self.host.stat(self.capsule_id, dst))["type"] == "directory"
+                into_dir = (await self.host.stat(self.capsule_id, dst)).type == "directory"
             except GuestError as exc:
                 if exc.code != "not_found":
                     raise

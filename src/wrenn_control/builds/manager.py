@@ -340,13 +340,13 @@ class Builds:
     def builtin_names(self) -> list[str]:
         return list(builtin.BUILTIN_BUILDS)
 
-    def builtin_template_id(self, name: str) -> str:
-        return builtin_template_id(self.host, name)
+    async def builtin_template_id(self, name: str) -> str:
+        return await builtin_template_id(self.host, name)
 
     async def ensure_builtin(self, name: str) -> str:
         """The template id of built-in `name`, building it first if this host has none (once, however
         many ask at the same time)."""
-        template_id = self.builtin_template_id(name)
+        template_id = await self.builtin_template_id(name)
         try:
             await self.host.template_info(template_id)
             return template_id
@@ -359,11 +359,11 @@ class Builds:
         return await asyncio.shield(task)
 
 
-def builtin_template_id(host: HostAgent, name: str) -> str:
+async def builtin_template_id(host: HostAgent, name: str) -> str:
     """The host id of a built-in build's template: it changes whenever its recipe or base does."""
     b = builtin.BUILTIN_BUILDS[name]
     spec = parse_recipe(list(b.recipe), b.healthcheck)
-    version = {t.template_id: t.version for t in host.builtin_templates()}.get(b.base, "")
+    version = {t.template_id: t.version for t in await host.builtin_templates()}.get(b.base, "")
     keys = layer_keys("builtin", f"{b.base}@{version}", spec.steps, {}, (b.vcpus, b.memory_mb))
     check = spec.healthcheck.canonical() if spec.healthcheck else ""
     return f"builtin-{name}-{hashlib.sha256((keys[-1] + check).encode()).hexdigest()[:16]}"

@@ -28,7 +28,7 @@ from wrenn_control.lifecycle import Status
 from wrenn_control.observability import to_ms
 from wrenn_control.operations import CapsuleOps
 from wrenn_control.workers import PeriodicWorker
-from wrenn_host.api import HostAgentError
+from wrenn_host.api import CapsuleMetrics, HostAgentError
 
 log = logging.getLogger(__name__)
 PRUNE_EVERY_SEC = 60.0
@@ -95,8 +95,8 @@ class Sampler(PeriodicWorker):
                 got = {cid: m for cid, m in got.items() if cid in still}
             if got:
                 s.execute(self._insert_ignore(CapsuleMetric), [
-                    {"capsule_id": cid, "ts_ms": ts, "cpu_pct": _float(m.get("cpu_pct")),
-                     "mem_bytes": _int(m.get("mem_bytes")), "disk_bytes": _int(m.get("disk_bytes"))}
+                    {"capsule_id": cid, "ts_ms": ts, "cpu_pct": _float(m.cpu_pct),
+                     "mem_bytes": _int(m.mem_bytes), "disk_bytes": _int(m.disk_bytes)}
                     for cid, m in got.items()])
             if teams:
                 s.execute(self._insert_ignore(TeamStatsSample), [
@@ -106,7 +106,7 @@ class Sampler(PeriodicWorker):
             s.commit()
         return SamplePass(now, sorted(got), sorted({cid for cid, *_ in rows} - set(got)), teams, pruned)
 
-    async def _metrics(self, capsule_id: str) -> dict[str, Any] | None:
+    async def _metrics(self, capsule_id: str) -> CapsuleMetrics | None:
         try:
             return await asyncio.wait_for(self.ops.host.metrics(capsule_id), self.metrics_timeout_sec)
         except (HostAgentError, asyncio.TimeoutError):

@@ -30,7 +30,7 @@ from wrenn_control.builds.spec import BuildSpec, SpecError, parse_dockerfile, pa
 from wrenn_control.db.models import Template
 from wrenn_control.errors import APIError, _validation_message, invalid, not_found
 from wrenn_control.schemas import ErrorBody
-from wrenn_host.api import HostAgent, TemplateNotFound
+from wrenn_host.api import HostAgent, InvalidShape, TemplateNotFound
 
 router = APIRouter(tags=["builds"], responses={401: {"model": ErrorBody}})
 
@@ -46,9 +46,9 @@ async def _builds(request: Request) -> Builds:
 BuildsDep = Annotated[Builds, Depends(_builds)]
 
 
-def reserved_names(host: HostAgent, builds: Builds) -> set[str]:
+async def reserved_names(host: HostAgent, builds: Builds) -> set[str]:
     """Names no team template may take: the built-in templates, images and built ones."""
-    return {t.template_id for t in host.builtin_templates()} | set(builds.builtin_names())
+    return {t.template_id for t in await host.builtin_templates()} | set(builds.builtin_names())
 
 
 async def _read_body(request: Request, work_dir: Path) -> tuple[dict[str, Any], Path | None]:
@@ -126,20 +126,19 @@ def _parse(body: BuildCreate) -> BuildSpec:
         raise invalid(str(exc)) from None
 
 
-def _base(team_id: str, name: str, body: BuildCreate, host: HostAgent, builds: Builds,
-          db: DatabaseDep) -> tuple[str, str, int | None, int | None, tuple[int, int]]:
+async def _base(team_id: str, name: str, body: BuildCreate, host: HostAgent, builds: Builds,
+                db: DatabaseDep) -> tuple[str, str, int | None, int | None, tuple[int, int]]:
     """(host template id, version, vcpus, memory_mb to create with, the shape the template gets)."""
-    builtin = {t.template_id: t for t in host.builtin_templates()}
+    builtin = {t.template_id: t for t in await host.builtin_templates()}
     if name in builtin:
         vcpus, mem = body.vcpus or 1, body.memory_mb or 512
-        lim = host.limits()
-        if not 1 <= vcpus <= lim["max_vcpus"]:
-            raise invalid(f"vcpus must be between 1 and {lim['max_vcpus']}, got {vcpus}")
-        if not lim.get("min_memory_mb", 1) <= mem <= lim["max_memory_mb"]:
-            raise invalid(f"memory_mb must be between {lim.get('min_memory_mb', 1)} and {lim['max_memory_mb']}")
+        try:
+            (await host.limits()).check(vcpus, mem)
+        except InvalidShape as exc:
+            raise invalid(str(exc)) from None
         return name, builtin[name].version, vcpus, mem, (vcpus, mem)
     if name in builds.builtin_names():
-        template_id, vcpus, mem = builds.builtin_template_id(name), None, None
+        template_id, vcpus, mem = await builds.builtin_template_id(name), None, None
         shape = (BUILTIN_BUILDS[name].vcpus, BUILTIN_BUILDS[name].memory_mb)
     else:
         with db.session() as s:
@@ -170,7 +169,7 @@ async def create_build(request: Request, team: CurrentTeam, host: HostDep, db: D
         if not NAME_RE.fullmatch(body.name):
             raise invalid(f"invalid template name {body.name!r}: use 1-63 of a-z, 0-9, '.', '_', '-', "
                           "starting with a letter or digit")
-        if body.name in reserved_names(host, builds):
+        if body.name in await reserved_names(host, builds):
             raise APIError(409, "name_reserved", f"{body.name!r} is the name of a built-in template")
         if builds.name_in_use(team.id, body.name):
             raise APIError(409, "template_name_taken", f"a template named {body.name!r} already exists "
@@ -178,11 +177,11 @@ async def create_build(request: Request, team: CurrentTeam, host: HostDep, db: D
         base_name = spec.base_template or body.base_template or DEFAULT_BASE
         if base_name in builds.builtin_names():
             try:
-                await host.template_info(builds.builtin_template_id(base_name))
+                await host.template_info(await builds.builtin_template_id(base_name))
             except TemplateNotFound:
                 raise invalid(f"base template {base_name!r} is not built on this host yet: create a capsule from "
                               f"it once, or run `wrenn images build --with {base_name}`") from None
-        base_id, version, vcpus, mem, shape = _base(team.id, base_name, body, host, builds, db)
+        base_id, version, vcpus, mem, shape = await _base(team.id, base_name, body, host, builds, db)
         if tar_path is not None:
             try:
                 context = BuildContext.from_tar(tar_path, builds.work_dir)

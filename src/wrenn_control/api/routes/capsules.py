@@ -16,6 +16,7 @@ from wrenn_control.limits import admit
 from wrenn_control.db.models import Capsule, Template
 from wrenn_control.errors import invalid, invalid_state, short
 from wrenn_control.schemas import CapsuleCreate, CapsuleDetail, CapsuleOut, ErrorBody, NetworkUpdate
+from wrenn_host.api import InvalidShape
 from wrenn_host.network.policy import EgressPolicy, InvalidPolicy
 
 router = APIRouter(tags=["capsules"], responses={401: {"model": ErrorBody}})
@@ -39,23 +40,20 @@ async def create_capsule(request: Request, team: CurrentTeam, ops: OpsDep, host:
     network = egress_policy(body.allow_internet_access, body.network.allow_out if body.network else None,
                             body.network.deny_out if body.network else None)
     name = body.template if body.template is not None else DEFAULT_TEMPLATE
-    builtin = {t.template_id: t for t in host.builtin_templates()}
+    builtin = {t.template_id: t for t in await host.builtin_templates()}
     builds = request.app.state.builds
     prepare = None
     if name in builds.builtin_names():  # built by a build on first use (code-runner-beta)
-        template_id, vcpus, memory_mb = builtin_build_shape(builds, name, body)
+        template_id, vcpus, memory_mb = await builtin_build_shape(builds, name, body)
         prepare = functools.partial(builds.ensure_builtin, name)
     elif name in builtin:
         template_id = name
         vcpus = body.vcpus if body.vcpus is not None else DEFAULT_VCPUS
         memory_mb = body.memory_mb if body.memory_mb is not None else DEFAULT_MEMORY_MB
-        limits = host.limits()
-        max_vcpus, max_mem = limits["max_vcpus"], limits["max_memory_mb"]
-        min_mem = limits.get("min_memory_mb", 1)
-        if not 1 <= vcpus <= max_vcpus:
-            raise invalid(f"vcpus must be between 1 and {max_vcpus}, got {vcpus}")
-        if not min_mem <= memory_mb <= max_mem:
-            raise invalid(f"memory_mb must be between {min_mem} and {max_mem}, got {memory_mb}")
+        try:  # the host's own check, asked before a row exists so a bad shape is a plain 400
+            (await host.limits()).check(vcpus, memory_mb)
+        except InvalidShape as exc:
+            raise invalid(str(exc)) from None
     else:
         with db.session() as s:
             snap = s.scalar(select(Template).where(Template.team_id == team.id, Template.name == name))

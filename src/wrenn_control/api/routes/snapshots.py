@@ -32,9 +32,9 @@ router = APIRouter(tags=["snapshots"], responses={401: {"model": ErrorBody}})
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 
 
-def _builtin_names(request: Request, host: HostDep) -> set[str]:
+async def _builtin_names(request: Request, host: HostDep) -> set[str]:
     """Built-in templates: the host's images and those made by a build (code-runner-beta)."""
-    return {t.template_id for t in host.builtin_templates()} | set(BUILTIN_BUILDS)
+    return {t.template_id for t in await host.builtin_templates()} | set(BUILTIN_BUILDS)
 
 
 def _out(row: Template) -> TemplateOut:
@@ -56,7 +56,7 @@ async def create_snapshot(request: Request, body: SnapshotCreate, team: CurrentT
     if not NAME_RE.fullmatch(name):
         raise invalid(f"invalid template name {short(name)}: use 1-63 of a-z, 0-9, '.', '_', '-', "
                       "starting with a letter or digit")
-    if name in _builtin_names(request, host):
+    if name in await _builtin_names(request, host):
         raise APIError(409, "name_reserved", f"{name!r} is the name of a built-in template")
     capsule = ops.get_for_team(team.id, body.sandbox_id)
     with db.session() as s:
@@ -110,7 +110,7 @@ async def list_snapshots(request: Request, team: CurrentTeam, session: SessionDe
     out: list[TemplateOut] = []
     if type in (None, "base"):
         out += [TemplateOut(name=t.template_id, type="base", vcpus=t.vcpus, memory_mb=t.memory_mb,
-                            size_bytes=t.size_bytes, created_at=None) for t in host.builtin_templates()]
+                            size_bytes=t.size_bytes, created_at=None) for t in await host.builtin_templates()]
         out += [TemplateOut(name=name, type="base", vcpus=b.vcpus, memory_mb=b.memory_mb, size_bytes=0, created_at=None)
                 for name, b in BUILTIN_BUILDS.items()]
     if type in (None, "snapshot"):
@@ -124,7 +124,7 @@ async def list_snapshots(request: Request, team: CurrentTeam, session: SessionDe
     403: {"model": ErrorBody}, 404: {"model": ErrorBody}, 502: {"model": ErrorBody}})
 async def delete_snapshot(request: Request, name: str, team: CurrentTeam, host: HostDep, db: DatabaseDep,
                           events: EventsDep) -> Response:
-    if name in _builtin_names(request, host):
+    if name in await _builtin_names(request, host):
         raise APIError(403, "forbidden", f"{name!r} is a built-in template and cannot be deleted")
     with db.session() as s:
         row = s.scalar(select(Template).where(Template.team_id == team.id, Template.name == name))

@@ -18,7 +18,7 @@ router = APIRouter(tags=["system"])
 async def health(host: HostDep) -> Health:
     """{status, accelerator, ...what the host agent reports (vmm, capsules, ...)}."""
     try:
-        info = dict(host.health())
+        info = dict(await host.health())
     except Exception as exc:  # any failure here means: this host cannot serve capsules now
         log.warning("host health failed: %s", exc)
         raise APIError(503, "host_unavailable", f"host agent unavailable: {exc}") from exc

@@ -8,17 +8,20 @@ import asyncio
 import hashlib
 import os
 import secrets
-from typing import Any
 
 import pytest
 import pytest_asyncio
 
 from wrenn_host.api import (
+    CapsuleMetrics,
     CapsuleNotFound,
     CapsuleRuntime,
     ExecResult,
+    FileInfo,
     GuestError,
+    GuestDefaults,
     HostAgentError,
+    HostLimits,
     InvalidShape,
     ProcessInfo,
     StreamEvent,
@@ -29,15 +32,6 @@ from wrenn_host.api import (
 
 def new_id(prefix: str = "cl-") -> str:
     return prefix + secrets.token_hex(10)
-
-
-def field(entry: Any, name: str) -> Any:
-    """A file entry's field (FileInfo attribute, or a key of the guest's dict)."""
-    return entry[name] if isinstance(entry, dict) else getattr(entry, name)
-
-
-async def awaited(value: Any) -> Any:
-    return await value if asyncio.iscoroutine(value) else value
 
 
 @pytest_asyncio.fixture(scope="module")
@@ -58,11 +52,12 @@ async def within(seconds: float, awaitable):
 
 
 async def test_host_reports_itself(subject) -> None:
-    health = await awaited(subject.agent.health())
+    health = await subject.agent.health()
     assert health["accelerator"] in ("kvm", "tcg")
-    limits = await awaited(subject.agent.limits())
-    assert field(limits, "max_vcpus") >= 1 and field(limits, "min_memory_mb") <= field(limits, "max_memory_mb")
-    builtins = await awaited(subject.agent.builtin_templates())
+    limits = await subject.agent.limits()
+    assert isinstance(limits, HostLimits)
+    assert limits.max_vcpus >= 1 and limits.min_memory_mb <= limits.max_memory_mb
+    builtins = await subject.agent.builtin_templates()
     assert all(isinstance(t, TemplateRuntime) for t in builtins)
     assert "minimal" in {t.template_id for t in builtins}
     free = await subject.agent.capacity()
@@ -144,10 +139,11 @@ async def _collect(events) -> list[StreamEvent]:
 
 async def test_defaults_and_metrics(subject, capsule) -> None:
     d = await subject.agent.set_defaults(capsule, envs={"CONTRACT": "yes"})
-    assert field(d, "envs")["CONTRACT"] == "yes" and field(d, "user") == "root"
+    assert d.envs["CONTRACT"] == "yes" and d.user == "root"
+    assert isinstance(d, GuestDefaults) and isinstance(d.uid, int) and d.cwd.startswith("/")
     m = await subject.agent.metrics(capsule)
-    assert {"cpu_pct", "mem_bytes", "disk_bytes", "disk_size_bytes"} <= (
-        set(m) if isinstance(m, dict) else {f for f in vars(m)})
+    assert isinstance(m, CapsuleMetrics)
+    assert m.mem_bytes and m.mem_bytes > 0 and m.disk_size_bytes and m.disk_size_bytes > 0
 
 
 # ---- files ---------------------------------------------------------------------------------
@@ -172,12 +168,13 @@ async def test_files_stream_in_and_out(subject, capsule) -> None:
 
     assert await agent.write_file(capsule, "/root/contract/small.txt", b"hi\n") == 3
     entry = await agent.stat(capsule, "/root/contract/big.bin")
-    assert (field(entry, "type"), field(entry, "size"), field(entry, "name")) == ("file", len(data), "big.bin")
+    assert isinstance(entry, FileInfo)
+    assert (entry.type, entry.size, entry.name) == ("file", len(data), "big.bin")
     made = await agent.mkdir(capsule, "/root/contract/sub/dir")
-    assert field(made, "type") == "directory" and field(made, "path") == "/root/contract/sub/dir"
-    names = {field(e, "name"): field(e, "type") for e in await agent.list_dir(capsule, "/root/contract")}
+    assert made.type == "directory" and made.path == "/root/contract/sub/dir"
+    names = {e.name: e.type for e in await agent.list_dir(capsule, "/root/contract")}
     assert names == {"big.bin": "file", "small.txt": "file", "sub": "directory"}
-    deep = {field(e, "path") for e in await agent.list_dir(capsule, "/root/contract", depth=2)}
+    deep = {e.path for e in await agent.list_dir(capsule, "/root/contract", depth=2)}
     assert "/root/contract/sub/dir" in deep
 
     with pytest.raises(GuestError) as e:

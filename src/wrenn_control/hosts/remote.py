@@ -102,7 +102,7 @@ class RemoteHostAgent(api.HostAgent):
         """Closes this client only: the host agent and its capsules go on."""
         await self._http.aclose()
 
-    async def health(self) -> dict[str, Any]:  # type: ignore[override]
+    async def health(self) -> dict[str, Any]:
         try:
             resp = await self._http.get("/host/v1/health")
         except httpx.TransportError as exc:
@@ -110,13 +110,13 @@ class RemoteHostAgent(api.HostAgent):
         self._raise_for(resp)
         return resp.json()
 
-    async def limits(self) -> Any:  # type: ignore[override]
+    async def limits(self) -> api.HostLimits:
         return await self._call("limits")
 
     async def capacity(self) -> dict[str, int | None]:
         return await self._call("capacity")
 
-    async def builtin_templates(self) -> list[api.TemplateRuntime]:  # type: ignore[override]
+    async def builtin_templates(self) -> list[api.TemplateRuntime]:
         return await self._call("builtin_templates")
 
     async def metrics_text(self) -> str:
@@ -174,7 +174,7 @@ class RemoteHostAgent(api.HostAgent):
         return await self._call("processes", capsule_id)
 
     async def set_defaults(self, capsule_id: str, *, user: str | None = None, cwd: str | None = None,
-                           envs: dict[str, str] | None = None) -> Any:
+                           envs: dict[str, str] | None = None) -> api.GuestDefaults:
         return await self._call("set_defaults", capsule_id, user=user, cwd=cwd, envs=envs)
 
     async def kill(self, capsule_id: str, target: int | str, signal: str = "SIGKILL") -> None:
@@ -234,19 +234,19 @@ class RemoteHostAgent(api.HostAgent):
             await resp.aread()
             return int(resp.json())
 
-    async def list_dir(self, capsule_id: str, path: str, depth: int = 1) -> Any:
+    async def list_dir(self, capsule_id: str, path: str, depth: int = 1) -> list[api.FileInfo]:
         return await self._call("list_dir", capsule_id, path, depth)
 
-    async def stat(self, capsule_id: str, path: str) -> Any:
+    async def stat(self, capsule_id: str, path: str) -> api.FileInfo:
         return await self._call("stat", capsule_id, path)
 
-    async def mkdir(self, capsule_id: str, path: str) -> Any:
+    async def mkdir(self, capsule_id: str, path: str) -> api.FileInfo:
         return await self._call("mkdir", capsule_id, path)
 
     async def remove(self, capsule_id: str, path: str) -> None:
         await self._call("remove", capsule_id, path)
 
-    async def metrics(self, capsule_id: str) -> Any:
+    async def metrics(self, capsule_id: str) -> api.CapsuleMetrics:
         return await self._call("metrics", capsule_id)
 
     # ---- ports ---------------------------------------------------------------------------------

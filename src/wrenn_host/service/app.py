@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import inspect
 import json
 import logging
 import time
@@ -38,10 +37,6 @@ from wrenn_host.service.metrics import HostMetrics
 
 log = logging.getLogger("wrenn.host.service")
 NDJSON = "application/x-ndjson"
-
-
-async def _maybe_await(value: Any) -> Any:
-    return await value if inspect.isawaitable(value) else value
 
 
 def _error(exc: BaseException) -> JSONResponse:
@@ -84,7 +79,7 @@ def create_app(agent: api.HostAgent, control_token: str, *, book: Book | None = 
         t0 = time.monotonic()
         outcome = "error"
         try:
-            result = await _maybe_await(getattr(agent, method)(**kwargs))
+            result = await getattr(agent, method)(**kwargs)
             outcome = "ok"
         finally:
             metrics.observe(method, time.monotonic() - t0, outcome)

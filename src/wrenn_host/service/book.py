@@ -47,9 +47,7 @@ class Book:
                 capsules[cid] = await self.agent.get(cid)
             except api.CapsuleNotFound:
                 self.capsule_ids.discard(cid)
-        builtin = self.agent.builtin_templates()
-        if hasattr(builtin, "__await__"):
-            builtin = await builtin
+        builtin = await self.agent.builtin_templates()
         templates = sorted({t.template_id for t in builtin} | self.template_ids)
         return Inventory(capsules, templates)
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 
+from wrenn_host.api import HostLimits
 from wrenn_host.service.book import Book
 
 log = logging.getLogger("wrenn.host.enroll")
@@ -89,11 +90,10 @@ async def register(control_plane: str, token: str, *, address: str, name: str, c
                         float(data.get("heartbeat_interval_sec") or 3.0), address)
 
 
-def capacity_of(limits: Any, data_root: Path) -> dict[str, int]:
+def capacity_of(limits: HostLimits, data_root: Path) -> dict[str, int]:
     """What this host offers: its vCPUs, memory it can give capsules, the data disk's size."""
-    get = (lambda k: limits[k]) if isinstance(limits, dict) else (lambda k: getattr(limits, k))
     st = os.statvfs(data_root)
-    return {"vcpus": int(get("max_vcpus")), "memory_mb": int(get("max_memory_mb")),
+    return {"vcpus": limits.max_vcpus, "memory_mb": limits.max_memory_mb,
             "disk_mb": st.f_blocks * st.f_frsize // (1024 * 1024)}
 
 

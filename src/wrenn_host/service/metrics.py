@@ -7,8 +7,6 @@ the agent when Prometheus scrapes.
 
 from __future__ import annotations
 
-from typing import Any
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from wrenn_host.service.book import Book
@@ -46,12 +44,9 @@ class HostMetrics:
         usage = await self.book.usage(inv)
         self.reserved.labels("vcpus").set(usage["reserved_vcpus"])
         self.reserved.labels("memory_mb").set(usage["reserved_memory_mb"])
-        limits: Any = self.book.agent.limits()
-        if hasattr(limits, "__await__"):
-            limits = await limits
-        limits = limits if isinstance(limits, dict) else {k: getattr(limits, k) for k in ("max_vcpus", "max_memory_mb")}
-        self.capacity.labels("vcpus").set(limits["max_vcpus"])
-        self.capacity.labels("memory_mb").set(limits["max_memory_mb"])
+        limits = await self.book.agent.limits()
+        self.capacity.labels("vcpus").set(limits.max_vcpus)
+        self.capacity.labels("memory_mb").set(limits.max_memory_mb)
         for key in ("free_memory_mb", "free_disk_mb"):
             if usage.get(key) is not None:
                 self.free.labels(key.removeprefix("free_")).set(usage[key])

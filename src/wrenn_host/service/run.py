@@ -74,12 +74,7 @@ async def registration(cfg: ServiceConfig, agent: api.HostAgent, data_root: Path
         return saved
     if not cfg.token:
         raise EnrollError("not registered yet: give the one-time --token from `POST /v1/hosts`")
-    limits = agent.limits()
-    if asyncio.iscoroutine(limits):
-        limits = await limits
-    health = agent.health()
-    if asyncio.iscoroutine(health):
-        health = await health
+    limits, health = await agent.limits(), await agent.health()
     reg = await register(cfg.control_plane, cfg.token, address=advertised_address(cfg),
                          name=cfg.name or default_name(), capacity=capacity_of(limits, data_root),
                          accelerator=health.get("accelerator", "tcg"), transport=transport)

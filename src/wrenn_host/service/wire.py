@@ -4,15 +4,13 @@ Shared by the service (`wrenn_host.service.app`) and its client (`wrenn_control.
 so both ends read the same `HostAgent` signatures: a method's parameters are the request body's
 keys, its return annotation says how the client decodes the answer.
 
-Values: dataclasses of `wrenn_host.api` as objects of their fields (`api.to_wire`/`api.from_wire`
-when api.py has them), bytes as base64 strings, `EgressPolicy` as its `to_dict()`.
+Values: dataclasses of `wrenn_host.api` as objects of their fields (`api.to_wire`/`api.from_wire`),
+bytes as base64 strings, `EgressPolicy` as its `to_dict()`.
 Errors: ``{"error": {"code", "message", "kind"}}``, kind the `HostAgentError` subclass's name.
 """
 
 from __future__ import annotations
 
-import base64
-import dataclasses
 import functools
 import inspect
 import types
@@ -41,62 +39,23 @@ def signature(method: str) -> tuple[inspect.Signature, dict[str, Any]]:
 
 
 # ---- values -----------------------------------------------------------------------------------
+# api.to_wire / api.from_wire carry the contract's dataclasses; an EgressPolicy (an argument,
+# never a result) goes as its own dict form.
 
 
 def encode(value: Any) -> Any:
     """A value of the contract as plain JSON types."""
     if isinstance(value, EgressPolicy):
         return value.to_dict()
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return to_wire(value)
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return base64.b64encode(bytes(value)).decode("ascii")
-    if isinstance(value, (list, tuple)):
-        return [encode(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): encode(v) for k, v in value.items()}
-    return value
+    return api.to_wire(value)
 
 
 def decode(hint: Any, value: Any) -> Any:
     """The inverse of `encode`, guided by a type annotation."""
-    if value is None:
-        return None
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        options = [a for a in typing.get_args(hint) if a is not type(None)]
-        for option in options:  # the one structured option decides (bytes, a dataclass, a list)
-            if option is bytes or dataclasses.is_dataclass(option) or option is EgressPolicy:
-                if option is bytes and not isinstance(value, str):
-                    continue
-                return decode(option, value)
-        return value
-    if hint is bytes:
-        return base64.b64decode(value)
-    if hint is EgressPolicy:
-        return EgressPolicy.from_dict(value)
-    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
-        return from_wire(hint, value)
-    if origin is list:
-        (item,) = typing.get_args(hint) or (Any,)
-        return [decode(item, v) for v in value]
-    if origin is dict:
-        args = typing.get_args(hint)
-        return {k: decode(args[1], v) for k, v in value.items()} if args else value
-    return value
-
-
-def to_wire(obj: Any) -> dict[str, Any]:
-    if hasattr(api, "to_wire"):
-        return api.to_wire(obj)
-    return {f.name: encode(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-
-
-def from_wire(cls: type, data: dict[str, Any]) -> Any:
-    if hasattr(api, "from_wire"):
-        return api.from_wire(cls, data)
-    hints = typing.get_type_hints(cls)
-    return cls(**{f.name: decode(hints[f.name], data[f.name]) for f in dataclasses.fields(cls) if f.name in data})
+    if hint is EgressPolicy or (typing.get_origin(hint) in (typing.Union, types.UnionType)
+                                and EgressPolicy in typing.get_args(hint)):
+        return None if value is None else EgressPolicy.from_dict(value)
+    return api.from_wire(hint, value)
 
 
 # ---- calls ------------------------------------------------------------------------------------

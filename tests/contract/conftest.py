@@ -118,10 +118,16 @@ def _params() -> list[Any]:
             pytest.param("local", marks=pytest.mark.vm), pytest.param("remote", marks=pytest.mark.vm)]
 
 
-@pytest_asyncio.fixture(scope="module", params=_params())
-async def subject(request: pytest.FixtureRequest) -> AsyncIterator[Subject]:
+@pytest.fixture(scope="module", params=_params())
+def backend(request: pytest.FixtureRequest) -> tuple[str, HostAgent]:
+    # (sync: the session's async host_agent fixture can only be asked for outside the event loop)
     kind = request.param
-    backend: HostAgent = FakeHostAgent() if "fake" in kind else request.getfixturevalue("host_agent")
+    return kind, (FakeHostAgent() if "fake" in kind else request.getfixturevalue("host_agent"))
+
+
+@pytest_asyncio.fixture(scope="module")
+async def subject(backend: tuple[str, HostAgent]) -> AsyncIterator[Subject]:
+    kind, backend = backend
     if kind in ("fake", "local"):
         s = Subject(kind, backend, backend)
         yield s

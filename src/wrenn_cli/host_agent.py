@@ -47,6 +47,7 @@ def host_agent(
         console.print("[red]not registered yet:[/] give --token (from `POST /v1/hosts` or `wrenn hosts add`)")
         raise typer.Exit(2)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per heartbeat
     _build_images(force=False)
     perms.private_umask()
     perms.lock_down(data_dir)

@@ -108,6 +108,20 @@ class Subject:
         await self.backend.write_file(capsule_id, "/tmp/echo.py", script.encode())
         await self.backend.spawn(capsule_id, "python3", ["/tmp/echo.py"], tag=f"echo-{port}")
 
+    async def settled(self, capsule_id: str) -> int:
+        """Streams and tunnels still open on the host for this capsule, once they had time to
+        end (what a detach or close left behind: should be 0)."""
+        def count() -> int:
+            if self.fake is not None:
+                return self.fake.tunnels_open
+            return self.backend.open_requests(capsule_id)  # type: ignore[attr-defined]
+
+        for _ in range(100):
+            if count() == 0:
+                break
+            await asyncio.sleep(0.05)
+        return count()
+
     def close(self) -> None:
         for server in self._servers:
             server.close()

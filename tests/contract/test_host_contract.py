@@ -12,6 +12,8 @@ import secrets
 import pytest
 import pytest_asyncio
 
+from wrenn_host.network.policy import EgressPolicy
+
 from wrenn_host.api import (
     CapsuleMetrics,
     CapsuleNotFound,
@@ -146,6 +148,13 @@ async def test_defaults_and_metrics(subject, capsule) -> None:
     assert m.mem_bytes and m.mem_bytes > 0 and m.disk_size_bytes and m.disk_size_bytes > 0
 
 
+async def test_update_network(subject, capsule) -> None:
+    await subject.agent.update_network(capsule, EgressPolicy.parse(True, ["192.0.2.10"], ["203.0.113.0/24"]))
+    await subject.agent.update_network(capsule, EgressPolicy())
+    with pytest.raises(CapsuleNotFound):
+        await subject.agent.update_network("cl-" + "0" * 20, EgressPolicy())
+
+
 # ---- files ---------------------------------------------------------------------------------
 
 
@@ -218,6 +227,7 @@ async def test_pty_session(subject, capsule) -> None:
     await agent.pty_kill(capsule, tag)
     events = await within(60, _collect(agent.pty_attach(capsule, tag)))
     assert events[-1].kind == "exit"
+    assert await subject.settled(capsule) == 0
     with pytest.raises(GuestError) as e:
         await agent.pty_input(capsule, "no-such-pty", b"x")
     assert e.value.code == "no_such_process"
@@ -252,6 +262,7 @@ async def test_tcp_tunnel(subject, capsule) -> None:
         async with asyncio.timeout(60):
             assert await tunnel.read() == b""
     await tunnel.close()  # idempotent
+    assert await subject.settled(capsule) == 0
     with pytest.raises(HostAgentError):
         await tunnel.write(b"late")
 

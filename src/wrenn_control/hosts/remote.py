@@ -43,8 +43,11 @@ class RemoteHostAgent(api.HostAgent):
         self.base_url = base_url.rstrip("/")
         self._token = control_token
         self._headers = {"Authorization": f"Bearer {control_token}"}
+        # No cap on connections: every attached process or terminal holds one for as long as it
+        # is watched, and a capped pool would make other calls wait behind them.
         self._http = httpx.AsyncClient(base_url=self.base_url, headers=self._headers, transport=transport,
-                                       timeout=httpx.Timeout(DEFAULT_TIMEOUT, connect=CONNECT_TIMEOUT))
+                                       timeout=httpx.Timeout(DEFAULT_TIMEOUT, connect=CONNECT_TIMEOUT),
+                                       limits=httpx.Limits(max_connections=None, max_keepalive_connections=32))
 
     def __repr__(self) -> str:
         return f"RemoteHostAgent({self.base_url!r})"

@@ -118,6 +118,29 @@ async def test_start_removes_what_the_control_plane_does_not_know() -> None:
         await remote.close()
 
 
+async def test_a_call_the_client_gives_up_on_is_cancelled_on_the_host() -> None:
+    fake = FakeHostAgent()
+    fake.delays["create"] = 0.5
+    async with serving(fake) as (url, token, _):
+        remote = RemoteHostAgent(url, token)
+        task = asyncio.create_task(remote.create("cl-a", "minimal", None, None))
+        await wait_for(lambda: fake.ops("create") == ["cl-a"], "the create on the host")
+        task.cancel()
+        await asyncio.sleep(1.0)  # past the moment the create would have finished
+        assert "cl-a" not in fake.capsules
+
+        # a destroy while a create is under way stops that create first (whatever came first)
+        creating = asyncio.create_task(remote.create("cl-b", "minimal", None, None))
+        await wait_for(lambda: "cl-b" in fake.ops("create"), "the second create on the host")
+        await remote.destroy("cl-b")
+        with pytest.raises(HostAgentError) as e:
+            await creating
+        assert e.value.code == "cancelled"
+        await asyncio.sleep(1.0)
+        assert "cl-b" not in fake.capsules
+        await remote.close()
+
+
 # ---- registration and heartbeats, against a stand-in control plane --------------------------
 
 

@@ -23,7 +23,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request, WebSocket
@@ -69,11 +69,45 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
-def create_app(agent: api.HostAgent, control_token: str, *, book: Book | None = None) -> Any:
+def create_app(agent: api.HostAgent, control_token: str, *, book: Book | None = None,
+               on_start: Callable[[dict[str, str]], Awaitable[api.ReconcileReport]] | None = None) -> Any:
+    """`on_start`: what `start` does (default: the control plane's view decides, see `start`)."""
     book = book or Book(agent)
     metrics = HostMetrics(book)
     app = FastAPI(title="Wrenn host agent", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.agent, app.state.book, app.state.metrics = agent, book, metrics
+    # Boots under way, by capsule: a destroy stops them first, as the in-process control plane
+    # cancels its boot task before destroying (its cancelled request may not have reached us yet).
+    booting: dict[str, set[asyncio.Task]] = {}
+
+    async def call_until_gone(method: str, kwargs: dict[str, Any], request: Request) -> Any:
+        """The call, cancelled if the client hangs up first (as an awaited call would be)."""
+        cid = kwargs.get("capsule_id")
+        if method == "destroy" and cid in booting:
+            for task in list(booting[cid]):
+                task.cancel()
+            await asyncio.wait(booting[cid])
+        task = asyncio.create_task(call(method, kwargs))
+        if method in ("create", "resume") and cid:
+            booting.setdefault(cid, set()).add(task)
+        gone = asyncio.create_task(_disconnected(request))
+        try:
+            await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not task.done():
+                task.cancel()
+            try:
+                return await task
+            except asyncio.CancelledError:
+                if asyncio.current_task().cancelling():  # we are being stopped ourselves
+                    raise
+                raise api.HostAgentError(f"{method} of {cid} was stopped (the capsule is being destroyed, "
+                                         "or the caller left)", code="cancelled") from None
+        finally:
+            gone.cancel()
+            if cid in booting:
+                booting[cid].discard(task)
+                if not booting[cid]:
+                    del booting[cid]
 
     async def call(method: str, kwargs: dict[str, Any]) -> Any:
         t0 = time.monotonic()
@@ -113,6 +147,10 @@ def create_app(agent: api.HostAgent, control_token: str, *, book: Book | None = 
         `LocalHostAgent.start` does for its own process; this agent was started already)."""
         try:
             known = wire.decode_args("start", await _json(request))["known"]
+            if on_start is not None:
+                report = await on_start(known)
+                book.capsule_ids = set(report.running) | set(report.paused)
+                return wire.encode(report)
             lost = []
             for cid in sorted(book.capsule_ids - set(known)):
                 await call("destroy", {"capsule_id": cid})
@@ -202,7 +240,7 @@ def create_app(agent: api.HostAgent, control_token: str, *, book: Book | None = 
             if method not in RPC:
                 raise wire.InvalidCall(f"no host agent method {method!r}")
             kwargs = wire.decode_args(method, await _json(request))
-            return JSONResponse(wire.encode(await call(method, kwargs)))
+            return JSONResponse(wire.encode(await call_until_gone(method, kwargs, request)))
         except Exception as exc:  # noqa: BLE001
             return _error(exc)
 
@@ -210,6 +248,12 @@ def create_app(agent: api.HostAgent, control_token: str, *, book: Book | None = 
 
 
 RPC = set(wire.rpc_methods()) - {"start", "health"}
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone (the body is read already, so only that can arrive)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _json(request: Request) -> dict[str, Any]:

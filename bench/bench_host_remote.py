@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from _stats import summary  # noqa: E402
 
 from tests.conftest import kill_qemus  # noqa: E402
-from tests.contract.conftest import serving  # noqa: E402
+from tests.hostservice import serving  # noqa: E402
 
 
 async def measure(name: str, agent, args) -> dict[str, list[float]]:

@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from tests.conftest import kill_qemus
-from tests.contract.conftest import _free_port, serving_app
+from tests.hostservice import free_port, serving_app
 from tests.unit.test_host_service import StandInControlPlane, wait_for
 from wrenn_control.hosts.remote import HostUnreachable, RemoteHostAgent
 
@@ -33,7 +33,7 @@ def start_agent(cp_url: str, port: int, data_dir, log, token: str | None) -> sub
 async def test_host_agent_registers_serves_and_survives_kill_9(tmp_path) -> None:
     cp = StandInControlPlane()
     data_dir, log = tmp_path / "host", tmp_path / "agent.log"
-    port = _free_port()
+    port = free_port()
     proc = None
     async with serving_app(cp.app) as cp_url:
         try:

@@ -637,7 +637,7 @@ async def _host_for(fake: FakeHostAgent) -> _AsyncIterator[HostAgent]:
     if os.environ.get("WRENN_TEST_HOST") != "remote":
         yield fake
         return
-    from tests.contract.conftest import serving
+    from tests.hostservice import serving
     from wrenn_control.hosts.remote import RemoteHostAgent
     from wrenn_host.service.book import Book
 

@@ -8,19 +8,20 @@ import asyncio
 import os
 import stat
 import secrets
+from pathlib import Path
 
 import httpx
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from tests.contract.conftest import _free_port, serving, serving_app
+from tests.hostservice import free_port, serving, serving_app
 from tests.unit.fake_host_agent import FakeHostAgent
 from wrenn_control.hosts.remote import HostUnreachable, RemoteHostAgent
 from wrenn_host.api import HostAgentError
 from wrenn_host.service.book import Book
 from wrenn_host.service.enroll import EnrollError, Registration
-from wrenn_host.service.run import HostService, ServiceConfig, parse_listen, registration
+from wrenn_host.service.run import HostService, ServiceConfig, advertised_address, parse_listen, registration
 
 
 async def wait_for(predicate, what: str, bound: float = 20.0) -> None:
@@ -58,7 +59,7 @@ async def test_every_call_needs_the_control_token() -> None:
 
 
 async def test_unreachable_host_is_host_unavailable() -> None:
-    remote = RemoteHostAgent(f"http://127.0.0.1:{_free_port()}", "t")
+    remote = RemoteHostAgent(f"http://127.0.0.1:{free_port()}", "t")
     calls = [remote.get("cl-a"), remote.health(), remote.read_file("cl-a", "/x"),
              remote.write_file("cl-a", "/x", b"data"), remote.tcp_connect("cl-a", 80),
              remote.attach("cl-a", 1).__anext__()]
@@ -179,7 +180,7 @@ async def test_register_serve_heartbeat_and_restart(tmp_path) -> None:
     cp = StandInControlPlane()
     fake = FakeHostAgent()
     async with serving_app(cp.app) as cp_url:
-        host, port = parse_listen(f"127.0.0.1:{_free_port()}")
+        host, port = parse_listen(f"127.0.0.1:{free_port()}")
         cfg = ServiceConfig(tmp_path, cp_url, host, port, token="wrong")
         with pytest.raises(EnrollError, match="401"):
             await registration(cfg, fake, tmp_path)
@@ -231,6 +232,15 @@ async def test_register_serve_heartbeat_and_restart(tmp_path) -> None:
     (tmp_path / "registration.json").unlink()
     with pytest.raises(EnrollError, match="token"):
         await registration(ServiceConfig(tmp_path, cp_url, host, port), fake, tmp_path)
+
+
+def test_advertised_address() -> None:
+    cfg = ServiceConfig(Path("/nonexistent"), "http://127.0.0.1:8080", "0.0.0.0", 9090)
+    assert advertised_address(cfg) == "http://127.0.0.1:9090"  # the route towards the control plane
+    cfg.listen_host = "127.0.0.1"
+    assert advertised_address(cfg) == "http://127.0.0.1:9090"
+    cfg.advertise = "https://host-a.example:443/"
+    assert advertised_address(cfg) == "https://host-a.example:443"
 
 
 def test_parse_listen() -> None:

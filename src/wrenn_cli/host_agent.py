@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from pathlib import Path
 from typing import Annotated
 
@@ -25,6 +24,8 @@ def host_agent(
         "--advertise", help="URL the control plane should use for this agent [default: http://<listen address>; "
                             "listening on 0.0.0.0, the address of the route to the control plane].")] = None,
     name: Annotated[str | None, typer.Option("--name", help="Host name shown in /v1/hosts [default: hostname].")] = None,
+    log_format: Annotated[str, typer.Option(
+        "--log-format", envvar="WRENN_LOG_FORMAT", help="text, or json (one JSON object per line).")] = "text",
 ) -> None:
     """Run the host agent as a service: register with the control plane (once; the registration is
     kept in the data directory), serve its calls on --listen and heartbeat every few seconds.
@@ -32,6 +33,7 @@ def host_agent(
     Capsules found on disk at start are kept and reported; the control plane decides about them."""
     from wrenn_cli.platform import _build_images, default_data_dir
     from wrenn_host import perms
+    from wrenn_host.service import logs
     from wrenn_host.service.run import ServiceConfig, parse_listen
     from wrenn_images.builder import cache_dir
 
@@ -46,8 +48,10 @@ def host_agent(
     if not (data_dir / "registration.json").exists() and not token:
         console.print("[red]not registered yet:[/] give --token (from `POST /v1/hosts` or `wrenn hosts add`)")
         raise typer.Exit(2)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per heartbeat
+    if log_format not in ("text", "json"):
+        console.print(f"[red]--log-format must be text or json, got {log_format!r}[/]")
+        raise typer.Exit(2)
+    logs.setup(log_format)
     _build_images(force=False)
     perms.private_umask()
     perms.lock_down(data_dir)

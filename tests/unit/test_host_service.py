@@ -250,3 +250,15 @@ def test_parse_listen() -> None:
     for bad in ("9090", "host:", "host:x", "host:70000"):
         with pytest.raises(ValueError):
             parse_listen(bad)
+
+
+def test_json_log_lines() -> None:
+    import json
+    import logging
+
+    from wrenn_host.service.logs import JsonLines
+
+    record = logging.LogRecord("wrenn.host", logging.WARNING, __file__, 1, "beat %s failed", ("x",), None)
+    line = json.loads(JsonLines().format(record))
+    assert (line["level"], line["logger"], line["message"]) == ("warning", "wrenn.host", "beat x failed")
+    assert line["ts"].endswith("Z")

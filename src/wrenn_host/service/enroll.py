@@ -121,6 +121,9 @@ class Heartbeat:
 
     async def beat(self) -> str:
         resp = await self._http.post(f"/api/v1/hosts/{self.reg.host_id}/heartbeat", json=await self.body())
+        if resp.status_code == 401:
+            raise EnrollError("heartbeat refused (401): the control plane no longer knows this host's credential "
+                              "(host deleted?); register anew: remove registration.json, run with a new --token")
         if resp.status_code != 200:
             raise EnrollError(f"heartbeat refused ({resp.status_code}): {resp.text[:200]}")
         self.status = resp.json().get("status", "online")

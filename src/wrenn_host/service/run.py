@@ -93,6 +93,7 @@ class HostService:
         self.heartbeat = Heartbeat(reg, book, transport=transport)
         self.server = uvicorn.Server(uvicorn.Config(
             self.app, host=cfg.listen_host, port=cfg.listen_port, lifespan="off", log_level="warning",
+            log_config=None,  # logging is set up by the caller (wrenn_host.service.logs)
             ws_max_size=32 * 1024 * 1024, timeout_graceful_shutdown=10))
         self._tasks: list[asyncio.Task] = []
 

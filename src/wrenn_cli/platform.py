@@ -69,6 +69,17 @@ def images_build(
         _build_builtins(with_, (data_dir or default_data_dir()).resolve())
 
 
+def check_vmm_setting() -> None:
+    """A bad WRENN_VMM is a one-line error before anything starts, not a traceback."""
+    from wrenn_host.vmm import driver
+
+    try:
+        driver()
+    except ValueError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(2) from None
+
+
 def _build_builtins(names: list[str], data_dir: Path) -> None:
     from wrenn_control.builds.builtin import BUILTIN_BUILDS
     from wrenn_control.builds.manager import build_builtin, builtin_template_id
@@ -130,6 +141,7 @@ def server(
     from wrenn_host import perms
     from wrenn_images.builder import cache_dir
 
+    check_vmm_setting()
     data_dir = (data_dir or default_data_dir()).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     _build_images(force=False)

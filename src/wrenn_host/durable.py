@@ -14,6 +14,10 @@ import os
 import signal
 import struct
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from wrenn_host.vmm import MachineFiles
 
 log = logging.getLogger(__name__)
 
@@ -99,3 +103,22 @@ def state_problem(path: Path) -> str | None:
             if i + 6 + n == len(tail) and tail[i + 6:i + 7] == b"{" and tail.endswith(b"}"):
                 return None
     return f"cut short ({size} bytes, no end marker)"
+
+
+def state_tmp(state: Path) -> Path:
+    return state.with_name(state.name + ".tmp")
+
+
+async def publish_state(files: MachineFiles, tmp: Path, state: Path, steps: str = "recover") -> None:
+    """The memory file is written through the shared mapping, the disk through QEMU's
+    cache=unsafe (no flushes while running), and QEMU is gone: make both and the device state
+    durable, then publish `state` (its presence means "a complete pause")."""
+    await asyncio.to_thread(fsync_file, files.memory)
+    await asyncio.to_thread(fsync_file, files.disk)
+    await crashpoint(f"{steps}.memory-synced")
+    fsync_file(tmp)
+    await crashpoint(f"{steps}.state-synced")
+    tmp.rename(state)
+    await crashpoint(f"{steps}.renamed")
+    fsync_dir(state.parent)
+    await crashpoint(f"{steps}.dir-synced")

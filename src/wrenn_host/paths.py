@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 from wrenn_host.perms import make_private_dir
-from wrenn_host.vmm.qemu import MachineFiles
+from wrenn_host.vmm import MachineFiles
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 

@@ -24,9 +24,9 @@ import logging
 import os
 import time
 
-from wrenn_host.durable import crashpoint, fsync_dir, state_problem
+from wrenn_host.durable import crashpoint, fsync_dir, publish_state, state_problem, state_tmp
 from wrenn_host.guest import GuestClient
-from wrenn_host.vmm.qemu import QemuMachine, publish_state, state_tmp
+from wrenn_host.vmm import Machine, VmmDriver
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +37,14 @@ AGENT_TIMEOUT_S = 5.0  # a running guest's agent answers in milliseconds; bounde
 class Outcome:
     status: str  # "running" | "paused" | "error"
     reason: str = ""
-    machine: QemuMachine | None = None
+    machine: Machine | None = None
     guest: GuestClient | None = None
 
 
-async def recover(cid: str, spec, files, state) -> Outcome:
-    """`spec`/`files`: the capsule's MachineSpec and MachineFiles; `state`: its state path."""
-    machine = QemuMachine.adopt(spec, files)
+async def recover(cid: str, spec, files, state, vmm: VmmDriver) -> Outcome:
+    """`spec`/`files`: the capsule's MachineSpec and MachineFiles; `state`: its state path;
+    `vmm`: the driver that finds the machine an earlier server process left running."""
+    machine = vmm.adopt(spec, files)
     if machine is None:
         return await _dead(files, state)
     status = "unknown"
@@ -61,7 +62,7 @@ async def recover(cid: str, spec, files, state) -> Outcome:
                                 "state it is known to match")
 
 
-async def _alive(cid: str, machine: QemuMachine, status: str, state) -> Outcome:
+async def _alive(cid: str, machine: Machine, status: str, state) -> Outcome:
     if status == "running":
         guest = await GuestClient.connect_unix(str(machine.files.agent), timeout=AGENT_TIMEOUT_S)
         try:

@@ -17,6 +17,9 @@ spare restored from its old files. Bounded: at most `per_key` spares per templat
 never compete much with the creates they are for.
 
 Under KVM the translation cost does not exist; a spare still saves QEMU's start and the restore.
+
+Also here: `boot_spare` and `hand_over` (how a spare is made and how it becomes a capsule), and
+`SpareMemory`, template memory files copied ahead for creates that find no spare VM.
 """
 
 from __future__ import annotations
@@ -31,13 +34,19 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # agent.py imports this module
-    from wrenn_host.agent import Capsule
+from wrenn_host.api import VMMError
+from wrenn_host.network import EgressPolicy, NetworkError
+
+if TYPE_CHECKING:
+    from wrenn_host.capsule import HostResources, LocalCapsule as Capsule
+    from wrenn_host.paths import HostPaths
     from wrenn_host.templates import TemplateSnapshot
 
 log = logging.getLogger(__name__)
 
 REFILL_DELAY_S = 0.3
+SPARE_NICE = 10  # spares are restored and warmed at a low CPU priority: creates and execs go first
+SPARE_MEMORY_FILES = 2  # per template shape: the sparse copy (~25 ms) happens off the create path
 SPARE_PREFIX = "sp-"  # spare ids; the control plane never knows them, so a restart's reconcile removes them
 
 
@@ -233,3 +242,124 @@ class SparePool:
         task.add_done_callback(self._tasks.discard)
         task.add_done_callback(lambda t: t.cancelled() or (t.exception() and log.warning(
             "%s failed: %s", name, t.exception())))
+
+
+# ---- making a spare and handing it over ------------------------------------------------------
+
+Discard = Callable[["Capsule"], Awaitable[None]]
+
+
+async def boot_spare(host: HostResources, spare_id: str, snap: TemplateSnapshot, discard: Discard) -> Capsule:
+    """A capsule under a placeholder id, with the path of a first command already run once
+    (QEMU's translation cache is warm). Not registered as a capsule."""
+    from wrenn_host.capsule import CapsuleMeta, LocalCapsule
+
+    cap = LocalCapsule(spare_id, host, CapsuleMeta(spare_id, snap.template_id, str(snap.dir), snap.spec.vcpus,
+                                                   snap.spec.memory_mb, snap.kernel_version), snap)
+    try:
+        await cap.build(spare=True, nice=SPARE_NICE)
+        assert cap.guest is not None
+        # What a first command goes through: the worker thread, fork + exec of a shell, and
+        # the file ops' first lookups (NSS for owner names).
+        await cap.guest.call("exec", cmd="/bin/sh", args=["-c", "echo ok"], envs={}, cwd=None, timeout_sec=30)
+        await cap.guest.call("list", path="/", depth=1)
+        await cap.guest.call("metrics")  # GET of one capsule asks for its disk usage
+    except BaseException:
+        await discard(cap)
+        raise
+    return cap
+
+
+async def hand_over(cap: Capsule, capsule_id: str, template_id: str, network: EgressPolicy,
+                    register: Callable[[Capsule], None], discard: Discard) -> Capsule | None:
+    """Hand a spare to `capsule_id`: rename its directories, push the capsule's identity.
+    None if the rename failed (the caller then creates the usual way)."""
+    host = cap.host
+    assert cap.meta is not None and cap.machine is not None
+    if not cap.rename(capsule_id):
+        await discard(cap)
+        return None
+    cap.meta.template_id = template_id
+    cap.meta.network = network.to_dict()
+    assert cap.machine is not None
+    cap.machine.set_nice(0)
+    register(cap)
+    async with cap.lock:
+        try:
+            link = host.paths.disk_link(cap.meta.spawned_as)
+            tmp = link.with_suffix(".new")
+            tmp.unlink(missing_ok=True)
+            tmp.symlink_to(cap.files.disk)
+            tmp.replace(link)  # atomic: QEMU never finds the name missing
+            cap.save_meta()
+            await cap.start_serial()  # its socket and log moved with the directories
+            host.jail.move(cap.meta.spawned_as, capsule_id, cap.meta.vcpus, cap.meta.memory_mb)
+            if cap.slot is not None and not network.is_default:  # spares run the default rules
+                try:
+                    await host.net.apply(cap.slot, network)
+                except NetworkError as e:
+                    raise VMMError(f"egress rules not applied: {e}") from e
+            await cap.push_identity()
+        except BaseException:
+            await discard(cap)
+            raise
+    return cap
+
+
+# ---- memory files copied ahead ---------------------------------------------------------------
+
+class SpareMemory:
+    """Private copies of template memory files, made in the background after a create used one."""
+
+    def __init__(self, paths: HostPaths, copies: int = SPARE_MEMORY_FILES):
+        self.paths = paths
+        self.copies = copies
+        self._refills: dict[Path, asyncio.Task] = {}
+
+    async def take(self, snap: TemplateSnapshot, dest: Path) -> None:
+        """Give `dest` a private copy of the template's memory: a spare one if ready, else copy."""
+        from wrenn_host.templates import sparse_copy
+
+        for n in range(self.copies):
+            try:
+                self.paths.spare_memory(snap.dir, n).rename(dest)
+                break
+            except FileNotFoundError:
+                continue
+        else:
+            await asyncio.to_thread(sparse_copy, snap.memory, dest)
+        if snap.dir not in self._refills or self._refills[snap.dir].done():
+            self._refills[snap.dir] = asyncio.create_task(self._refill(snap), name=f"refill {snap.dir.name}")
+
+    async def _refill(self, snap: TemplateSnapshot) -> None:
+        from wrenn_host.templates import sparse_copy
+
+        for n in range(self.copies):
+            spare = self.paths.spare_memory(snap.dir, n)
+            if spare.exists():
+                continue
+            tmp = spare.with_suffix(".tmp")
+            try:
+                await asyncio.to_thread(sparse_copy, snap.memory, tmp)
+                tmp.rename(spare)  # atomic: a create never takes a half-written copy
+            except OSError as e:  # the template went away meanwhile: nothing to keep spare
+                log.info("spare memory for %s not made: %s", snap.dir.name, e)
+                tmp.unlink(missing_ok=True)
+                return
+
+    def drop(self, template_dir: Path) -> None:
+        """The template's memory is being replaced or deleted: its copies go."""
+        refill = self._refills.pop(template_dir, None)
+        if refill is not None:
+            refill.cancel()
+        for n in range(self.copies):
+            self.paths.spare_memory(template_dir, n).unlink(missing_ok=True)
+
+    def clear(self) -> None:
+        """Start-up: copies may belong to templates that changed or are gone: start afresh."""
+        for f in self.paths.spare.iterdir():
+            f.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        for task in self._refills.values():
+            task.cancel()

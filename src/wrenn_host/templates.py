@@ -22,7 +22,7 @@ from wrenn_host.api import VMMError
 from wrenn_host.durable import write_durable
 from wrenn_host.guest import GuestClient
 from wrenn_host.network import CapsuleNetwork, EgressPolicy
-from wrenn_host.vmm.qemu import MachineFiles, MachineSpec, QemuMachine
+from wrenn_host.vmm import MachineFiles, MachineSpec, VmmDriver, driver
 from wrenn_images import builder
 from wrenn_images.recipes import TEMPLATES
 
@@ -140,7 +140,8 @@ def _host_tsc_khz() -> int | None:
 
 
 async def boot_snapshot(template_id: str, dir: Path, spec: MachineSpec, base_disk: Path,
-                        kernel_version: str, run_dir: Path, net: CapsuleNetwork | None = None) -> TemplateSnapshot:
+                        kernel_version: str, run_dir: Path, net: CapsuleNetwork | None = None,
+                        vmm: VmmDriver | None = None) -> TemplateSnapshot:
     """Cold-boot a guest from `base_disk`, wait for its agent, pause it into `dir`.
     A machine with a NIC boots on a network slot of its own (every clone gets the same guest
     address, MAC and gateway the snapshot was taken with)."""
@@ -150,7 +151,7 @@ async def boot_snapshot(template_id: str, dir: Path, spec: MachineSpec, base_dis
     files = MachineFiles(disk=work / "disk.qcow2", memory=work / "memory", qmp=sock_dir / "q",
                          agent=sock_dir / "a", serial_log=work / "serial.log", qemu_log=work / "qemu.log",
                          pidfile=work / "qemu.pid")
-    machine = QemuMachine(spec, files)
+    machine = (vmm or driver()).machine(spec, files)
     slot = None
     try:
         if spec.nic:
@@ -198,8 +199,10 @@ async def boot_snapshot(template_id: str, dir: Path, spec: MachineSpec, base_dis
 class BuiltinTemplates:
     """Snapshots of the built-in templates, one per shape, built on first use and cached."""
 
-    def __init__(self, accel: str, run_dir: Path, net: CapsuleNetwork | None = None):
+    def __init__(self, accel: str, run_dir: Path, net: CapsuleNetwork | None = None,
+                 vmm: VmmDriver | None = None):
         self.accel = accel
+        self.vmm = vmm or driver()
         self.run_dir = run_dir
         self.net = net  # capsules have a NIC when it is enabled (snapshots with and without differ)
         self._locks: dict[tuple, asyncio.Lock] = {}
@@ -223,6 +226,8 @@ class BuiltinTemplates:
         key = f"{name}-{recipe.image_key()}-{self.kernel().key}-{self.accel}-{vcpus}c-{memory_mb}m"
         if self.nic:
             key += "-net"
+        if self.vmm.name != "qemu":  # a snapshot is one VMM's device state (QEMU's keys unchanged)
+            key += f"-{self.vmm.name}"
         return builder.cache_dir() / "snapshots" / key
 
     async def get(self, name: str, vcpus: int, memory_mb: int) -> TemplateSnapshot:
@@ -237,4 +242,4 @@ class BuiltinTemplates:
             root = await asyncio.to_thread(builder.build_rootfs, TEMPLATES[name])
             spec = MachineSpec(vcpus=vcpus, memory_mb=memory_mb, kernel=kernel.vmlinux, initrd=kernel.initrd,
                                cmdline=kernel_cmdline(self.accel), accel=self.accel, nic=self.nic)
-            return await boot_snapshot(name, d, spec, root.path, kernel.version, self.run_dir, self.net)
+            return await boot_snapshot(name, d, spec, root.path, kernel.version, self.run_dir, self.net, self.vmm)

@@ -1,7 +1,7 @@
 """QEMU `microvm` driver: cold boot, restore from files, pause to files, stop.
 
-The boundary is deliberately narrow (boot / restore / save / kill) so a Firecracker driver can sit
-beside it. Guest memory is always a file (`memory-backend-file,share=on`): pausing writes only the
+`QemuDriver` implements `wrenn_host.vmm.VmmDriver` and `QemuMachine` its `Machine` (boot /
+restore / save / kill); nothing outside this module knows QEMU's command line or QMP. Guest memory is always a file (`memory-backend-file,share=on`): pausing writes only the
 device state (~60 KB) because the memory is already on disk, and restoring maps the same file.
 """
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import os
 import signal
@@ -20,43 +19,15 @@ from pathlib import Path
 from qemu.qmp import QMPClient
 
 from wrenn_host.api import VMMError
-from wrenn_host.durable import crashpoint, fsync_dir, fsync_file, state_problem
+from wrenn_host.durable import crashpoint, publish_state, state_problem, state_tmp
 from wrenn_host.jail import Plan
 from wrenn_host.network.slots import GUEST_MAC
+from wrenn_host.vmm import MachineFiles, MachineSpec  # noqa: F401  (re-exported: older imports)
 
 log = logging.getLogger(__name__)
 
 AGENT_PORT = "wrenn.agent"
 TCG_TB_SIZE_MB = 0  # 0: QEMU's default (see _accel_option)
-
-
-@dataclasses.dataclass(frozen=True)
-class MachineSpec:
-    """Everything that must be identical between a save and a restore of the same guest."""
-
-    vcpus: int
-    memory_mb: int
-    kernel: Path
-    initrd: Path
-    cmdline: str
-    accel: str  # "kvm" | "tcg"
-    nic: bool = False  # a virtio-net device, backed by the capsule's tap (see wrenn_host.network)
-
-
-@dataclasses.dataclass(frozen=True)
-class MachineFiles:
-    """Per-machine files. Sockets live in a short run directory (unix socket paths max 107 bytes)."""
-
-    disk: Path  # qcow2 overlay
-    memory: Path  # guest RAM, sparse file
-    qmp: Path
-    agent: Path  # host end of the guest agent's virtio-serial port
-    serial_log: Path
-    qemu_log: Path
-    pidfile: Path
-    # Serial console to a socket the host agent reads into a capped log (serial_log.py); None:
-    # straight to `serial_log` (template cold boots, whose whole console is wanted on failure).
-    serial_sock: Path | None = None
 
 
 def qemu_version() -> str:
@@ -353,8 +324,9 @@ class QemuMachine:
             return False
 
     @classmethod
-    def adopt(cls, spec: MachineSpec, files: MachineFiles) -> QemuMachine | None:
-        """Find a QEMU left running by an earlier server process (by pidfile + memory file)."""
+    def adopt(cls, spec: MachineSpec | None, files: MachineFiles) -> QemuMachine | None:
+        """Find a QEMU left running by an earlier server process (by pidfile + memory file).
+        Without `spec` it is good only for kill()."""
         try:
             pid = int(files.pidfile.read_text().strip())
         except (OSError, ValueError):
@@ -396,6 +368,21 @@ class QemuMachine:
         return " | ".join(p for p in parts if p) or "(no output)"
 
 
+class QemuDriver:
+    """The `qemu` VMM driver (wrenn_host.vmm.VmmDriver)."""
+
+    name = "qemu"
+
+    def version(self) -> str:
+        return qemu_version()
+
+    def machine(self, spec: MachineSpec, files: MachineFiles) -> QemuMachine:
+        return QemuMachine(spec, files)
+
+    def adopt(self, spec: MachineSpec | None, files: MachineFiles) -> QemuMachine | None:
+        return QemuMachine.adopt(spec, files)
+
+
 def uses_file(pid: int, path: Path) -> bool:
     """Whether QEMU process `pid` runs with `path` as its memory file: named on its command line,
     or mapped under that name now (a renamed spare's command line has its old name)."""
@@ -431,22 +418,3 @@ def _send_fd_scm(qmp: QMPClient, fd: int) -> None:
     sock = qmp._writer.transport.get_extra_info("socket")  # type: ignore[union-attr]
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=os.dup(sock.fileno())) as dup:
         dup.sendmsg([b" "], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("@i", fd))])
-
-
-def state_tmp(state: Path) -> Path:
-    return state.with_name(state.name + ".tmp")
-
-
-async def publish_state(files: MachineFiles, tmp: Path, state: Path, steps: str = "recover") -> None:
-    """The memory file is written through the shared mapping, the disk through QEMU's
-    cache=unsafe (no flushes while running), and QEMU is gone: make both and the device state
-    durable, then publish `state` (its presence means "a complete pause")."""
-    await asyncio.to_thread(fsync_file, files.memory)
-    await asyncio.to_thread(fsync_file, files.disk)
-    await crashpoint(f"{steps}.memory-synced")
-    fsync_file(tmp)
-    await crashpoint(f"{steps}.state-synced")
-    tmp.rename(state)
-    await crashpoint(f"{steps}.renamed")
-    fsync_dir(state.parent)
-    await crashpoint(f"{steps}.dir-synced")

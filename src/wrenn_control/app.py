@@ -25,6 +25,8 @@ from wrenn_control.db.migrate import run_migrations
 from wrenn_control.db.session import Database
 from wrenn_control.errors import install_error_handlers
 from wrenn_control.events import EventBus
+from wrenn_control.gateway import GuestGateway
+from wrenn_control.hosts import HostDirectory
 from wrenn_control.operations import CapsuleOps
 from wrenn_control.proxy import PortProxy
 from wrenn_control.tickets import TicketStore
@@ -65,7 +67,8 @@ async def _host_limits(host: HostAgent) -> HostLimits | None:
 def create_app(settings: Settings, host: HostAgent) -> FastAPI:
     db = Database(settings.db_url)
     events = EventBus()
-    ops = CapsuleOps(db, host, events, create_wait_sec=settings.create_wait_sec)
+    hosts = HostDirectory(host)
+    ops = CapsuleOps(db, host, events, create_wait_sec=settings.create_wait_sec, hosts=hosts)
     ops.drain_sec = settings.pause_drain_sec
     builds = Builds(db, host, events, work_dir=settings.data_dir / "builds")
     reaper = Reaper(db, ops, settings.reaper_interval_sec)
@@ -114,7 +117,9 @@ def create_app(settings: Settings, host: HostAgent) -> FastAPI:
     app.state.db = db
     app.state.host = host
     app.state.events = events
+    app.state.hosts = hosts
     app.state.ops = ops
+    app.state.gateway = GuestGateway(ops, hosts)
     app.state.builds = builds
     app.state.reaper = reaper
     app.state.sampler = sampler

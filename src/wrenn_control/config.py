@@ -47,7 +47,7 @@ class Settings(BaseModel):
     # On shutdown, how long in-flight boots may finish before they are cancelled.
     shutdown_grace_sec: float = Field(default=10.0, ge=0)
     # The port proxy ({port}-{capsule_id}.{domain}) is public-by-URL like Wrenn's; set to require
-    # the X-API-Key of the capsule's team instead (see wrenn_control/proxy.py).
+    # the X-API-Key of the capsule's team instead (see wrenn_control/proxy/).
     proxy_require_api_key: bool = Field(
         default_factory=lambda: (_env("WRENN_PROXY_REQUIRE_API_KEY") or "").lower() in ("1", "true", "yes"))
     # Observability: how often the sampler records capsule metrics and team stats, how long it

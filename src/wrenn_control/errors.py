@@ -100,7 +100,7 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
-def _validation_message(errors: list[dict[str, Any]]) -> str:
+def validation_message(errors: list[dict[str, Any]]) -> str:
     parts: list[str] = []
     for err in errors[:5]:
         loc = [str(x) if len(str(x)) <= SHORT else str(x)[:SHORT] + "..." for x in err.get("loc", ())]
@@ -130,7 +130,7 @@ async def _api_error(_: Request, exc: Exception) -> JSONResponse:
 
 async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    return error_response(400, "invalid_request", _validation_message(list(exc.errors())))
+    return error_response(400, "invalid_request", validation_message(list(exc.errors())))
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
-from contextlib import contextmanager
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from typing import Any
 
 from sqlalchemy import ColumnElement, select
 
@@ -27,38 +27,48 @@ from wrenn_control import ids
 from wrenn_control.clock import utcnow
 from wrenn_control.db.models import Capsule
 from wrenn_control.db.session import Database
-from wrenn_control.errors import APIError, agent_error, from_guest_error, invalid_state, not_found
+from wrenn_control.errors import APIError, agent_error, invalid_state, not_found
 from wrenn_control.events import EventBus
+from wrenn_control.hosts import HostDirectory
 from wrenn_control.lifecycle import Status, touch_active, transition
 from wrenn_control.schemas import CapsuleOut
 from wrenn_host.network.policy import EgressPolicy
 from wrenn_host.api import (
     CapsuleNotFound,
     CapsuleRuntime,
-    GuestError,
     HostAgent,
     HostAgentError,
     TemplateRuntime,
 )
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 S = Status
-# A guest call that fails while the capsule is in one of these lost its VM to a lifecycle call.
-_TAKEN_AWAY = frozenset(s.value for s in (S.PAUSING, S.PAUSED, S.SNAPSHOTTING, S.STOPPING, S.STOPPED))
+
+
+@contextlib.contextmanager
+def _counted(counter: collections.Counter[str], key: str) -> Iterator[None]:
+    counter[key] += 1
+    try:
+        yield
+    finally:
+        counter[key] -= 1
+        if counter[key] <= 0:
+            del counter[key]
 
 
 class CapsuleOps:
-    def __init__(self, db: Database, host: HostAgent, events: EventBus, *, create_wait_sec: float = 5.0):
+    def __init__(self, db: Database, host: HostAgent, events: EventBus, *, create_wait_sec: float = 5.0,
+                 hosts: HostDirectory | None = None):
         self.db = db
-        self.host = host
+        self.host = host  # the local host (the lifecycle flows still call it directly)
+        self.hosts = hosts or HostDirectory(host)
         self.events = events
         self.create_wait_sec = create_wait_sec
         self._boot_tasks: dict[str, asyncio.Task[None]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         # Requests in flight per capsule (exec, file transfer): the reaper leaves these alone.
         self._busy: collections.Counter[str] = collections.Counter()
-        # Guest calls in flight per capsule (`guest`, `guest_stream`): a pause or snapshot waits
+        # Guest calls in flight per capsule (`guest_call`): a pause or snapshot waits
         # for them, up to `drain_sec`, before it stops the VM (see `_drain`).
         self._calls: collections.Counter[str] = collections.Counter()
         self.drain_sec = 10.0
@@ -80,10 +90,6 @@ class CapsuleOps:
     def status(self, capsule_id: str) -> str | None:
         with self.db.session() as s:
             return s.scalar(select(Capsule.status).where(Capsule.id == capsule_id))
-
-    def require_running(self, row: Capsule) -> None:
-        if row.status != S.RUNNING.value:
-            raise invalid_state(f"capsule is {row.status}; it must be running")
 
     # ---- state changes --------------------------------------------------------------------
 
@@ -332,34 +338,11 @@ class CapsuleOps:
         else:
             self.transition(capsule_id, S.ERROR, from_={transitional}, values={"error": reason})
 
-    # ---- calls into the guest (exec, processes, files) ------------------------------------
+    # ---- calls into the guest (exec, processes, files): see gateway.py --------------------
 
-    async def guest(self, capsule_id: str, call: Awaitable[T],
-                    overrides: dict[str, tuple[int, str]] | None = None) -> T:
-        """Await a guest call and translate its failure: the guest's own errors are the user's
-        (4xx), a missing or broken VM is the agent's (502) and marks the capsule `error`."""
-        self._calls[capsule_id] += 1
-        try:
-            return await call
-        except HostAgentError as exc:
-            raise await self._guest_failure(capsule_id, exc, overrides) from exc
-        finally:
-            self._call_done(capsule_id)
-
-    async def guest_stream(self, capsule_id: str, stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        self._calls[capsule_id] += 1
-        try:
-            async for chunk in stream:
-                yield chunk
-        except HostAgentError as exc:
-            raise await self._guest_failure(capsule_id, exc, None) from exc
-        finally:
-            self._call_done(capsule_id)
-
-    def _call_done(self, capsule_id: str) -> None:
-        self._calls[capsule_id] -= 1
-        if self._calls[capsule_id] <= 0:
-            del self._calls[capsule_id]
+    def guest_call(self, capsule_id: str) -> contextlib.AbstractContextManager[None]:
+        """A guest call in flight: a pause or snapshot waits for it (see `_drain`)."""
+        return _counted(self._calls, capsule_id)
 
     async def _drain(self, capsule_id: str) -> None:
         """Let the guest calls in flight end (new ones are refused: the capsule is no longer
@@ -368,40 +351,13 @@ class CapsuleOps:
         while self._calls.get(capsule_id, 0) > 0 and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.02)
 
-    async def _guest_failure(self, capsule_id: str, exc: HostAgentError,
-                             overrides: dict[str, tuple[int, str]] | None) -> APIError:
-        if isinstance(exc, GuestError):
-            return from_guest_error(exc, overrides)
-        status = self.status(capsule_id)
-        if status in _TAKEN_AWAY:
-            # A pause, snapshot or destroy took the VM away under this call: the caller's
-            # problem of timing (409), not a broken agent.
-            return invalid_state(f"capsule became {status} during the call")
-        if isinstance(exc, CapsuleNotFound):
-            self.mark_lost(capsule_id, exc.message)
-        else:  # the VMM failed or the guest connection dropped: is the VM still there?
-            try:
-                if (await self.host.get(capsule_id)).state != "running":
-                    self.mark_lost(capsule_id, exc.message)
-            except CapsuleNotFound:
-                self.mark_lost(capsule_id, exc.message)
-            except HostAgentError:
-                pass
-        return agent_error(exc)
-
     def mark_lost(self, capsule_id: str, message: str) -> None:
         # Only from running: if a pause or destroy is under way, that flow owns the status.
         self.transition(capsule_id, S.ERROR, from_={S.RUNNING}, values={"error": f"VM lost: {message}"})
 
-    @contextmanager
-    def busy(self, capsule_id: str) -> Iterator[None]:
-        self._busy[capsule_id] += 1
-        try:
-            yield
-        finally:
-            self._busy[capsule_id] -= 1
-            if self._busy[capsule_id] <= 0:
-                del self._busy[capsule_id]
+    def busy(self, capsule_id: str) -> contextlib.AbstractContextManager[None]:
+        """A request in flight (exec, file transfer, stream, proxied connection): no auto-pause."""
+        return _counted(self._busy, capsule_id)
 
     def is_busy(self, capsule_id: str) -> bool:
         return self._busy.get(capsule_id, 0) > 0

@@ -166,6 +166,9 @@ class LocalCapsule:
         assert self.meta is not None and self.snapshot is not None
         spec = self.snapshot.spec
         machine = self.host.vmm.machine(spec, files or self.files)
+        # Its sockets' directory is under /run: gone after a host reboot, or never made on a host
+        # the capsule was moved to while paused.
+        machine.files.agent.parent.mkdir(parents=True, exist_ok=True)
         machine.nice = nice
         machine.confine = lambda: self.host.jail.plan(self._id, spec.vcpus, spec.memory_mb, machine.files.disk)
         self.machine = machine

@@ -7,6 +7,7 @@ import hashlib
 import os
 import platform
 import secrets
+import shutil
 
 import pytest
 
@@ -115,6 +116,15 @@ async def test_pause_resume_keeps_processes_files_and_memory(host_agent, capsule
     assert await host_agent.read_file(capsule, "/tmp/note.txt") == b"kept"
     assert await host_agent.read_file(capsule, "/tmp/secret") == secret
     assert "holder" in {p.tag for p in await host_agent.processes(capsule)}
+
+
+async def test_resume_after_the_hosts_run_directory_went_away(host_agent, capsule):
+    """/run is empty after a reboot of the host: a paused capsule still resumes."""
+    await host_agent.write_file(capsule, "/tmp/before-reboot", b"yes")
+    await host_agent.pause(capsule)
+    shutil.rmtree(host_agent.paths.capsule_run_dir(capsule))
+    await host_agent.resume(capsule)
+    assert await host_agent.read_file(capsule, "/tmp/before-reboot") == b"yes"
 
 
 async def test_clones_are_independent_with_own_identity(host_agent):

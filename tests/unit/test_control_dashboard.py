@@ -9,7 +9,7 @@ import pytest
 
 from starlette.requests import Request
 
-from wrenn_control.api.deps import _current_team
+from wrenn_control.api.deps import team_for_api_key
 from wrenn_control.api.routes.tickets import _stream_team
 from wrenn_control.tickets import TICKET_TTL_SEC, InvalidTicket, TicketStore
 from wrenn_control.web import NOT_BUILT
@@ -67,7 +67,7 @@ async def test_ticket_route_needs_auth_and_opens_the_event_stream_once(h):
         # (the stream itself never ends, which the in-process transport cannot show: call its auth)
         request = Request({"type": "http", "app": h.app, "headers": []})
         team = await _stream_team(request, h.app.state.db, None, None, ticket=body["ticket"])
-        assert team == await _current_team(h.app.state.db, h.key)
+        assert team == await team_for_api_key(h.app.state.db, h.key)
         err = assert_error(await anon.get("/v1/events/stream", params={"ticket": body["ticket"]}), 401, "unauthorized")
         assert "already used" in err["message"]
         # A ticket is for streams only: the other routes still want a key or a token.

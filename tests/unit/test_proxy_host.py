@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from wrenn_control.proxy import parse_target, request_headers, request_target, response_headers
+from wrenn_control.proxy.headers import request_headers, request_target, response_headers
+from wrenn_control.proxy.routing import parse_target
 
 CID = "cl-" + "a1" * 12 + "z"
 

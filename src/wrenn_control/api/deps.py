@@ -18,6 +18,7 @@ from wrenn_control.db.models import ApiKey, Capsule, Team, TeamMember, User
 from wrenn_control.db.session import Database
 from wrenn_control.errors import APIError
 from wrenn_control.events import EventBus, current_actor
+from wrenn_control.gateway import GuestGateway
 from wrenn_control.operations import CapsuleOps
 from wrenn_host.api import HostAgent
 
@@ -42,6 +43,10 @@ async def _host(request: Request) -> HostAgent:
     return request.app.state.host
 
 
+async def _gateway(request: Request) -> GuestGateway:
+    return request.app.state.gateway
+
+
 async def _settings(request: Request) -> Settings:
     return request.app.state.settings
 
@@ -56,6 +61,8 @@ DatabaseDep = Annotated[Database, Depends(_db)]
 SessionDep = Annotated[Session, Depends(_session)]
 OpsDep = Annotated[CapsuleOps, Depends(_ops)]
 HostDep = Annotated[HostAgent, Depends(_host)]
+# Into a capsule's guest (exec, files, processes): `async with gateway.open(capsule) as guest`.
+GatewayDep = Annotated[GuestGateway, Depends(_gateway)]
 SettingsDep = Annotated[Settings, Depends(_settings)]
 EventsDep = Annotated[EventBus, Depends(_events)]
 
@@ -68,7 +75,9 @@ class TeamInfo:
     name: str
 
 
-async def _current_team(db: DatabaseDep, key: Annotated[str | None, Security(api_key_header)]) -> TeamInfo:
+async def team_for_api_key(db: DatabaseDep, key: Annotated[str | None, Security(api_key_header)]) -> TeamInfo:
+    """The team of an X-API-Key (401 if missing or unknown); also used outside the routes (the
+    WebSocket routes and the port proxy read the header themselves)."""
     if not key:
         raise APIError(401, "unauthorized", "missing X-API-Key header")
     with db.session() as session:  # its own short session: released before the route runs
@@ -137,22 +146,22 @@ async def _key_manager(request: Request, db: DatabaseDep, creds: BearerDep,
             assert team is not None  # a membership row implies the team
             return TeamInfo(team.id, team.name)
     if key:
-        return await _current_team(db, key)
+        return await team_for_api_key(db, key)
     raise APIError(401, "unauthorized", "missing Authorization: Bearer token or X-API-Key header")
 
 
 KeyManagerTeam = Annotated[TeamInfo, Depends(_key_manager)]
 
 
-async def _team_from_key_or_token(request: Request, db: DatabaseDep, creds: BearerDep,
+async def team_from_key_or_token(request: Request, db: DatabaseDep, creds: BearerDep,
                                   key: Annotated[str | None, Security(api_key_header)]) -> TeamInfo:
     """X-API-Key, as Wrenn; a user's Bearer token (its current team) is accepted too."""
     if not key and creds is not None:
         return await _key_manager(request, db, creds, None)
-    return await _current_team(db, key)
+    return await team_for_api_key(db, key)
 
 
-CurrentTeam = Annotated[TeamInfo, Depends(_team_from_key_or_token)]
+CurrentTeam = Annotated[TeamInfo, Depends(team_from_key_or_token)]
 
 
 async def _team_capsule(capsule_id: str, team: CurrentTeam, ops: OpsDep) -> Capsule:

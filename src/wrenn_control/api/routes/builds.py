@@ -28,7 +28,7 @@ from wrenn_control.builds.manager import FINISHED, BuildStatus, Builds
 from wrenn_control.builds.schemas import LIST_LOG_LINES, BuildCreate, BuildOut
 from wrenn_control.builds.spec import BuildSpec, SpecError, parse_dockerfile, parse_recipe
 from wrenn_control.db.models import Template
-from wrenn_control.errors import APIError, _validation_message, invalid, not_found
+from wrenn_control.errors import APIError, validation_message, invalid, not_found
 from wrenn_control.schemas import ErrorBody
 from wrenn_host.api import HostAgent, InvalidShape, TemplateNotFound
 
@@ -164,7 +164,7 @@ async def create_build(request: Request, team: CurrentTeam, host: HostDep, db: D
         try:
             body = BuildCreate.model_validate(raw)
         except ValidationError as exc:
-            raise invalid(_validation_message(list(exc.errors()))) from None
+            raise invalid(validation_message(list(exc.errors()))) from None
         spec = _parse(body)
         if not NAME_RE.fullmatch(body.name):
             raise invalid(f"invalid template name {body.name!r}: use 1-63 of a-z, 0-9, '.', '_', '-', "

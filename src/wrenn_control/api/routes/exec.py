@@ -9,8 +9,8 @@ from typing import Literal
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
-from wrenn_control.api.deps import HostDep, OpsDep, SettingsDep, TeamCapsule
-from wrenn_control.errors import agent_error, invalid_state
+from wrenn_control.api.deps import GatewayDep, SettingsDep, TeamCapsule
+from wrenn_control.errors import agent_error
 from wrenn_control.schemas import (
     BackgroundExecResponse,
     ErrorBody,
@@ -38,34 +38,29 @@ def _encode(stdout: bytes, stderr: bytes) -> tuple[str, str, Literal["utf-8", "b
 
 @router.post("/capsules/{capsule_id}/exec", response_model=ExecResponse,
              responses={202: {"model": BackgroundExecResponse, "description": "background process started"}})
-async def exec_command(capsule: TeamCapsule, body: ExecRequest, ops: OpsDep, host: HostDep,
+async def exec_command(capsule: TeamCapsule, body: ExecRequest, gateway: GatewayDep,
                        settings: SettingsDep) -> ExecResponse | JSONResponse:
     """Foreground: runs to completion, 200 with its output (a timed-out command is still 200,
     with `timed_out: true` and exit code -9). Each output stream keeps at most
     WRENN_EXEC_MAX_OUTPUT_BYTES (16 MiB); past that the rest is dropped and `stdout_truncated` /
-    `stderr_truncated` (and `truncated`) are true. Background: 202 with pid and tag."""
-    if not ops.touch(capsule.id):
-        raise invalid_state(f"capsule is {ops.status(capsule.id)}; it must be running")
+    `stderr_truncated` (and `truncated`) are true. Background: 202 with pid and tag (409 conflict
+    if the tag is held by a live process)."""
     args = body.args or []
-    with ops.busy(capsule.id):
+    async with gateway.open(capsule, activity=True) as guest:
         if body.background:
-            info = await ops.guest(
-                capsule.id,
-                host.spawn(capsule.id, body.cmd, args, envs=body.envs, cwd=body.cwd, tag=body.tag),
-                overrides={"exists": (409, "conflict")},  # tag in use by a live process
-            )
+            info = await guest.spawn(body.cmd, args, envs=body.envs, cwd=body.cwd, tag=body.tag)
             started = BackgroundExecResponse(sandbox_id=capsule.id, cmd=body.cmd, pid=info.pid, tag=info.tag)
             return JSONResponse(started.model_dump(), status_code=202)
         timeout = body.timeout_sec if body.timeout_sec is not None else DEFAULT_TIMEOUT_SEC
         try:
-            result = await ops.guest(capsule.id, asyncio.wait_for(
-                host.exec(capsule.id, body.cmd, args, envs=body.envs, cwd=body.cwd, timeout_sec=timeout,
-                          max_output_bytes=settings.exec_max_output_bytes),
-                timeout + HOST_GRACE_SEC))
+            result = await asyncio.wait_for(
+                guest.exec(body.cmd, args, envs=body.envs, cwd=body.cwd, timeout_sec=timeout,
+                           max_output_bytes=settings.exec_max_output_bytes),
+                timeout + HOST_GRACE_SEC)
         except asyncio.TimeoutError:
             raise agent_error(f"the guest did not answer within {timeout + HOST_GRACE_SEC:g} s") from None
-    if result.duration_ms >= 1000:
-        ops.touch(capsule.id)  # a long command counts as activity until it ends
+        if result.duration_ms >= 1000:
+            guest.record_activity(force=True)  # a long command counts as activity until it ends
     stdout, stderr, encoding = _encode(result.stdout, result.stderr)
     return ExecResponse(sandbox_id=capsule.id, cmd=body.cmd, stdout=stdout, stderr=stderr,
                         exit_code=result.exit_code, duration_ms=result.duration_ms, encoding=encoding,
@@ -74,20 +69,20 @@ async def exec_command(capsule: TeamCapsule, body: ExecRequest, ops: OpsDep, hos
 
 
 @router.get("/capsules/{capsule_id}/processes", response_model=ProcessList)
-async def list_processes(capsule: TeamCapsule, ops: OpsDep, host: HostDep) -> ProcessList:
+async def list_processes(capsule: TeamCapsule, gateway: GatewayDep) -> ProcessList:
     """Background processes started through the API (finished ones stay listed with running=false)."""
-    ops.require_running(capsule)
-    procs = await ops.guest(capsule.id, host.processes(capsule.id))
+    async with gateway.open(capsule) as guest:
+        procs = await guest.processes()
     return ProcessList(processes=[ProcessEntry(pid=p.pid, tag=p.tag, cmd=p.cmd, args=list(p.args),
                                                running=p.running, exit_code=p.exit_code) for p in procs])
 
 
 @router.delete("/capsules/{capsule_id}/processes/{target}", status_code=204, response_class=Response,
                responses={400: {"model": ErrorBody}})
-async def kill_process(capsule: TeamCapsule, target: str, ops: OpsDep, host: HostDep,
+async def kill_process(capsule: TeamCapsule, target: str, gateway: GatewayDep,
                        signal: Literal["SIGKILL", "SIGTERM"] = "SIGKILL") -> Response:
     """`target` is a pid (all digits) or a tag."""
-    ops.require_running(capsule)
     selector: int | str = int(target) if target.isdigit() else target
-    await ops.guest(capsule.id, host.kill(capsule.id, selector, signal))
+    async with gateway.open(capsule) as guest:
+        await guest.kill(selector, signal)
     return Response(status_code=204)

@@ -3,6 +3,7 @@ the unbuffered stream/write and stream/read for any size."""
 
 from __future__ import annotations
 
+import contextlib
 import posixpath
 import tempfile
 from collections.abc import AsyncIterator
@@ -11,13 +12,12 @@ from typing import IO, Annotated, Any
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
-from wrenn_control.api.deps import HostDep, OpsDep, SettingsDep, TeamCapsule
+from wrenn_control.api.deps import GatewayDep, SettingsDep, TeamCapsule
 from wrenn_control.api.multipart import PartData, PartEnd, PartStart, is_multipart, iter_multipart
 from wrenn_control.db.models import Capsule
 from wrenn_control.errors import APIError, invalid
-from wrenn_control.operations import CapsuleOps
+from wrenn_control.gateway import Guest, GuestGateway
 from wrenn_control.schemas import ErrorBody, FileEntry, ListDirRequest, ListDirResponse, MkdirResponse, PathRequest
-from wrenn_host.api import HostAgent
 
 router = APIRouter(tags=["files"], responses={
     401: {"model": ErrorBody}, 404: {"model": ErrorBody}, 409: {"model": ErrorBody}, 502: {"model": ErrorBody}})
@@ -62,20 +62,25 @@ async def _spooled(spool: IO[bytes]) -> AsyncIterator[bytes]:
 
 @router.post("/capsules/{capsule_id}/files/write", status_code=204, response_class=Response,
              openapi_extra=_MULTIPART_BODY, responses={400: {"model": ErrorBody}, 413: {"model": ErrorBody}})
-async def write_file(capsule: TeamCapsule, request: Request, ops: OpsDep, host: HostDep,
+async def write_file(capsule: TeamCapsule, request: Request, gateway: GatewayDep,
                      settings: SettingsDep, path: QueryPath = None) -> Response:
     """Multipart fields `path` and `file`. The upload is received whole (spooled to disk past
     1 MiB) before it is written, so a file over the cap (100 MiB) is refused with 413 and nothing
     is written."""
-    ops.require_running(capsule)
+    async with gateway.open(capsule) as guest:
+        await _write_whole(guest, request, settings.max_upload_bytes, path)
+    return Response(status_code=204)
+
+
+async def _write_whole(guest: Guest, request: Request, limit: int, path: str | None) -> None:
+    """Receive the multipart upload whole (or refuse it), then write it."""
     content_type = request.headers.get("content-type")
     if not is_multipart(content_type):
         raise invalid("files/write expects multipart/form-data with fields path and file")
-    limit = settings.max_upload_bytes
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit + MULTIPART_SLACK:
         raise _too_large(limit)  # refuse before reading anything
-    with tempfile.SpooledTemporaryFile(max_size=MIB) as spool, ops.busy(capsule.id):
+    with tempfile.SpooledTemporaryFile(max_size=MIB) as spool:
         fields: dict[str, bytearray] = {}
         part: str | None = None
         got_file = False
@@ -107,23 +112,21 @@ async def write_file(capsule: TeamCapsule, request: Request, ops: OpsDep, host: 
         target = guest_path(target)
         if not got_file:
             raise invalid("missing form field: file")
-        await ops.guest(capsule.id, host.write_file(capsule.id, target, _spooled(spool)))
-    return Response(status_code=204)
+        await guest.write_file(target, _spooled(spool))
 
 
 @router.post("/capsules/{capsule_id}/files/stream/write", status_code=204, response_class=Response,
              openapi_extra=_RAW_OR_MULTIPART_BODY, responses={400: {"model": ErrorBody}})
-async def stream_write_file(capsule: TeamCapsule, request: Request, ops: OpsDep, host: HostDep,
+async def stream_write_file(capsule: TeamCapsule, request: Request, gateway: GatewayDep,
                             path: QueryPath = None) -> Response:
     """Unbuffered upload of any size, forwarded to the guest as it arrives. Either multipart (the
     `path` field must come before `file`, as the SDK sends it) or a raw body with `?path=`."""
-    ops.require_running(capsule)
-    content_type = request.headers.get("content-type")
-    with ops.busy(capsule.id):
+    async with gateway.open(capsule) as guest:
+        content_type = request.headers.get("content-type")
         if not is_multipart(content_type):
             if not path:
                 raise invalid("a raw upload needs the destination as ?path=")
-            await ops.guest(capsule.id, host.write_file(capsule.id, guest_path(path), request.stream()))
+            await guest.write_file(guest_path(path), request.stream())
             return Response(status_code=204)
 
         events = iter_multipart(content_type, request.stream())
@@ -152,23 +155,24 @@ async def stream_write_file(capsule: TeamCapsule, request: Request, ops: OpsDep,
                 elif isinstance(item, PartEnd):
                     return
 
-        await ops.guest(capsule.id, host.write_file(capsule.id, target, file_bytes()))
+        await guest.write_file(target, file_bytes())
         async for _ in events:  # the rest of the body (and the check of its closing boundary)
             pass
     return Response(status_code=204)
 
 
-async def _read(capsule: Capsule, path: str, ops: CapsuleOps, host: HostAgent) -> StreamingResponse:
-    ops.require_running(capsule)
-    stream = ops.guest_stream(capsule.id, host.read_file_stream(capsule.id, guest_path(path)))
-    # Pull the first chunk before answering, so that a missing file is a 404, not a broken 200.
-    try:
-        first = await anext(stream)
-    except StopAsyncIteration:
-        first = b""
+async def _read(capsule: Capsule, path: str, gateway: GuestGateway) -> StreamingResponse:
+    async with gateway.open(capsule) as guest:
+        # (the stream keeps the capsule busy until the response body has been sent)
+        stream = guest.read_file(guest_path(path))
+        # Pull the first chunk before answering, so that a missing file is a 404, not a broken 200.
+        try:
+            first = await anext(stream)
+        except StopAsyncIteration:
+            first = b""
 
     async def body() -> AsyncIterator[bytes]:
-        with ops.busy(capsule.id):
+        async with contextlib.aclosing(stream):  # a client that leaves ends the guest's read too
             if first:
                 yield first
             async for chunk in stream:
@@ -181,37 +185,37 @@ _BYTES = {200: {"content": {"application/octet-stream": {"schema": {"type": "str
 
 
 @router.post("/capsules/{capsule_id}/files/read", response_class=StreamingResponse, responses=_BYTES)
-async def read_file(capsule: TeamCapsule, body: PathRequest, ops: OpsDep, host: HostDep) -> StreamingResponse:
-    return await _read(capsule, body.path, ops, host)
+async def read_file(capsule: TeamCapsule, body: PathRequest, gateway: GatewayDep) -> StreamingResponse:
+    return await _read(capsule, body.path, gateway)
 
 
 @router.post("/capsules/{capsule_id}/files/stream/read", response_class=StreamingResponse, responses=_BYTES)
-async def stream_read_file(capsule: TeamCapsule, body: PathRequest, ops: OpsDep, host: HostDep) -> StreamingResponse:
-    return await _read(capsule, body.path, ops, host)
+async def stream_read_file(capsule: TeamCapsule, body: PathRequest, gateway: GatewayDep) -> StreamingResponse:
+    return await _read(capsule, body.path, gateway)
 
 
 @router.post("/capsules/{capsule_id}/files/list", response_model=ListDirResponse)
-async def list_dir(capsule: TeamCapsule, body: ListDirRequest, ops: OpsDep, host: HostDep) -> ListDirResponse:
-    ops.require_running(capsule)
+async def list_dir(capsule: TeamCapsule, body: ListDirRequest, gateway: GatewayDep) -> ListDirResponse:
     depth = max(body.depth or 1, 1)
-    entries = await ops.guest(capsule.id, host.list_dir(capsule.id, guest_path(body.path), depth))
+    async with gateway.open(capsule) as guest:
+        entries = await guest.list_dir(guest_path(body.path), depth)
     return ListDirResponse(entries=[FileEntry.of(e) for e in entries])
 
 
 @router.post("/capsules/{capsule_id}/files/mkdir", response_model=MkdirResponse)
-async def make_dir(capsule: TeamCapsule, body: PathRequest, ops: OpsDep, host: HostDep) -> MkdirResponse:
+async def make_dir(capsule: TeamCapsule, body: PathRequest, gateway: GatewayDep) -> MkdirResponse:
     """Creates parents too; an existing directory is fine."""
-    ops.require_running(capsule)
-    entry = await ops.guest(capsule.id, host.mkdir(capsule.id, guest_path(body.path)))
+    async with gateway.open(capsule) as guest:
+        entry = await guest.mkdir(guest_path(body.path))
     return MkdirResponse(entry=FileEntry.of(entry))
 
 
 @router.post("/capsules/{capsule_id}/files/remove", status_code=204, response_class=Response)
-async def remove(capsule: TeamCapsule, body: PathRequest, ops: OpsDep, host: HostDep) -> Response:
+async def remove(capsule: TeamCapsule, body: PathRequest, gateway: GatewayDep) -> Response:
     """A file, a symlink, or a directory with everything in it."""
-    ops.require_running(capsule)
-    path = guest_path(body.path)
-    if path == "/":
-        raise invalid("refusing to remove /")
-    await ops.guest(capsule.id, host.remove(capsule.id, path))
+    async with gateway.open(capsule) as guest:
+        path = guest_path(body.path)
+        if path == "/":
+            raise invalid("refusing to remove /")
+        await guest.remove(path)
     return Response(status_code=204)

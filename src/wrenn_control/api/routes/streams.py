@@ -40,13 +40,12 @@ import asyncio
 import base64
 import contextlib
 import logging
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, WebSocket
 
-from wrenn_control.api.deps import TeamInfo, _current_team
+from wrenn_control.api.deps import TeamInfo, team_for_api_key
 from wrenn_control.api.routes.tickets import team_from_ticket
 from wrenn_control.api.streams import (
     INTERNAL_ERROR,
@@ -65,53 +64,43 @@ from wrenn_control.api.streams import (
     split_bytes,
     split_text,
 )
-from wrenn_control.db.models import Capsule
 from wrenn_control.errors import APIError
-from wrenn_control.operations import CapsuleOps
-from wrenn_host.api import HostAgent, StreamEvent
+from wrenn_control.gateway import Guest, GuestGateway
+from wrenn_host.api import StreamEvent
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["streams"])
 
 FIRST_MESSAGE_TIMEOUT_SEC = 60
 PING_INTERVAL_SEC = 30
-TOUCH_INTERVAL_SEC = 1.0  # at most one last_active_at write per second per stream
 
 
 class _Stream:
-    """One accepted WebSocket on a capsule: auth, the capsule, activity bookkeeping."""
+    """One accepted WebSocket on a running capsule: the socket and the capsule's guest."""
 
-    def __init__(self, ws: WebSocket, *, fatal_errors: bool):
-        self.sock = Socket(ws, fatal_errors=fatal_errors)
-        self.ops: CapsuleOps = ws.app.state.ops
-        self.host: HostAgent = ws.app.state.host
-        self.capsule_id = ""
-        self._touched = 0.0
+    def __init__(self, sock: Socket, guest: Guest):
+        self.sock = sock
+        self.guest = guest
 
-    async def open(self, capsule_id: str) -> Capsule | None:
-        """Accept, check the key and the capsule; on failure tell the client and close."""
-        ws = self.sock.ws
+    @staticmethod
+    @contextlib.asynccontextmanager
+    async def open(ws: WebSocket, capsule_id: str, *, fatal_errors: bool) -> AsyncIterator[_Stream | None]:
+        """Accept, check the key and the capsule and open its guest for the time of the `async
+        with`; None (the client told, the socket closed) if any of that fails."""
+        sock = Socket(ws, fatal_errors=fatal_errors)
+        gateway: GuestGateway = ws.app.state.gateway
         await ws.accept()
-        try:
-            ticket = ws.query_params.get("ticket")
-            team: TeamInfo = (team_from_ticket(ws.app, ws.app.state.db, ticket) if ticket
-                              else await _current_team(ws.app.state.db, ws.headers.get("x-api-key")))
-            capsule = self.ops.get_for_team(team.id, capsule_id)
-        except APIError as exc:
-            await self.sock.fail(exc.message)
-            return None
-        self.capsule_id = capsule.id
-        if not self.ops.touch(capsule.id):
-            await self.sock.fail(f"capsule is {self.ops.status(capsule.id)}; it must be running")
-            return None
-        self._touched = time.monotonic()
-        return capsule
-
-    def touch(self, *, force: bool = False) -> None:
-        now = time.monotonic()
-        if force or now - self._touched >= TOUCH_INTERVAL_SEC:
-            self._touched = now
-            self.ops.touch(self.capsule_id)
+        async with contextlib.AsyncExitStack() as stack:
+            stream = None
+            try:
+                ticket = ws.query_params.get("ticket")
+                team: TeamInfo = (team_from_ticket(ws.app, ws.app.state.db, ticket) if ticket
+                                  else await team_for_api_key(ws.app.state.db, ws.headers.get("x-api-key")))
+                capsule = gateway.capsule(capsule_id, team.id)
+                stream = _Stream(sock, await stack.enter_async_context(gateway.open(capsule, activity=True)))
+            except APIError as exc:
+                await _fail(sock, exc)
+            yield stream
 
     async def first_message(self) -> Any:
         """The client's first message, or None (told and closed) if it never comes or is not JSON."""
@@ -130,12 +119,12 @@ class _Stream:
             return None
         return msg
 
-    async def guest(self, call: Awaitable[Any]) -> Any:
-        """`ops.guest` (errors translated, a lost VM recorded); raises APIError."""
-        return await self.ops.guest(self.capsule_id, call)
-
     async def fail(self, exc: APIError) -> None:
-        await self.sock.fail(exc.message, INTERNAL_ERROR if exc.status >= 500 else POLICY_VIOLATION)
+        await _fail(self.sock, exc)
+
+
+async def _fail(sock: Socket, exc: APIError) -> None:
+    await sock.fail(exc.message, INTERNAL_ERROR if exc.status >= 500 else POLICY_VIOLATION)
 
 
 async def _cancel(*tasks: asyncio.Task | None) -> None:
@@ -154,11 +143,11 @@ async def _cancel(*tasks: asyncio.Task | None) -> None:
 GONE = "gone"  # the client went away (or was dropped for not reading) while we sent it output
 
 
-async def _relay_output(st: _Stream, events: AsyncIterator[StreamEvent]) -> int | str | None:
+async def _relay_output(st: _Stream, events: AsyncGenerator[StreamEvent, None]) -> int | str | None:
     """Forward stdout/stderr as text messages; returns the exit code, GONE, or None if the stream
     ended without an exit code. Raises APIError if the guest fails."""
     text = {"stdout": TextStream(), "stderr": TextStream()}
-    async with contextlib.aclosing(st.ops.guest_stream(st.capsule_id, events)) as stream:  # type: ignore[type-var]
+    async with contextlib.aclosing(events) as stream:
         async for event in stream:
             if event.kind in text:
                 for piece in split_text(text[event.kind].feed(event.data)):
@@ -191,7 +180,7 @@ async def _follow(st: _Stream, target: int | str, *, owned: bool, timeout_sec: f
     """Stream a process until it exits. `owned` (exec/stream): `stop`, a timeout or the client
     leaving kill it, and it is removed from the process table once it has exited; otherwise those
     only detach."""
-    pump = asyncio.ensure_future(_relay_output(st, st.host.attach(st.capsule_id, target)))
+    pump = asyncio.ensure_future(_relay_output(st, st.guest.attach(target)))
     listen: asyncio.Task | None = asyncio.ensure_future(_client_commands(st))
     deadline = None if timeout_sec is None else asyncio.get_running_loop().time() + timeout_sec
     killed = False
@@ -201,7 +190,7 @@ async def _follow(st: _Stream, target: int | str, *, owned: bool, timeout_sec: f
         if not killed:
             killed = True
             with contextlib.suppress(APIError):
-                await st.guest(st.host.kill(st.capsule_id, target, "SIGKILL"))
+                await st.guest.kill(target, "SIGKILL")
 
     try:
         while True:
@@ -237,7 +226,7 @@ async def _follow(st: _Stream, target: int | str, *, owned: bool, timeout_sec: f
         await st.sock.close()
     finally:
         await _cancel(pump, listen)
-        st.touch(force=True)
+        st.guest.record_activity(force=True)
         if owned:
             await kill_quietly(st, target)
 
@@ -246,14 +235,17 @@ async def kill_quietly(st: _Stream, target: int | str) -> None:
     """Kill a process this stream started (the guest forgets it once it has exited), or forget
     it if it has exited already; errors do not matter here."""
     with contextlib.suppress(Exception):
-        await st.host.kill(st.capsule_id, target, "SIGKILL")
+        await st.guest.kill(target, "SIGKILL")
 
 
 @router.websocket("/capsules/{capsule_id}/exec/stream")
 async def exec_stream(websocket: WebSocket, capsule_id: str) -> None:
-    st = _Stream(websocket, fatal_errors=False)
-    if await st.open(capsule_id) is None:
-        return
+    async with _Stream.open(websocket, capsule_id, fatal_errors=False) as st:
+        if st is not None:
+            await _exec(st)
+
+
+async def _exec(st: _Stream) -> None:
     msg = await st.first_message()
     if msg is None:
         return
@@ -262,37 +254,37 @@ async def exec_stream(websocket: WebSocket, capsule_id: str) -> None:
     except BadMessage as exc:
         await st.sock.fail(str(exc))
         return
-    with st.ops.busy(st.capsule_id):
-        try:
-            info = await st.guest(st.host.spawn(st.capsule_id, start.cmd, start.args, envs=start.envs,
-                                                cwd=start.cwd, tag=start.tag))
-        except APIError as exc:
-            await st.fail(exc)
-            return
-        if not await st.sock.send_json({"type": "start", "pid": info.pid}):
-            await kill_quietly(st, info.pid)  # the client is gone already
-            return
-        await _follow(st, info.pid, owned=True, timeout_sec=start.timeout_sec)
+    try:
+        info = await st.guest.spawn(start.cmd, start.args, envs=start.envs, cwd=start.cwd, tag=start.tag)
+    except APIError as exc:
+        await st.fail(exc)
+        return
+    if not await st.sock.send_json({"type": "start", "pid": info.pid}):
+        await kill_quietly(st, info.pid)  # the client is gone already
+        return
+    await _follow(st, info.pid, owned=True, timeout_sec=start.timeout_sec)
 
 
 @router.websocket("/capsules/{capsule_id}/processes/{target}/stream")
 async def process_stream(websocket: WebSocket, capsule_id: str, target: str) -> None:
-    st = _Stream(websocket, fatal_errors=False)
-    if await st.open(capsule_id) is None:
-        return
+    async with _Stream.open(websocket, capsule_id, fatal_errors=False) as st:
+        if st is not None:
+            await _attach(st, target)
+
+
+async def _attach(st: _Stream, target: str) -> None:
     selector: int | str = int(target) if target.isdigit() else target
-    with st.ops.busy(st.capsule_id):
-        try:
-            procs = await st.guest(st.host.processes(st.capsule_id))
-        except APIError as exc:
-            await st.fail(exc)
-            return
-        match = [p for p in procs if selector in (p.pid, p.tag)]
-        if not match:
-            await st.sock.fail(f"no process {target!r}")
-            return
-        await st.sock.send_json({"type": "start", "pid": match[-1].pid})
-        await _follow(st, match[-1].pid, owned=False)
+    try:
+        procs = await st.guest.processes()
+    except APIError as exc:
+        await st.fail(exc)
+        return
+    match = [p for p in procs if selector in (p.pid, p.tag)]
+    if not match:
+        await st.sock.fail(f"no process {target!r}")
+        return
+    await st.sock.send_json({"type": "start", "pid": match[-1].pid})
+    await _follow(st, match[-1].pid, owned=False)
 
 
 # ---- terminals ------------------------------------------------------------------------------
@@ -300,8 +292,7 @@ async def process_stream(websocket: WebSocket, capsule_id: str, target: str) -> 
 
 async def _pty_output(st: _Stream, tag: str, send: Callable[[bytes], Awaitable[bool]]) -> int | str | None:
     """Forward terminal output; returns the exit code, GONE, or None (ended without one)."""
-    events = st.ops.guest_stream(st.capsule_id, st.host.pty_attach(st.capsule_id, tag))
-    async with contextlib.aclosing(events) as stream:  # type: ignore[type-var]
+    async with contextlib.aclosing(st.guest.pty_attach(tag)) as stream:
         async for event in stream:
             if event.kind == "output":
                 for piece in split_bytes(event.data):
@@ -325,15 +316,15 @@ async def _pty_input(st: _Stream, tag: str) -> None:
             continue
         if isinstance(command, Ignored):
             continue
-        st.touch()
+        st.guest.record_activity()
         try:
             if isinstance(command, PtyInput):
                 if command.data:
-                    await st.guest(st.host.pty_input(st.capsule_id, tag, command.data))
+                    await st.guest.pty_input(tag, command.data)
             elif isinstance(command, PtyResize):
-                await st.guest(st.host.pty_resize(st.capsule_id, tag, command.cols, command.rows))
+                await st.guest.pty_resize(tag, command.cols, command.rows)
             elif isinstance(command, PtyKill):
-                await st.guest(st.host.pty_kill(st.capsule_id, tag, "SIGKILL"))
+                await st.guest.pty_kill(tag, "SIGKILL")
         except APIError as exc:
             if exc.code == "not_found":  # the session has just exited: its exit event is on its way
                 continue
@@ -351,9 +342,12 @@ async def _pinger(st: _Stream) -> None:
 
 @router.websocket("/capsules/{capsule_id}/pty")
 async def pty(websocket: WebSocket, capsule_id: str, encoding: str | None = None) -> None:
-    st = _Stream(websocket, fatal_errors=True)
-    if await st.open(capsule_id) is None:
-        return
+    async with _Stream.open(websocket, capsule_id, fatal_errors=True) as st:
+        if st is not None:
+            await _terminal(st, encoding)
+
+
+async def _terminal(st: _Stream, encoding: str | None) -> None:
     msg = await st.first_message()
     if msg is None:
         return
@@ -369,50 +363,48 @@ async def pty(websocket: WebSocket, capsule_id: str, encoding: str | None = None
     else:
         send = st.sock.send_bytes
 
-    with st.ops.busy(st.capsule_id):
-        try:
-            if isinstance(request, PtyConnect):
-                sessions = await st.guest(st.host.pty_sessions(st.capsule_id))
-                match = [s for s in sessions if s.tag == request.tag]
-                if not match:
-                    await st.sock.fail(f"no PTY session with tag {request.tag!r}")
-                    return
-                tag, pid = match[-1].tag, match[-1].pid
-            else:
-                info = await st.guest(st.host.pty_start(
-                    st.capsule_id, request.cmd, request.args, cols=request.cols, rows=request.rows,
-                    envs=request.envs, cwd=request.cwd, tag=request.tag))
-                tag, pid = info.tag, info.pid
-        except APIError as exc:
-            await st.fail(exc)
-            return
-        if not await st.sock.send_json({"type": "started", "tag": tag, "pid": pid}):
-            return  # gone already: the session stays, for a later connect
-
-        output = asyncio.ensure_future(_pty_output(st, tag, send))
-        listen = asyncio.ensure_future(_pty_input(st, tag))
-        pinger = asyncio.ensure_future(_pinger(st))
-        try:
-            done, _ = await asyncio.wait({output, listen}, return_when=asyncio.FIRST_COMPLETED)
-            if output in done:
-                try:
-                    code = output.result()
-                except APIError as exc:
-                    await st.fail(exc)
-                    return
-                if code == GONE:  # the session lives on; a dropped slow client can connect again
-                    await st.sock.close()
-                    return
-                if code is None:
-                    await st.sock.fail("the terminal stream ended without an exit code", INTERNAL_ERROR)
-                    return
-                await st.sock.send_json({"type": "exit", "exit_code": code})
-                await st.sock.close()
+    try:
+        if isinstance(request, PtyConnect):
+            sessions = await st.guest.pty_sessions()
+            match = [s for s in sessions if s.tag == request.tag]
+            if not match:
+                await st.sock.fail(f"no PTY session with tag {request.tag!r}")
                 return
-            try:  # the client left (the session lives on) or the agent failed
-                listen.result()
+            tag, pid = match[-1].tag, match[-1].pid
+        else:
+            info = await st.guest.pty_start(request.cmd, request.args, cols=request.cols, rows=request.rows,
+                                            envs=request.envs, cwd=request.cwd, tag=request.tag)
+            tag, pid = info.tag, info.pid
+    except APIError as exc:
+        await st.fail(exc)
+        return
+    if not await st.sock.send_json({"type": "started", "tag": tag, "pid": pid}):
+        return  # gone already: the session stays, for a later connect
+
+    output = asyncio.ensure_future(_pty_output(st, tag, send))
+    listen = asyncio.ensure_future(_pty_input(st, tag))
+    pinger = asyncio.ensure_future(_pinger(st))
+    try:
+        done, _ = await asyncio.wait({output, listen}, return_when=asyncio.FIRST_COMPLETED)
+        if output in done:
+            try:
+                code = output.result()
             except APIError as exc:
                 await st.fail(exc)
-        finally:
-            await _cancel(output, listen, pinger)
-            st.touch(force=True)
+                return
+            if code == GONE:  # the session lives on; a dropped slow client can connect again
+                await st.sock.close()
+                return
+            if code is None:
+                await st.sock.fail("the terminal stream ended without an exit code", INTERNAL_ERROR)
+                return
+            await st.sock.send_json({"type": "exit", "exit_code": code})
+            await st.sock.close()
+            return
+        try:  # the client left (the session lives on) or the agent failed
+            listen.result()
+        except APIError as exc:
+            await st.fail(exc)
+    finally:
+        await _cancel(output, listen, pinger)
+        st.guest.record_activity(force=True)

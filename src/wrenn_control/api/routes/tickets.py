@@ -11,7 +11,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request, Security
 from pydantic import BaseModel
 
-from wrenn_control.api.deps import BearerDep, DatabaseDep, TeamInfo, _team_from_key_or_token, api_key_header
+from wrenn_control.api.deps import BearerDep, DatabaseDep, TeamInfo, team_from_key_or_token, api_key_header
 from wrenn_control.db.models import Team
 from wrenn_control.errors import APIError
 from wrenn_control.events import actor, current_actor
@@ -34,7 +34,7 @@ def ticket_store(app) -> TicketStore:  # type: ignore[no-untyped-def]
 
 
 @router.post("/auth/ticket", status_code=201, response_model=TicketOut)
-async def create_ticket(request: Request, team: Annotated[TeamInfo, Depends(_team_from_key_or_token)]) -> TicketOut:
+async def create_ticket(request: Request, team: Annotated[TeamInfo, Depends(team_from_key_or_token)]) -> TicketOut:
     """A ticket for the caller's team, to open one stream with `?ticket=` within `expires_in` s."""
     store = ticket_store(request.app)
     return TicketOut(ticket=store.issue(team.id, actor()), expires_in=int(store.ttl_sec))
@@ -60,7 +60,7 @@ async def _stream_team(request: Request, db: DatabaseDep, creds: BearerDep,
                        ticket: Annotated[str | None, Query(description="from POST /v1/auth/ticket")] = None) -> TeamInfo:
     if ticket:
         return team_from_ticket(request.app, db, ticket)
-    return await _team_from_key_or_token(request, db, creds, key)
+    return await team_from_key_or_token(request, db, creds, key)
 
 
 # The team of a streaming route's caller: `?ticket=`, else X-API-Key or a Bearer token.

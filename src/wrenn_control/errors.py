@@ -59,6 +59,8 @@ def invalid_state(message: str) -> APIError:
 
 
 def agent_error(exc: HostAgentError | str) -> APIError:
+    if not isinstance(exc, str) and exc.code == "host_unavailable":  # a remote host did not answer
+        return APIError(503, "host_unavailable", exc.message)
     return APIError(502, "agent_error", exc if isinstance(exc, str) else exc.message)
 
 
@@ -157,7 +159,8 @@ async def _host_error(_: Request, exc: Exception) -> JSONResponse:
     if isinstance(exc, GuestError) and not isinstance(exc, CapsuleNotFound):
         api = from_guest_error(exc)
         return error_response(api.status, api.code, api.message)
-    return error_response(502, "agent_error", exc.message)
+    api = agent_error(exc)
+    return error_response(api.status, api.code, api.message)
 
 
 async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -262,3 +262,16 @@ def test_json_log_lines() -> None:
     line = json.loads(JsonLines().format(record))
     assert (line["level"], line["logger"], line["message"]) == ("warning", "wrenn.host", "beat x failed")
     assert line["ts"].endswith("Z")
+
+
+async def test_an_unreachable_host_is_503_host_unavailable_in_the_api(tmp_path) -> None:
+    from tests.unit.fake_host_agent import assert_error, make_settings, running_app
+
+    async with running_app(make_settings(tmp_path)) as h:
+        cap = await h.running_capsule()
+        h.fake.fail("exec", HostUnreachable("host agent at http://10.0.0.9:9090 is unavailable"), times=None)
+        h.fake.fail("get", HostUnreachable("host agent at http://10.0.0.9:9090 is unavailable"), times=None)
+        err = assert_error(await h.client.post(f"/v1/capsules/{cap['id']}/exec", json={"cmd": "true"}),
+                           503, "host_unavailable")
+        assert "unavailable" in err["message"]
+        assert (await h.client.get(f"/v1/capsules/{cap['id']}")).json()["status"] == "running"

@@ -681,7 +681,37 @@ async def running_app(settings: Any, fake: FakeHostAgent | None = None) -> _Asyn
     from wrenn_control.app import create_app
 
     fake = fake or FakeHostAgent()
-    app = create_app(settings, fake)
+    async with _host_for(fake) as host:
+        app = create_app(settings, host)
+        async with _lifespan(app, settings, fake) as harness:
+            yield harness
+
+
+@contextlib.asynccontextmanager
+async def _host_for(fake: FakeHostAgent) -> _AsyncIterator[HostAgent]:
+    """The fake itself, or (WRENN_TEST_HOST=remote) a RemoteHostAgent over loopback HTTP to the
+    host agent service wrapping it: the control plane's tests then cross the wire protocol."""
+    import os
+
+    if os.environ.get("WRENN_TEST_HOST") != "remote":
+        yield fake
+        return
+    from tests.hostservice import serving
+    from wrenn_control.hosts.remote import RemoteHostAgent
+    from wrenn_host.service.book import Book
+
+    # The fake is started by the control plane's first `start`, as the in-process one is.
+    async with serving(fake, book=Book(fake), on_start=fake.start) as (url, token, _):
+        remote = RemoteHostAgent(url, token)
+        try:
+            yield remote
+        finally:
+            await remote.close()  # the client only; the host agent process stops with the test's server:
+            await fake.close()
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: Any, settings: Any, fake: FakeHostAgent) -> _AsyncIterator[Harness]:
     async with app.router.lifespan_context(app):
         key = settings.bootstrap_api_key or app.state.bootstrap_key
         harness = Harness(app, fake, settings, key, None)  # type: ignore[arg-type]

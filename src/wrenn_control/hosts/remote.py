@@ -7,6 +7,7 @@ timed out) raises `HostUnreachable` (code ``host_unavailable``).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 from collections.abc import AsyncIterator
@@ -79,10 +80,12 @@ class RemoteHostAgent(api.HostAgent):
 
     @contextlib.asynccontextmanager
     async def _stream(self, method: str, *, json_body: dict | None = None, params: dict | None = None,
-                      content: Any = None, read: float | None = None) -> AsyncIterator[httpx.Response]:
+                      content: Any = None, read: float | None = None,
+                      headers: dict[str, str] | None = None) -> AsyncIterator[httpx.Response]:
         try:
             req = self._http.build_request("POST", f"/host/v1/{method}", json=json_body, params=params,
-                                           content=content, timeout=httpx.Timeout(read, connect=CONNECT_TIMEOUT))
+                                           content=content, headers=headers,
+                                           timeout=httpx.Timeout(read, connect=CONNECT_TIMEOUT))
             resp = await self._http.send(req, stream=True)
         except httpx.TransportError as exc:
             raise self._unreachable(exc) from exc
@@ -251,6 +254,25 @@ class RemoteHostAgent(api.HostAgent):
 
     async def metrics(self, capsule_id: str) -> api.CapsuleMetrics:
         return await self._call("metrics", capsule_id)
+
+    # ---- moving templates and paused capsules between hosts --------------------------------------
+
+    async def archive_manifest(self, kind: str, object_id: str) -> api.ArchiveManifest:
+        return await self._call("archive_manifest", kind, object_id, timeout=600.0)  # hashes GiBs
+
+    async def read_archive(self, kind: str, object_id: str) -> AsyncIterator[bytes]:  # type: ignore[override]
+        body = wire.encode_args("read_archive", (kind, object_id), {})
+        async with self._stream("read_archive", json_body=body, read=300.0) as resp:
+            async for chunk in resp.aiter_raw():
+                if chunk:
+                    yield chunk
+
+    async def write_archive(self, kind: str, object_id: str, data: AsyncIterator[bytes],
+                            manifest: api.ArchiveManifest) -> None:
+        header = base64.urlsafe_b64encode(json.dumps(api.to_wire(manifest)).encode()).decode()
+        async with self._stream("write_archive", params={"kind": kind, "object_id": object_id}, content=data,
+                                headers={"X-Wrenn-Manifest": header}, read=600.0) as resp:
+            await resp.aread()
 
     # ---- ports ---------------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ only forwards calls.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hmac
 import json
@@ -129,6 +130,11 @@ def create_app(agent: api.HostAgent, control_token: str, *, book: Book | None = 
             book.template_ids.add(kwargs["template_id"])
         if method == "delete_template":
             book.template_ids.discard(kwargs["template_id"])
+        if method == "write_archive":  # a template or paused capsule moved here from another host
+            if kwargs["kind"] == "template":
+                book.template_ids.add(kwargs["object_id"])
+            else:
+                book.saw_capsule(kwargs["object_id"])
 
     @app.get("/host/v1/health")
     async def health() -> Any:
@@ -226,6 +232,59 @@ def create_app(agent: api.HostAgent, control_token: str, *, book: Book | None = 
         except Exception as exc:  # noqa: BLE001
             # Read what the client still sends, so that it gets to read this answer.
             with contextlib.suppress(Exception):
+                async for _ in stream:
+                    pass
+            return _error(exc)
+
+    @app.post("/host/v1/read_archive")
+    async def read_archive(request: Request) -> Any:
+        """A template or paused capsule as one archive stream (wrenn_host/archive.py), for another
+        host; errors before the first byte are a JSON error, a failure later cuts it short (the
+        receiver then refuses it: every file is checked against the manifest)."""
+        chunks = None
+        try:
+            kwargs = wire.decode_args("read_archive", await _json(request))
+            chunks = agent.read_archive(**kwargs)
+            try:
+                first = await anext(chunks)
+            except StopAsyncIteration:
+                first = b""
+        except Exception as exc:  # noqa: BLE001
+            if chunks is not None:
+                await chunks.aclose()
+            return _error(exc)
+
+        async def body() -> AsyncIterator[bytes]:
+            async with contextlib.aclosing(chunks):
+                if first:
+                    yield first
+                async for chunk in chunks:
+                    yield chunk
+
+        return StreamingResponse(body(), media_type="application/octet-stream")
+
+    @app.post("/host/v1/write_archive")
+    async def write_archive(request: Request, kind: str, object_id: str) -> Any:
+        """The archive another host's read_archive sent, as the streamed request body; its manifest
+        in the `X-Wrenn-Manifest` header (JSON, base64url)."""
+        stream = request.stream()
+
+        async def chunks() -> AsyncIterator[bytes]:
+            async for chunk in stream:
+                if chunk:
+                    yield chunk
+
+        try:
+            try:
+                raw = base64.urlsafe_b64decode(request.headers.get("x-wrenn-manifest", ""))
+                manifest = api.from_wire(api.ArchiveManifest, json.loads(raw))
+            except ValueError as exc:
+                raise wire.InvalidCall(f"write_archive: a manifest is needed (X-Wrenn-Manifest): {exc}") from exc
+            await call("write_archive", {"kind": kind, "object_id": object_id, "data": chunks(),
+                                         "manifest": manifest})
+            return None
+        except Exception as exc:  # noqa: BLE001
+            with contextlib.suppress(Exception):  # read the rest, so the sender gets to read this answer
                 async for _ in stream:
                     pass
             return _error(exc)

@@ -21,7 +21,7 @@ from wrenn_host import api
 from wrenn_host.network.policy import EgressPolicy
 
 # Methods whose answer is a stream, or whose input is: they have routes of their own.
-STREAMS = {"attach", "pty_attach", "read_file_stream", "write_file", "tcp_connect"}
+STREAMS = {"attach", "pty_attach", "read_file_stream", "write_file", "tcp_connect", "read_archive", "write_archive"}
 # Not calls on the host: `close` ends the client only; `start` is the service's own (app.py).
 LOCAL_ONLY = {"close"}
 

@@ -42,10 +42,16 @@ def api(fleet: Fleet) -> Iterator[httpx.Client]:
 
 
 def create(api: httpx.Client, **body) -> dict:
+    """A running capsule (a host's first create of a shape may answer `starting`: then polled)."""
     r = api.post("/v1/capsules", json={"template": "minimal", **body})
     assert r.status_code == 201, r.text
     cap = r.json()
-    assert cap["status"] == "running", cap
+    deadline = time.monotonic() + 300
+    while cap["status"] != "running":
+        assert cap["status"] in ("pending", "starting") and time.monotonic() < deadline, cap
+        time.sleep(0.5)
+        cap = api.get(f"/v1/capsules/{cap['id']}").json()
+    assert cap["host_id"], cap
     return cap
 
 

@@ -61,7 +61,7 @@ def source(api: Api) -> dict[str, Any]:
     cid = cap["id"]
     api.sh(cid, "echo on-disk > /root/state.txt; echo in-ram > /dev/shm/state.txt")
     started = api.post(f"/v1/capsules/{cid}/exec", json={
-        "cmd": "/bin/sh", "args": ["-c", "while true; do date +%s%N > /tmp/tick; sleep 0.2; done"],
+        "cmd": "/bin/sh", "args": ["-c", "while true; do date +%s%N > /tmp/tick.new; mv /tmp/tick.new /tmp/tick; sleep 0.2; done"],
         "background": True, "tag": "ticker"})
     assert started.status_code == 202, started.text
     name = _name("api-snap")

@@ -93,9 +93,15 @@ class LoadBalancer:
             except (OSError, RuntimeError):
                 pass
 
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        # When the replica's side ends (it answered and closed, or it died), the client's side is
+        # closed too, as a load balancer does, so no client keeps a connection to a dead replica.
+        down = asyncio.ensure_future(pipe(up_reader, writer))
+        up = asyncio.ensure_future(pipe(reader, up_writer))
+        await asyncio.wait({down, up}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({down}, timeout=5)
         for w in (writer, up_writer):
             w.close()
+        up.cancel()
 
     def close(self) -> None:
         def stop() -> None:

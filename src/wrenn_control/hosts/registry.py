@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import time
 from collections.abc import Callable
 
 from sqlalchemy import select
@@ -23,6 +24,7 @@ from wrenn_host.api import HostAgent, HostAgentError
 log = logging.getLogger(__name__)
 AgentFactory = Callable[[str, str], HostAgent]  # (address, control_token) -> a client
 OFFLINE = "offline"
+RECHECK_SEC = 0.5
 
 
 class HostNotServing(HostUnavailable):
@@ -54,6 +56,7 @@ class FleetDirectory(HostDirectory):
         self._agents: dict[str, tuple[tuple[str, str], HostAgent]] = {}
         self._status: dict[str, str] = {}
         self._retired: list[HostAgent] = []  # replaced or removed, closed at `close()`
+        self._rechecked: dict[str, float] = {}  # host id -> when its offline status was last asked
 
     def refresh(self) -> None:
         """Re-read the hosts table (blocking: run it in a thread from async code). The maps are
@@ -93,9 +96,21 @@ class FleetDirectory(HostDirectory):
         entry = self._agents.get(host_id)
         if entry is None:
             raise HostNotServing(host_id, "it is not registered")
-        if self._status.get(host_id) == OFFLINE:
+        if self._status.get(host_id) == OFFLINE and self._still_offline(host_id):
             raise HostNotServing(host_id, "it is offline (it missed its heartbeats)")
         return entry[1]
+
+    def _still_offline(self, host_id: str) -> bool:
+        """Asks the database (at most twice a second per host): a host back through another
+        replica's heartbeat is served at once, not after this replica's next refresh."""
+        now = time.monotonic()
+        if now - self._rechecked.get(host_id, 0.0) >= RECHECK_SEC:
+            self._rechecked[host_id] = now
+            with self.db.session() as s:
+                status = s.scalar(select(Host.status).where(Host.id == host_id))
+            if status is not None and status != OFFLINE:
+                self.mark(host_id, status)
+        return self._status.get(host_id) == OFFLINE
 
     def all(self) -> list[tuple[str, HostAgent]]:
         """Every registered host that is not offline."""

@@ -95,11 +95,22 @@ class RoutingHostAgent(HostAgent):
         """HostUnreachable if the capsule's host is offline or unknown (CapsuleOps asks first)."""
         self._to(capsule_id)
 
-    def _online(self) -> list[tuple[str, HostAgent]]:
+    async def _online(self) -> list[tuple[str, HostAgent]]:
+        """The hosts not offline. None in this replica's copy of the hosts table (it re-reads it
+        every second): read it now, since hosts may have registered through another replica."""
         hosts = self.directory.all()
+        if not hosts:
+            await asyncio.to_thread(self.directory.refresh)
+            hosts = self.directory.all()
         if not hosts:
             raise HostUnreachable("no host is online")
         return hosts
+
+    async def _online_or_none(self) -> list[tuple[str, HostAgent]]:
+        try:
+            return await self._online()
+        except HostUnreachable:
+            return []
 
     # ---- the fleet as a whole -----------------------------------------------------------
 
@@ -116,7 +127,7 @@ class RoutingHostAgent(HostAgent):
     async def limits(self) -> HostLimits:
         """The largest shape some host takes (each host checks its own on create)."""
         found: list[HostLimits] = []
-        for hid, agent in self._online():
+        for hid, agent in await self._online():
             try:
                 found.append(await agent.limits())
             except HostAgentError as exc:
@@ -134,7 +145,7 @@ class RoutingHostAgent(HostAgent):
     async def builtin_templates(self) -> list[TemplateRuntime]:
         """Those of the hosts online (the last ones known while none is; none ever: 503)."""
         seen: dict[str, TemplateRuntime] = {}
-        for hid, agent in self.directory.all():
+        for hid, agent in await self._online_or_none():
             try:
                 for t in await agent.builtin_templates():
                     seen.setdefault(t.template_id, t)
@@ -148,7 +159,7 @@ class RoutingHostAgent(HostAgent):
 
     async def delete_template(self, template_id: str) -> None:
         deleted = False
-        for _, agent in self.directory.all():
+        for _, agent in await self._online_or_none():
             try:
                 await agent.delete_template(template_id)
                 deleted = True
@@ -158,7 +169,7 @@ class RoutingHostAgent(HostAgent):
             raise TemplateNotFound(f"no template {template_id}")
 
     async def template_info(self, template_id: str) -> TemplateRuntime:
-        for _, agent in self.directory.all():
+        for _, agent in await self._online_or_none():
             try:
                 return await agent.template_info(template_id)
             except TemplateNotFound:
@@ -247,7 +258,11 @@ class RoutingHostAgent(HostAgent):
         return await self._routed(capsule_id, lambda agent: agent.get(capsule_id))
 
     async def snapshot(self, capsule_id: str, template_id: str) -> TemplateRuntime:
-        return await self._routed(capsule_id, lambda agent: agent.snapshot(capsule_id, template_id))
+        made = await self._routed(capsule_id, lambda agent: agent.snapshot(capsule_id, template_id))
+        host_id = self._host_of.get(capsule_id)
+        if host_id is not None:  # placement may send a create from it elsewhere before the next heartbeat
+            await asyncio.to_thread(self._note_template, host_id, template_id)
+        return made
 
     async def exec(self, capsule_id: str, *args: Any, **kwargs: Any) -> Any:
         return await self._routed(capsule_id, lambda agent: agent.exec(capsule_id, *args, **kwargs))

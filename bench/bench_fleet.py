@@ -63,7 +63,8 @@ def burst(fleet: Fleet, count: int, parallel: int) -> None:
     def one(_: int) -> tuple[str, str]:
         with fleet.client(timeout=600) as c:
             r = c.post("/v1/capsules", json={"template": "minimal", "timeout_sec": 0})
-            r.raise_for_status()
+            if r.status_code != 201:
+                raise RuntimeError(f"create {r.status_code}: {r.text}")
             return r.json()["id"], r.json()["host_id"]
 
     t = time.perf_counter()
@@ -105,7 +106,14 @@ def main(args: argparse.Namespace) -> None:
         stop_server(server, ids)
 
     t = time.perf_counter()
-    with Fleet(hosts=3, replicas=2) as fleet:
+    # Three "hosts" share this machine's 2 cores and 24 GiB: placement's default allowance
+    # (4 vCPUs per core, memory 1:1) would stop at 24 capsules; idle capsules cost little.
+    # The team's default quotas (50 capsules, 100 vCPUs, 100 GiB) are raised to fit the burst.
+    quota = args.burst + 20
+    with Fleet(hosts=3, replicas=2, env={"WRENN_OVERCOMMIT_VCPU": str(args.overcommit_vcpu),
+                                         "WRENN_OVERCOMMIT_MEMORY": str(args.overcommit_memory),
+                                         "WRENN_TEAM_MAX_CAPSULES": str(quota), "WRENN_TEAM_MAX_VCPUS": str(quota),
+                                         "WRENN_TEAM_MAX_MEMORY_MB": str(quota * 512)}) as fleet:
         print(f"fleet up in {time.perf_counter() - t:.1f} s (3 hosts, 2 replicas, PostgreSQL)")
         with fleet.client() as c:
             lifecycle(c, 3)  # warm-up: each host's first restore
@@ -126,4 +134,6 @@ if __name__ == "__main__":
     p.add_argument("--n", type=int, default=10, help="capsules per side for create/exec timings")
     p.add_argument("--burst", type=int, default=200, help="creates spread over the fleet")
     p.add_argument("--parallel", type=int, default=8, help="creates in flight at once in the burst")
+    p.add_argument("--overcommit-vcpu", type=float, default=100.0, help="WRENN_OVERCOMMIT_VCPU for the fleet")
+    p.add_argument("--overcommit-memory", type=float, default=2.0, help="WRENN_OVERCOMMIT_MEMORY for the fleet")
     main(p.parse_args())

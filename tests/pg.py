@@ -10,11 +10,12 @@ import itertools
 import os
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from tests.conftest import _free_port
 
 
 class PostgresUnavailable(Exception):
@@ -30,12 +31,6 @@ def _pg_bindir() -> Path | None:
     found += [Path(p).parent for p in [shutil.which("initdb")] if p]
     found.sort(key=lambda d: [int(x) for x in re.findall(r"\d+", str(d))] or [0])
     return found[-1] if found else None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclasses.dataclass

@@ -193,13 +193,14 @@ def create_app(agent: api.HostAgent, control_token: str, *, book: Book | None = 
 
         return StreamingResponse(lines(), media_type=NDJSON)
 
-    @app.post("/host/v1/read_file_stream")
-    async def read_file_stream(request: Request) -> Any:
+    async def _bytes_out(method: str, request: Request) -> Any:
+        """A method whose answer is bytes (read_file_stream, read_archive), chunked: an error
+        before the first byte is a JSON error, a failure later cuts the response short."""
         chunks = None
         try:
-            kwargs = wire.decode_args("read_file_stream", await _json(request))
-            chunks = agent.read_file_stream(**kwargs)
-            try:  # the first chunk says whether there is a file to send
+            kwargs = wire.decode_args(method, await _json(request))
+            chunks = getattr(agent, method)(**kwargs)
+            try:  # the first chunk says whether there is anything to send
                 first = await anext(chunks)
             except StopAsyncIteration:
                 first = b""
@@ -216,6 +217,10 @@ def create_app(agent: api.HostAgent, control_token: str, *, book: Book | None = 
                     yield chunk
 
         return StreamingResponse(body(), media_type="application/octet-stream")
+
+    @app.post("/host/v1/read_file_stream")
+    async def read_file_stream(request: Request) -> Any:
+        return await _bytes_out("read_file_stream", request)
 
     @app.post("/host/v1/write_file")
     async def write_file(request: Request, capsule_id: str, path: str) -> Any:
@@ -239,29 +244,8 @@ def create_app(agent: api.HostAgent, control_token: str, *, book: Book | None = 
     @app.post("/host/v1/read_archive")
     async def read_archive(request: Request) -> Any:
         """A template or paused capsule as one archive stream (wrenn_host/archive.py), for another
-        host; errors before the first byte are a JSON error, a failure later cuts it short (the
-        receiver then refuses it: every file is checked against the manifest)."""
-        chunks = None
-        try:
-            kwargs = wire.decode_args("read_archive", await _json(request))
-            chunks = agent.read_archive(**kwargs)
-            try:
-                first = await anext(chunks)
-            except StopAsyncIteration:
-                first = b""
-        except Exception as exc:  # noqa: BLE001
-            if chunks is not None:
-                await chunks.aclose()
-            return _error(exc)
-
-        async def body() -> AsyncIterator[bytes]:
-            async with contextlib.aclosing(chunks):
-                if first:
-                    yield first
-                async for chunk in chunks:
-                    yield chunk
-
-        return StreamingResponse(body(), media_type="application/octet-stream")
+        host (a stream cut short is refused there: every file is checked against the manifest)."""
+        return await _bytes_out("read_archive", request)
 
     @app.post("/host/v1/write_archive")
     async def write_archive(request: Request, kind: str, object_id: str) -> Any:

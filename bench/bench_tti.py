@@ -41,7 +41,7 @@ VENV = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "wren
 DRIVER = r'''
 import json, os, sys, threading, time
 import httpx
-from wrenn import Capsule
+from wrenn import Capsule, WrennClient
 n, gap, bursts = int(sys.argv[1]), float(sys.argv[2]), [int(b) for b in sys.argv[3].split(",") if b]
 spares = int(sys.argv[4])
 
@@ -60,9 +60,13 @@ def tti(start):
     assert r.stdout.strip() == "ok", r
     return c, ms
 
-out = {"sequential": [], "bursts": {}}
+out = {"sequential": [], "bursts": {}, "client_setup": []}
 tti(time.perf_counter())[0].destroy()  # warm: first create of the shape, imports, connections
 settle()
+for _ in range(n):  # what each Capsule(...) spends making its own client, before any request
+    t = time.perf_counter()
+    WrennClient().close()
+    out["client_setup"].append((time.perf_counter() - t) * 1000)
 for _ in range(n):
     c, ms = tti(time.perf_counter())
     out["sequential"].append(ms)
@@ -188,6 +192,12 @@ def main(args: argparse.Namespace) -> None:
     for name, res in results.items():
         seq = res["sequential"]
         print(line(f"{name}: sequential", seq, fl, "floor"))
+        setup = res.get("client_setup") or []
+        if setup:
+            # Client-side, before any request reaches the server: the SDK's own cost in each TTI.
+            print(line(f"  {name}: client set-up (in each TTI)", setup))
+            print(line(f"  {name}: sequential less client set-up", [v - statistics.median(setup) for v in seq],
+                       fl, "floor"))
         for size, b in res["bursts"].items():
             print(line(f"{name}: burst of {size}", b["ms"], statistics.median(seq), "sequential"))
             if b["errors"]:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import functools
 import os
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -43,6 +45,13 @@ T = TypeVar("T")
 def _path(template: str, *parts: str | int) -> str:
     """Fill path parameters, escaped so an id or name can never change the route."""
     return template.format(*(quote(str(p), safe="") for p in parts))
+
+
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    """One TLS context per process, shared by every client: building one (loading the CA bundle)
+    costs ~20 ms, and `Capsule(...)` makes a client each time. Contexts are safe to share."""
+    return httpx.create_ssl_context()
 
 
 @dataclass(frozen=True)
@@ -302,6 +311,7 @@ class _BaseClient:
             "base_url": self._base_url + "/",
             "headers": {"X-API-Key": self._api_key, "User-Agent": "wrenn-python"},
             "timeout": self._timeout,
+            "verify": _tls_context(),
         }
 
     @staticmethod

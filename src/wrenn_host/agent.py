@@ -159,12 +159,14 @@ class LocalHostAgent(GuestCalls, api.HostAgent):
     def _template_in_use(self, template_dir: Path) -> bool:
         return any(c.meta is not None and c.meta.template_dir == str(template_dir) for c in self._capsules.values())
 
-    def _runtime(self, cap: LocalCapsule) -> api.CapsuleRuntime:
+    def _runtime(self, cap: LocalCapsule, *, handed_over: bool = False) -> api.CapsuleRuntime:
         assert cap.meta is not None and cap.snapshot is not None
         metadata = {"kernel_version": cap.meta.kernel_version, "vmm_version": self._vmm_label,
                     "agent_version": cap.meta.agent_version, "accelerator": cap.snapshot.spec.accel}
+        used, size = cap.warm_disk if handed_over and cap.warm_disk else (None, None)
         return api.CapsuleRuntime(cap.id, cap.state(), cap.meta.template_id,
-                                  cap.meta.vcpus, cap.meta.memory_mb, metadata)
+                                  cap.meta.vcpus, cap.meta.memory_mb, metadata,
+                                  disk_used_bytes=used, disk_size_bytes=size)
 
     def _guest(self, capsule_id: str) -> GuestClient:
         cap = self._get(capsule_id)
@@ -198,7 +200,7 @@ class LocalHostAgent(GuestCalls, api.HostAgent):
         if spare is not None:
             cap = await hand_over(spare, capsule_id, template_id, policy, self._register, self._discard_quietly)
             if cap is not None:
-                return self._runtime(cap)
+                return self._runtime(cap, handed_over=True)
         meta = CapsuleMeta(capsule_id, template_id, str(snap.dir), snap.spec.vcpus, snap.spec.memory_mb,
                            snap.kernel_version, network=policy.to_dict())
         cap = LocalCapsule(capsule_id, self.host, meta, snap)

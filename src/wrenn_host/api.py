@@ -75,6 +75,11 @@ class CapsuleRuntime:
     vcpus: int
     memory_mb: int
     metadata: dict[str, str] = dataclasses.field(default_factory=dict)  # kernel_version, vmm_version, agent_version
+    # The guest's root filesystem, when the host knows it without asking the guest: a create
+    # served from a spare VM (measured as the spare was warmed; a fresh clone's disk is the
+    # template's). Saves the control plane a guest call on the first GET.
+    disk_used_bytes: int | None = None
+    disk_size_bytes: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -98,6 +98,7 @@ class LocalCapsule:
         self.guest: GuestClient | None = None
         self.serial: SerialLog | None = None  # copies the console into the capped serial.log
         self.slot: Slot | None = None  # its network namespace, while the VM runs
+        self.warm_disk: tuple[int, int] | None = None  # (used, size) bytes, measured by a spare's warm-up
         self.lock = asyncio.Lock()  # one lifecycle operation at a time
 
     @classmethod

@@ -263,7 +263,10 @@ async def boot_spare(host: HostResources, spare_id: str, snap: TemplateSnapshot,
         # the file ops' first lookups (NSS for owner names).
         await cap.guest.call("exec", cmd="/bin/sh", args=["-c", "echo ok"], envs={}, cwd=None, timeout_sec=30)
         await cap.guest.call("list", path="/", depth=1)
-        await cap.guest.call("metrics")  # GET of one capsule asks for its disk usage
+        res, _ = await cap.guest.call("metrics")  # GET of one capsule asks for its disk usage
+        used, size = res.get("disk_bytes"), res.get("disk_size_bytes")
+        if isinstance(used, int) and isinstance(size, int):
+            cap.warm_disk = (used, size)  # the template's disk: nothing has written to the clone yet
     except BaseException:
         await discard(cap)
         raise

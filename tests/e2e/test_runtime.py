@@ -183,6 +183,23 @@ async def test_destroy_leaves_nothing(host_agent):
     await host_agent.destroy(cid)  # idempotent
 
 
+async def test_a_create_from_a_spare_tells_its_disk_figures(host_agent):
+    """Served from a spare VM, a create says what the guest's disk holds: its first GET then
+    needs no guest call."""
+    assert await host_agent.spares.wait_full(60)
+    cid = new_id()
+    runtime = await host_agent.create(cid, "minimal", None, None)
+    try:
+        measured = await host_agent.metrics(cid)
+        assert runtime.disk_size_bytes == measured.disk_size_bytes
+        assert runtime.disk_used_bytes is not None and measured.disk_bytes is not None
+        assert abs(runtime.disk_used_bytes - measured.disk_bytes) < 1024 * 1024
+        await sh(host_agent, cid, "head -c 8388608 /dev/urandom > /root/blob && sync")
+        assert (await host_agent.metrics(cid)).disk_bytes >= runtime.disk_used_bytes + 7 * 1024 * 1024
+    finally:
+        await host_agent.destroy(cid)
+
+
 async def test_base_python_template(host_agent):
     cid = new_id()
     await host_agent.create(cid, "base-python", None, None)

@@ -115,6 +115,8 @@ class FakeHostAgent(HostAgent):
         self.ptys: dict[tuple[str, str], FakePty] = {}
         self._next_pid = 100
         self.metrics_values: dict[str, dict[str, Any] | Exception] = {}
+        # Disk figures a create gives, as the real agent does for a capsule served from a spare.
+        self.create_disk: tuple[int, int] | None = None
         self.metrics_delays: dict[str, float] = {}
         # tcp_connect(capsule_id, port) reaches 127.0.0.1:forwards[(capsule_id, port)]; others: refused
         self.forwards: dict[tuple[str, int], int] = {}
@@ -221,6 +223,9 @@ class FakeHostAgent(HostAgent):
         self._limits.check(cap.vcpus, cap.memory_mb)
         cap.network = network or EgressPolicy()
         self.capsules[capsule_id] = cap
+        if self.create_disk is not None:
+            return dataclasses.replace(cap.runtime(), disk_used_bytes=self.create_disk[0],
+                                       disk_size_bytes=self.create_disk[1])
         return cap.runtime()
 
     async def update_network(self, capsule_id: str, policy: EgressPolicy) -> None:

@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+from wrenn_control import operations
 from wrenn_host.api import HostAgentError, VMMError
 
 from .fake_host_agent import TS_RE, assert_error, make_settings, running_app
@@ -175,6 +176,29 @@ async def test_get_one_has_disk_fields_and_404s(h):
     assert got["id"] == c["id"]
     assert got["disk_used_mb"] == 3 and got["disk_size_mb"] == 2048
     assert_error(await h.client.get("/v1/capsules/cl-doesnotexist000000000000"), 404, "not_found")
+
+
+async def test_get_reuses_disk_figures_for_a_few_seconds(h, monkeypatch):
+    c = await h.running_capsule()
+    first = (await h.client.get(f"/v1/capsules/{c['id']}")).json()
+    h.fake.capsules[c["id"]].files["/home/user/big"] = b"x" * (5 * 1024 * 1024)
+    again = (await h.client.get(f"/v1/capsules/{c['id']}")).json()
+    # A poll does not ask the guest each time: the figures of a moment ago are reused...
+    assert again["disk_used_mb"] == first["disk_used_mb"] == 3
+    assert h.fake.ops("metrics").count(c["id"]) == 1
+    # ...but only for a while: then the guest is asked again and the new file shows.
+    monkeypatch.setattr(operations, "DISK_FRESH_SEC", 0.0)
+    later = (await h.client.get(f"/v1/capsules/{c['id']}")).json()
+    assert later["disk_used_mb"] == 8 and later["disk_size_mb"] == 2048
+    assert h.fake.ops("metrics").count(c["id"]) == 2
+
+
+async def test_disk_figures_given_at_create_spare_the_guest_a_call(h):
+    h.fake.create_disk = (700 * 1024 * 1024, 4000 * 1024 * 1024)
+    c = await h.running_capsule()
+    got = (await h.client.get(f"/v1/capsules/{c['id']}")).json()
+    assert (got["disk_used_mb"], got["disk_size_mb"]) == (700, 4000)
+    assert c["id"] not in h.fake.ops("metrics")
 
 
 async def test_other_team_cannot_see_or_touch(h):

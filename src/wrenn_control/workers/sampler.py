@@ -113,12 +113,14 @@ class Sampler(PeriodicWorker):
 
     async def _metrics(self, capsule_id: str) -> CapsuleMetrics | None:
         try:
-            return await asyncio.wait_for(self.ops.host.metrics(capsule_id), self.metrics_timeout_sec)
+            point = await asyncio.wait_for(self.ops.host.metrics(capsule_id), self.metrics_timeout_sec)
         except (HostAgentError, asyncio.TimeoutError):
             return None
         except Exception:  # a bug in one capsule's answer must not lose the others'
             log.exception("metrics of %s", capsule_id)
             return None
+        self.ops.note_disk(capsule_id, point.disk_bytes, point.disk_size_bytes)  # a GET reuses them
+        return point
 
     def _insert_ignore(self, model: type[CapsuleMetric] | type[TeamStatsSample]) -> Any:
         """INSERT that skips a row already there (a second pass in the same millisecond, a clock

@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from qemu.qmp import QMPClient
+from qemu.qmp import EventListener, QMPClient
 
 from wrenn_host.api import VMMError
 from wrenn_host.durable import crashpoint, publish_state, state_problem, state_tmp
@@ -88,6 +88,35 @@ def _nic_args(tap_fd: int | None) -> list[str]:
             "-device", f"virtio-net-device,netdev=net0,mac={GUEST_MAC}"]
 
 
+
+# Migration state changes come as MIGRATION events (the `events` capability), so a restore or a
+# pause is noticed the moment it ends instead of by polling QEMU every few ms (a poll is a QMP
+# round trip; ten restores at once spent their CPU on it).
+_MIGRATE_CAPS = [{"capability": "x-ignore-shared", "state": True}, {"capability": "events", "state": True}]
+_SAFETY_POLL_S = 0.05
+
+
+async def _until(done: Callable[[], Awaitable[bool]], events: EventListener, timeout: float, what: str) -> None:
+    """Until `done()` (QEMU's own answer, the authority): asked again at each event, and every
+    `_SAFETY_POLL_S` in case an event came before the listener did."""
+    deadline = time.monotonic() + timeout
+    while not await done():
+        if time.monotonic() > deadline:
+            raise VMMError(f"{what} timed out")
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(events.get(), _SAFETY_POLL_S)
+
+
+class _QMP(QMPClient):
+    """qemu.qmp formats every message for its debug log (`str(msg)`, a json.dumps) even when
+    nothing logs at debug level; skip that unless something does."""
+
+    def _cb_outbound(self, msg):  # type: ignore[no-untyped-def]
+        return super()._cb_outbound(msg) if self.logger.isEnabledFor(logging.DEBUG) else msg
+
+    def _cb_inbound(self, msg):  # type: ignore[no-untyped-def]
+        return super()._cb_inbound(msg) if self.logger.isEnabledFor(logging.DEBUG) else msg
+
 class QemuMachine:
     """One QEMU process. `__init__` records; boot()/restore() spawn; save()/kill() end it.
 
@@ -132,7 +161,7 @@ class QemuMachine:
         self.pid = self._proc.pid
 
     async def _qmp(self, timeout: float = 10.0) -> QMPClient:
-        qmp = QMPClient(f"qemu-{self.pid}")
+        qmp = _QMP(f"qemu-{self.pid}")
         deadline = time.monotonic() + timeout
         while True:
             if not self.is_alive():
@@ -166,17 +195,16 @@ class QemuMachine:
         qmp = await self._qmp()
         try:
             await crashpoint(f"{steps}.qmp")
-            await qmp.execute("migrate-set-capabilities",
-                              {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
+            await qmp.execute("migrate-set-capabilities", {"capabilities": _MIGRATE_CAPS})
             # Handed over as a file descriptor: the sandboxed QEMU may not spawn `cat`.
             await _pass_fd(qmp, os.open(state, os.O_RDONLY), "wrenn-state-in")
-            await qmp.execute("migrate-incoming", {"uri": "fd:wrenn-state-in"})
-            await crashpoint(f"{steps}.incoming")
-            deadline = time.monotonic() + timeout
-            while (await qmp.execute("query-status"))["status"] == "inmigrate":
-                if time.monotonic() > deadline:
-                    raise VMMError("restore timed out")
-                await asyncio.sleep(0.002)
+            with qmp.listener("MIGRATION") as migration:
+                await qmp.execute("migrate-incoming", {"uri": "fd:wrenn-state-in"})
+                await crashpoint(f"{steps}.incoming")
+
+                async def loaded() -> bool:
+                    return (await qmp.execute("query-status"))["status"] != "inmigrate"
+                await _until(loaded, migration, timeout, "restore")
             status = (await qmp.execute("query-status"))["status"]
             if status not in ("paused", "postmigrate", "prelaunch", "running"):
                 raise VMMError(f"restore failed (status {status}): {self.log_tail()}")
@@ -225,21 +253,18 @@ class QemuMachine:
         await publish_state(self.files, tmp, state, steps)
 
     async def _migrate_out(self, qmp: QMPClient, tmp: Path, timeout: float, steps: str = "pause") -> None:
-        await qmp.execute("migrate-set-capabilities",
-                          {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
+        await qmp.execute("migrate-set-capabilities", {"capabilities": _MIGRATE_CAPS})
         await _pass_fd(qmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wrenn-state-out")
-        await qmp.execute("migrate", {"uri": "fd:wrenn-state-out"})
-        await crashpoint(f"{steps}.migrating")
-        deadline = time.monotonic() + timeout
-        while True:
-            info = await qmp.execute("query-migrate")
-            if info.get("status") == "completed":
-                break
-            if info.get("status") in ("failed", "cancelled"):
-                raise VMMError(f"pause failed: {info.get('error-desc', info)}")
-            if time.monotonic() > deadline:
-                raise VMMError("pause timed out")
-            await asyncio.sleep(0.002)
+        with qmp.listener("MIGRATION") as migration:
+            await qmp.execute("migrate", {"uri": "fd:wrenn-state-out"})
+            await crashpoint(f"{steps}.migrating")
+
+            async def ended() -> bool:
+                info = await qmp.execute("query-migrate")
+                if info.get("status") in ("failed", "cancelled"):
+                    raise VMMError(f"pause failed: {info.get('error-desc', info)}")
+                return bool(info.get("status") == "completed")
+            await _until(ended, migration, timeout, "pause")
         await crashpoint(f"{steps}.migrated")
 
     async def finish_pause(self, state: Path, timeout: float = 10.0) -> None:

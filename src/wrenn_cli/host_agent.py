@@ -21,11 +21,17 @@ def host_agent(
     data_dir: Annotated[Path | None, typer.Option(
         "--data-dir", help="Capsules, templates and registration.json [default: $WRENN_DATA_DIR or ~/.local/share/wrenn].")] = None,
     advertise: Annotated[str | None, typer.Option(
-        "--advertise", help="URL the control plane should use for this agent [default: http://<listen address>; "
-                            "listening on 0.0.0.0, the address of the route to the control plane].")] = None,
+        "--advertise", help="URL the control plane should use for this agent [default: https://<listen address> "
+                            "(http:// with --no-tls); listening on 0.0.0.0, the address of the route to the "
+                            "control plane].")] = None,
     name: Annotated[str | None, typer.Option("--name", help="Host name shown in /v1/hosts [default: hostname].")] = None,
     log_format: Annotated[str, typer.Option(
         "--log-format", envvar="WRENN_LOG_FORMAT", help="text, or json (one JSON object per line).")] = "text",
+    tls: Annotated[bool, typer.Option(
+        "--tls/--no-tls", help="Serve HTTPS. Without --tls-cert, a self-signed certificate is made once in the "
+                               "data directory and sent with the registration: the control plane trusts it alone.")] = True,
+    tls_cert: Annotated[Path | None, typer.Option("--tls-cert", help="PEM certificate (chain) to serve with.")] = None,
+    tls_key: Annotated[Path | None, typer.Option("--tls-key", help="Its PEM private key.")] = None,
 ) -> None:
     """Run the host agent as a service: register with the control plane (once; the registration is
     kept in the data directory), serve its calls on --listen and heartbeat every few seconds.
@@ -44,7 +50,11 @@ def host_agent(
         raise typer.Exit(2) from e
     data_dir = (data_dir or default_data_dir()).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    cfg = ServiceConfig(data_dir, control_plane, host, port, token, advertise, name)
+    cfg = ServiceConfig(data_dir, control_plane, host, port, token, advertise, name, tls=tls,
+                        tls_cert=tls_cert.resolve() if tls_cert else None, tls_key=tls_key.resolve() if tls_key else None)
+    if not tls and (tls_cert or tls_key):
+        console.print("[red]--tls-cert/--tls-key and --no-tls do not go together[/]")
+        raise typer.Exit(2)
     if not (data_dir / "registration.json").exists() and not token:
         console.print("[red]not registered yet:[/] give --token (from `POST /v1/hosts` or `wrenn hosts add`)")
         raise typer.Exit(2)

@@ -77,7 +77,7 @@ async def _host_limits(host: HostAgent) -> HostLimits | None:
 def create_app(settings: Settings, host: HostAgent | None, *, agent_factory: AgentFactory | None = None) -> FastAPI:
     """`host`: the in-process host agent of `wrenn server`. None: a fleet's control plane
     (`wrenn control-plane`), whose capsules live on the registered hosts (hosts/), reached with
-    `agent_factory(address, control_token)` (default: the network client, hosts/remote.py)."""
+    `agent_factory(address, control_token, tls_cert)` (default: the network client, hosts/remote.py)."""
     db = Database(settings.db_url)
     events = EventBus()
     fleet: FleetDirectory | None = None

@@ -76,7 +76,7 @@ def test_hosts_are_listed_online_with_their_capacity(fleet: Fleet, api: httpx.Cl
     assert sorted(h["id"] for h in hosts) == sorted(n.host_id for n in fleet.hosts)
     for h in hosts:
         assert h["status"] == "online"
-        assert h["address"] == f"http://{fleet.host(h['id']).address}:7070"
+        assert h["address"] == f"https://{fleet.host(h['id']).address}:7070"  # TLS by default
         assert h["capacity"]["vcpus"] >= 1 and h["capacity"]["memory_mb"] > 0
         one = api.get(f"/v1/hosts/{h['id']}").json()
         assert one["id"] == h["id"] and "usage" in one and "capsule_count" in one

@@ -41,12 +41,14 @@ async def test_host_agent_registers_serves_and_survives_kill_9(tmp_path) -> None
             await wait_for(lambda: cp.beats or proc.poll() is not None, "the first heartbeat", bound=600)
             assert proc.poll() is None, log.read_text()[-3000:]
             (reg,) = cp.registrations
-            assert reg["address"] == f"http://127.0.0.1:{port}" and reg["accelerator"] in ("kvm", "tcg")
+            # HTTPS by default, with the self-signed certificate it sent to be pinned
+            assert reg["address"] == f"https://127.0.0.1:{port}" and reg["accelerator"] in ("kvm", "tcg")
+            assert reg["tls_cert"] == (data_dir / "tls" / "agent.crt").read_text()
             saved = json.loads((data_dir / "registration.json").read_text())
             assert oct(os.stat(data_dir / "registration.json").st_mode & 0o777) == "0o600"
             assert saved["control_token"] == cp.control_token and saved["host_id"] == "host-1"
 
-            remote = RemoteHostAgent(reg["address"], cp.control_token)
+            remote = RemoteHostAgent(reg["address"], cp.control_token, tls_cert=reg["tls_cert"])
             await remote.create("cl-hostsvc1", "minimal", None, None)
             await remote.write_file("cl-hostsvc1", "/tmp/left.txt", b"still here\n")
             await remote.spawn("cl-hostsvc1", "/bin/sleep", ["3600"], tag="sleeper")

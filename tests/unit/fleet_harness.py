@@ -19,9 +19,11 @@ class FakeFleet:
 
     agents: dict[str, FakeHostAgent] = dataclasses.field(default_factory=dict)
     tokens: dict[str, str] = dataclasses.field(default_factory=dict)  # address -> control token seen
+    certs: dict[str, str | None] = dataclasses.field(default_factory=dict)  # address -> TLS certificate pinned
 
-    def factory(self, address: str, control_token: str) -> FakeHostAgent:
+    def factory(self, address: str, control_token: str, tls_cert: str | None = None) -> FakeHostAgent:
         self.tokens[address] = control_token
+        self.certs[address] = tls_cert
         return self.agents.setdefault(address, FakeHostAgent())
 
 

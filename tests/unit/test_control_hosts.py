@@ -12,6 +12,7 @@ from sqlalchemy import update
 
 from wrenn_control.clock import utcnow
 from wrenn_control.db.models import Capsule
+from wrenn_host.service import tls
 
 from .fake_host_agent import assert_error, make_settings, running_app
 from .fleet_harness import FakeFleet, add_host, agent_client, beat, fleet_app
@@ -63,6 +64,28 @@ async def test_register_refuses_a_bad_body(tmp_path):
             good = await agent.post("/v1/hosts/register", json={"address": "http://10.0.0.1:1",
                                                                 "capacity": {"vcpus": 1, "memory_mb": 512}})
             assert good.status_code == 200  # the bad call did not spend the token
+
+
+async def test_register_pins_the_agents_tls_certificate(tmp_path):
+    cert, _key = tls.self_signed(tmp_path / "agent", ["10.0.0.9"])
+    pem = cert.read_text()
+    fleet = FakeFleet()
+    async with fleet_app(make_settings(tmp_path), fleet) as h:
+        token = (await h.client.post("/v1/hosts")).json()["token"]
+        capacity = {"vcpus": 1, "memory_mb": 512}
+        async with agent_client(h, token) as agent:
+            for address, bad, why in (("https://10.0.0.9:1", "not a certificate", "not a usable PEM"),
+                                      ("http://10.0.0.9:1", pem, "needs an https:// address")):
+                resp = await agent.post("/v1/hosts/register", json={"address": address, "capacity": capacity,
+                                                                     "tls_cert": bad})
+                assert_error(resp, 400, "invalid_request")
+                assert why in resp.json()["error"]["message"]
+            good = await agent.post("/v1/hosts/register", json={"address": "https://10.0.0.9:1", "capacity": capacity,
+                                                                "tls_cert": pem})
+            assert good.status_code == 200, good.text  # the refused calls did not spend the token
+        # the client made for this host trusts exactly the certificate it registered with
+        await asyncio.to_thread(h.app.state.fleet.refresh)
+        assert fleet.certs["https://10.0.0.9:1"] == pem
 
 
 async def test_hosts_are_managed_by_the_operators_team_only(tmp_path):

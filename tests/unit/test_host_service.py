@@ -19,6 +19,7 @@ from tests.hostservice import free_port, serving, serving_app
 from tests.unit.fake_host_agent import FakeHostAgent
 from wrenn_control.hosts.remote import HostUnreachable, RemoteHostAgent
 from wrenn_host.api import HostAgentError
+from wrenn_host.service import tls
 from wrenn_host.service.book import Book
 from wrenn_host.service.enroll import EnrollError, Registration
 from wrenn_host.service.run import HostService, ServiceConfig, advertised_address, parse_listen, registration
@@ -193,14 +194,23 @@ async def test_register_serve_heartbeat_and_restart(tmp_path) -> None:
         assert stat.S_IMODE(os.stat(saved).st_mode) == 0o600
         assert Registration.load(tmp_path) == reg
         (body,) = cp.registrations
-        assert body["address"] == f"http://127.0.0.1:{port}" and body["accelerator"] == "tcg"
+        # TLS by default: a self-signed certificate made in the data directory, sent to be pinned.
+        assert body["address"] == f"https://127.0.0.1:{port}" and body["accelerator"] == "tcg"
+        assert body["tls_cert"] == (tmp_path / "tls" / "agent.crt").read_text()
+        assert stat.S_IMODE(os.stat(tmp_path / "tls" / "agent.key").st_mode) == 0o600
+        assert reg.tls_cert_sha256 == tls.fingerprint(body["tls_cert"])
         assert body["capacity"]["vcpus"] == 8 and body["capacity"]["memory_mb"] == 8192
         assert body["capacity"]["disk_mb"] > 0 and body["name"] and body["version"]
 
         service = HostService(cfg, fake, Book(fake), reg)
         await service.start()
         try:
-            remote = RemoteHostAgent(body["address"], reg.control_token)
+            # Without the pin the agent's certificate is not trusted: nothing is sent.
+            unpinned = RemoteHostAgent(body["address"], reg.control_token)
+            with pytest.raises(HostUnreachable, match="CERTIFICATE_VERIFY_FAILED"):
+                await unpinned.health()
+            await unpinned.close()
+            remote = RemoteHostAgent(body["address"], reg.control_token, tls_cert=body["tls_cert"])
             await remote.create("cl-a", "minimal", 1, 512)
             await wait_for(lambda: cp.beats and cp.beats[-1]["capsules"] == {"cl-a": "running"}, "a beat with cl-a")
             beat = cp.beats[-1]
@@ -229,15 +239,62 @@ async def test_register_serve_heartbeat_and_restart(tmp_path) -> None:
         finally:
             await service.stop()
 
+        # Served otherwise than it registered, every call would fail: refused at start, saying why.
+        with pytest.raises(EnrollError, match="registered with TLS"):
+            await registration(ServiceConfig(tmp_path, cp_url, host, port, tls=False), fake, tmp_path)
+        other = tmp_path / "other"
+        cert, key = tls.self_signed(other, ["127.0.0.1"])
+        with pytest.raises(EnrollError, match="certificate changed"):
+            await registration(ServiceConfig(tmp_path, cp_url, host, port, tls_cert=cert, tls_key=key), fake, tmp_path)
+        with pytest.raises(EnrollError, match="go together"):
+            await registration(ServiceConfig(tmp_path, cp_url, host, port, tls_cert=cert), fake, tmp_path)
+
     (tmp_path / "registration.json").unlink()
     with pytest.raises(EnrollError, match="token"):
         await registration(ServiceConfig(tmp_path, cp_url, host, port), fake, tmp_path)
 
 
+async def test_tls_with_a_pinned_certificate_covers_calls_streams_and_tunnels(tmp_path) -> None:
+    """Every way the control plane reaches an agent (JSON calls, byte streams, the WebSocket
+    tunnel) goes over TLS to the one certificate pinned; another certificate is refused."""
+    cert, key = tls.self_signed(tmp_path / "a", ["127.0.0.1"])
+    other, _ = tls.self_signed(tmp_path / "b", ["127.0.0.1"])
+    fake = FakeHostAgent()
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(await reader.read(100))
+        await writer.drain()
+        writer.close()
+    echo_server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    fake.forwards[("cl-t", 8000)] = echo_server.sockets[0].getsockname()[1]
+    async with echo_server, serving(fake, tls_files=(cert, key)) as (url, token, _app):
+        assert url.startswith("https://")
+        remote = RemoteHostAgent(url, token, tls_cert=cert.read_text())
+        try:
+            await remote.create("cl-t", "minimal", 1, 512)
+            await remote.write_file("cl-t", "/tmp/x", b"over tls\n" * 1000)
+            assert await remote.read_file("cl-t", "/tmp/x") == b"over tls\n" * 1000
+            tunnel = await remote.tcp_connect("cl-t", 8000)  # the fake echoes
+            await tunnel.write(b"ping")
+            assert await tunnel.read() == b"ping"
+            await tunnel.close()
+        finally:
+            await remote.close()
+        wrong = RemoteHostAgent(url, token, tls_cert=other.read_text())
+        with pytest.raises(HostUnreachable, match="CERTIFICATE_VERIFY_FAILED"):
+            await wrong.health()
+        with pytest.raises(HostUnreachable):
+            await wrong.tcp_connect("cl-t", 8000)
+        await wrong.close()
+    # the same certificate again (kept, not remade): what the control plane pinned stays valid
+    assert tls.self_signed(tmp_path / "a", ["127.0.0.1"]) == (cert, key)
+
+
 def test_advertised_address() -> None:
     cfg = ServiceConfig(Path("/nonexistent"), "http://127.0.0.1:8080", "0.0.0.0", 9090)
-    assert advertised_address(cfg) == "http://127.0.0.1:9090"  # the route towards the control plane
+    assert advertised_address(cfg) == "https://127.0.0.1:9090"  # the route towards the control plane
     cfg.listen_host = "127.0.0.1"
+    cfg.tls = False
     assert advertised_address(cfg) == "http://127.0.0.1:9090"
     cfg.advertise = "https://host-a.example:443/"
     assert advertised_address(cfg) == "https://host-a.example:443"

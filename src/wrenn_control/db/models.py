@@ -266,6 +266,8 @@ class Host(Base):
     token_hash: Mapped[str | None] = mapped_column(Str(64), unique=True)  # None once spent
     credential_hash: Mapped[str | None] = mapped_column(Str(64), unique=True)
     control_token: Mapped[str | None] = mapped_column(Str(128))  # sent to the agent on every call
+    # The agent's TLS certificate (PEM) from its registration: the only one trusted for it.
+    tls_cert: Mapped[str | None] = mapped_column(LongText)
     last_heartbeat_at: Mapped[datetime | None]
     created_at: Mapped[datetime]
 

@@ -22,7 +22,7 @@ from wrenn_control.hosts.directory import HostDirectory, HostUnavailable
 from wrenn_host.api import HostAgent, HostAgentError
 
 log = logging.getLogger(__name__)
-AgentFactory = Callable[[str, str], HostAgent]  # (address, control_token) -> a client
+AgentFactory = Callable[[str, str, "str | None"], HostAgent]  # (address, control_token, tls_cert) -> a client
 OFFLINE = "offline"
 RECHECK_SEC = 0.5
 
@@ -39,13 +39,13 @@ class NoRemoteClient(HostAgentError):
     code = "host_unavailable"
 
 
-def remote_agent(address: str, control_token: str) -> HostAgent:
+def remote_agent(address: str, control_token: str, tls_cert: str | None = None) -> HostAgent:
     try:
         module = importlib.import_module("wrenn_control.hosts.remote")
     except ImportError as exc:
         raise NoRemoteClient("this build has no network host agent client "
                              f"(wrenn_control.hosts.remote is missing: {exc})") from exc
-    return module.RemoteHostAgent(address, control_token)
+    return module.RemoteHostAgent(address, control_token, tls_cert=tls_cert)
 
 
 class FleetDirectory(HostDirectory):
@@ -53,7 +53,7 @@ class FleetDirectory(HostDirectory):
         super().__init__(None)
         self.db = db
         self._factory = agent_factory or remote_agent
-        self._agents: dict[str, tuple[tuple[str, str], HostAgent]] = {}
+        self._agents: dict[str, tuple[tuple[str, str, str | None], HostAgent]] = {}
         self._status: dict[str, str] = {}
         self._retired: list[HostAgent] = []  # replaced or removed, closed at `close()`
         self._rechecked: dict[str, float] = {}  # host id -> when its offline status was last asked
@@ -62,22 +62,22 @@ class FleetDirectory(HostDirectory):
         """Re-read the hosts table (blocking: run it in a thread from async code). The maps are
         built aside and swapped in whole, so readers on the event loop never see them half done."""
         with self.db.session() as s:
-            rows = s.execute(select(Host.id, Host.address, Host.control_token, Host.status)).all()
-        agents: dict[str, tuple[tuple[str, str], HostAgent]] = {}
-        for host_id, address, token, _status in rows:
+            rows = s.execute(select(Host.id, Host.address, Host.control_token, Host.status, Host.tls_cert)).all()
+        agents: dict[str, tuple[tuple[str, str, str | None], HostAgent]] = {}
+        for host_id, address, token, _status, tls_cert in rows:
             if not address or not token:
                 continue  # not registered yet
             known = self._agents.get(host_id)
-            if known is not None and known[0] == (address, token):
+            if known is not None and known[0] == (address, token, tls_cert):
                 agents[host_id] = known
                 continue
             try:
-                agents[host_id] = ((address, token), self._factory(address, token))
+                agents[host_id] = ((address, token, tls_cert), self._factory(address, token, tls_cert))
             except NoRemoteClient as exc:
                 log.error("host %s: %s", host_id, exc.message)
         self._retired += [a for hid, (key, a) in self._agents.items() if agents.get(hid, (None,))[0] != key]
         self._agents = agents
-        self._status = {host_id: status for host_id, _, _, status in rows}
+        self._status = {host_id: status for host_id, _, _, status, _ in rows}
         liveness.set_offline(h for h, st in self._status.items() if st == OFFLINE)
 
     def mark(self, host_id: str, status: str) -> None:

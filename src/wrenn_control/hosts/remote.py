@@ -22,6 +22,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from wrenn_host import api
 from wrenn_host.network.policy import EgressPolicy
 from wrenn_host.service import wire
+from wrenn_host.service.tls import pinned_context
 
 
 class HostUnreachable(api.HostAgentError):
@@ -40,13 +41,19 @@ WS_MESSAGE = 1024 * 1024  # a tunnel write goes in messages of at most this
 
 
 class RemoteHostAgent(api.HostAgent):
-    def __init__(self, base_url: str, control_token: str, *, transport: httpx.AsyncBaseTransport | None = None):
+    def __init__(self, base_url: str, control_token: str, *, tls_cert: str | None = None,
+                 transport: httpx.AsyncBaseTransport | None = None):
+        """`tls_cert`: the PEM certificate the agent registered with (an https address): it
+        alone is trusted for this host. Without it an https address is checked against the
+        system's CAs."""
         self.base_url = base_url.rstrip("/")
         self._token = control_token
         self._headers = {"Authorization": f"Bearer {control_token}"}
+        self._tls = pinned_context(tls_cert) if tls_cert else None
         # No cap on connections: every attached process or terminal holds one for as long as it
         # is watched, and a capped pool would make other calls wait behind them.
         self._http = httpx.AsyncClient(base_url=self.base_url, headers=self._headers, transport=transport,
+                                       verify=self._tls or True,
                                        timeout=httpx.Timeout(DEFAULT_TIMEOUT, connect=CONNECT_TIMEOUT),
                                        limits=httpx.Limits(max_connections=None, max_keepalive_connections=32))
 
@@ -281,7 +288,8 @@ class RemoteHostAgent(api.HostAgent):
             {"capsule_id": capsule_id, "port": port})
         try:
             ws = await connect(url, additional_headers=self._headers, open_timeout=CONNECT_TIMEOUT + 10,
-                               max_size=16 * WS_MESSAGE, compression=None, ping_interval=20, ping_timeout=60)
+                               max_size=16 * WS_MESSAGE, compression=None, ping_interval=20, ping_timeout=60,
+                               **({"ssl": self._tls} if self._tls is not None and url.startswith("wss:") else {}))
         except InvalidStatus as exc:
             status = exc.response.status_code
             raise api.HostAgentError(f"host agent refused the tunnel ({status})",

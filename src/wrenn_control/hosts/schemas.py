@@ -37,6 +37,8 @@ class HostRegister(BaseModel):
     capacity: Capacity
     accelerator: Annotated[str, Field(max_length=16)] | None = None
     version: Annotated[str, Field(max_length=64)] | None = None
+    # PEM, with an https address: the control plane trusts this certificate alone for the host.
+    tls_cert: Annotated[str, Field(max_length=16384)] | None = None
 
 
 class HostRegistered(BaseModel):

@@ -23,6 +23,7 @@ import httpx
 
 from wrenn_host.api import HostLimits
 from wrenn_host.service.book import Book
+from wrenn_host.service.tls import fingerprint
 
 log = logging.getLogger("wrenn.host.enroll")
 REGISTRATION = "registration.json"
@@ -40,6 +41,7 @@ class Registration:
     control_token: str  # what the control plane sends to this agent
     heartbeat_interval_sec: float = 3.0
     address: str = ""
+    tls_cert_sha256: str = ""  # the certificate the control plane pinned for this agent ("": none)
 
     @classmethod
     def load(cls, data_dir: Path) -> Registration | None:
@@ -71,9 +73,12 @@ def version() -> str:
 
 
 async def register(control_plane: str, token: str, *, address: str, name: str, capacity: dict[str, int],
-                   accelerator: str, transport: httpx.AsyncBaseTransport | None = None) -> Registration:
-    body = {"address": address, "name": name, "capacity": capacity, "accelerator": accelerator,
-            "version": version()}
+                   accelerator: str, tls_cert: str | None = None,
+                   transport: httpx.AsyncBaseTransport | None = None) -> Registration:
+    body: dict[str, Any] = {"address": address, "name": name, "capacity": capacity, "accelerator": accelerator,
+                            "version": version()}
+    if tls_cert is not None:
+        body["tls_cert"] = tls_cert
     async with httpx.AsyncClient(base_url=control_plane.rstrip("/"), transport=transport, timeout=30) as http:
         try:
             resp = await http.post("/api/v1/hosts/register", json=body, headers={"Authorization": f"Bearer {token}"})
@@ -87,7 +92,8 @@ async def register(control_plane: str, token: str, *, address: str, name: str, c
         raise EnrollError(f"registration refused ({resp.status_code}): {message}")
     data = resp.json()
     return Registration(control_plane.rstrip("/"), data["host_id"], data["credential"], data["control_token"],
-                        float(data.get("heartbeat_interval_sec") or 3.0), address)
+                        float(data.get("heartbeat_interval_sec") or 3.0), address,
+                        fingerprint(tls_cert) if tls_cert is not None else "")
 
 
 def capacity_of(limits: HostLimits, data_root: Path) -> dict[str, int]:

@@ -16,6 +16,7 @@ import asyncio
 import logging
 import secrets
 import shlex
+import ssl
 from datetime import datetime, timedelta
 from typing import Annotated
 
@@ -29,7 +30,7 @@ from wrenn_control.bootstrap import operators_team_id
 from wrenn_control.clock import utcnow
 from wrenn_control.db.models import Capsule, Host
 from wrenn_control.db.session import Database
-from wrenn_control.errors import APIError, not_found
+from wrenn_control.errors import APIError, invalid, not_found
 from wrenn_control.hosts.schemas import (
     HeartbeatAck,
     Heartbeat,
@@ -42,6 +43,7 @@ from wrenn_control.hosts.schemas import (
 from wrenn_control.lifecycle import Status
 from wrenn_control.schemas import ErrorBody
 from wrenn_host.api import HostAgentError
+from wrenn_host.service.tls import pinned_context
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["hosts"], responses={401: {"model": ErrorBody}})
@@ -175,6 +177,7 @@ def register_host(request: Request, body: HostRegister, creds: HostBearer, db: D
     """Spends the registration token (a second use: 401) and hands out the agent's credential
     and the control token the control plane will present to it."""
     token = _token(creds)
+    tls_cert = _tls_cert(body)
     credential = "wrnh_" + secrets.token_hex(32)
     control = "wrnc_" + secrets.token_hex(32)
     now = utcnow()
@@ -186,7 +189,7 @@ def register_host(request: Request, body: HostRegister, creds: HostBearer, db: D
                 token_hash=None, credential_hash=ids.hash_api_key(credential), control_token=control,
                 address=body.address.rstrip("/"), name=body.name or Host.name, status=ONLINE,
                 vcpus=body.capacity.vcpus, memory_mb=body.capacity.memory_mb, disk_mb=body.capacity.disk_mb,
-                accelerator=body.accelerator, version=body.version, last_heartbeat_at=now)
+                accelerator=body.accelerator, version=body.version, tls_cert=tls_cert, last_heartbeat_at=now)
             .execution_options(synchronize_session=False)).rowcount == 1
         s.commit()
     if not won:
@@ -194,6 +197,20 @@ def register_host(request: Request, body: HostRegister, creds: HostBearer, db: D
     _refresh(request)
     return HostRegistered(host_id=host_id, credential=credential, control_token=control,
                           heartbeat_interval_sec=settings.heartbeat_interval_sec)
+
+
+def _tls_cert(body: HostRegister) -> str | None:
+    """400 for a certificate that would make the host unreachable: one that does not parse, or
+    one given with a plain http address (it would never be used)."""
+    if body.tls_cert is None:
+        return None
+    if not body.address.startswith("https://"):
+        raise invalid("tls_cert needs an https:// address")
+    try:
+        pinned_context(body.tls_cert)
+    except (ValueError, ssl.SSLError) as exc:
+        raise invalid(f"tls_cert is not a usable PEM certificate: {exc}") from None
+    return body.tls_cert
 
 
 def _record_heartbeat(db: Database, host_id: str, credential: str, beat: Heartbeat, grace: timedelta

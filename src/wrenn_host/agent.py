@@ -41,6 +41,18 @@ log = logging.getLogger(__name__)
 Capsule = LocalCapsule  # the name benchmarks and older code use
 
 
+def max_restores() -> int:
+    """How many VMs this host restores at once (creates without a spare, resumes). A restore is
+    CPU-bound (on TCG: hundreds of ms of a core): fifty at once all end late, while taken in turn
+    the first ones are running early and the last no later. WRENN_MAX_RESTORES, default the
+    number of cores (at least 2)."""
+    try:
+        value = int(os.environ.get("WRENN_MAX_RESTORES") or 0)
+    except ValueError:
+        value = 0
+    return value if value > 0 else max(2, os.cpu_count() or 2)
+
+
 class LocalHostAgent(GuestCalls, api.HostAgent):
     def __init__(self, data_dir: Path, *, network: bool | None = None, vmm: str | None = None):
         """`network`: give capsules a NIC (default: on unless WRENN_NETWORK=off, and the host
@@ -59,6 +71,7 @@ class LocalHostAgent(GuestCalls, api.HostAgent):
         self.spares = SparePool(functools.partial(boot_spare, self.host, discard=self._discard_quietly),
                                 self._discard)
         self.templates = SnapshotTemplates(self.paths, self.spares, self.host.memory, self._template_in_use)
+        self._restores = asyncio.Semaphore(max_restores())  # FIFO: creates are served in turn
 
     # ------------------------------------------------------------------ setup
 
@@ -207,7 +220,8 @@ class LocalHostAgent(GuestCalls, api.HostAgent):
         self._register(cap)
         async with cap.lock:
             try:
-                await cap.build()
+                async with self._restores:
+                    await cap.build()
             except BaseException:
                 await self._discard_quietly(cap)
                 raise
@@ -220,7 +234,7 @@ class LocalHostAgent(GuestCalls, api.HostAgent):
 
     async def resume(self, capsule_id: str) -> api.CapsuleRuntime:
         cap = self._get(capsule_id)
-        async with cap.lock:
+        async with cap.lock, self._restores:
             await cap.resume()
         return self._runtime(cap)
 

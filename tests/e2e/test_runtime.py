@@ -13,6 +13,7 @@ import pytest
 
 from tests.conftest import qemu_pids
 from wrenn_host.api import GuestError, InvalidShape, TemplateNotFound
+from wrenn_host.capsule import LocalCapsule
 
 pytestmark = pytest.mark.vm
 
@@ -198,6 +199,35 @@ async def test_a_create_from_a_spare_tells_its_disk_figures(host_agent):
         assert (await host_agent.metrics(cid)).disk_bytes >= runtime.disk_used_bytes + 7 * 1024 * 1024
     finally:
         await host_agent.destroy(cid)
+
+
+async def test_restores_are_taken_in_turn(host_agent, monkeypatch):
+    """Creates without a spare restore one after the other up to the host's bound (here 1):
+    all of them end running, none waits for the others to finish together."""
+    monkeypatch.setattr(host_agent, "_restores", asyncio.Semaphore(1))
+    monkeypatch.setattr(host_agent.spares, "take", lambda snap: None)  # every create restores
+    in_flight, most = 0, 0
+    build = LocalCapsule.build
+
+    async def counted(self, *args, **kwargs):
+        nonlocal in_flight, most
+        if kwargs.get("spare"):
+            return await build(self, *args, **kwargs)
+        in_flight += 1
+        most = max(most, in_flight)
+        try:
+            return await build(self, *args, **kwargs)
+        finally:
+            in_flight -= 1
+    monkeypatch.setattr(LocalCapsule, "build", counted)
+    ids = [new_id() for _ in range(3)]
+    try:
+        await asyncio.gather(*(host_agent.create(cid, "minimal", None, None) for cid in ids))
+        assert most == 1
+        for cid in ids:
+            assert (await sh(host_agent, cid, "hostname")).stdout.decode().strip() == cid
+    finally:
+        await asyncio.gather(*(host_agent.destroy(cid) for cid in ids))
 
 
 async def test_base_python_template(host_agent):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
 from typing import Annotated
@@ -80,14 +81,18 @@ async def team_for_api_key(db: DatabaseDep, key: Annotated[str | None, Security(
     WebSocket routes and the port proxy read the header themselves)."""
     if not key:
         raise APIError(401, "unauthorized", "missing X-API-Key header")
-    with db.session() as session:  # its own short session: released before the route runs
-        found = session.execute(select(Team, ApiKey.id, ApiKey.name).join(ApiKey, ApiKey.team_id == Team.id)
-                                .where(ApiKey.key_hash == ids.hash_api_key(key))).first()
+    found = await asyncio.to_thread(_key_owner, db, key)  # every request asks: off the event loop
     if found is None:
         raise APIError(401, "unauthorized", "invalid API key")
     team, key_id, key_name = found
     current_actor.set({"type": "api_key", "id": key_id, "name": key_name})  # for the events it causes
     return TeamInfo(team.id, team.name)
+
+
+def _key_owner(db: Database, key: str) -> tuple[Team, str, str] | None:
+    with db.session() as session:  # its own short session: released before the route runs
+        return session.execute(select(Team, ApiKey.id, ApiKey.name).join(ApiKey, ApiKey.team_id == Team.id)
+                               .where(ApiKey.key_hash == ids.hash_api_key(key))).first()
 
 
 # ---- accounts: a user's JWT (Authorization: Bearer) --------------------------------------------
@@ -165,7 +170,7 @@ CurrentTeam = Annotated[TeamInfo, Depends(team_from_key_or_token)]
 
 
 async def _team_capsule(capsule_id: str, team: CurrentTeam, ops: OpsDep) -> Capsule:
-    return ops.get_for_team(team.id, capsule_id)
+    return await asyncio.to_thread(ops.get_for_team, team.id, capsule_id)
 
 
 # The capsule named by the `{capsule_id}` path parameter, if it belongs to the caller's team.

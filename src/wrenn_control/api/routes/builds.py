@@ -253,6 +253,8 @@ async def stream_build_logs(build_id: str, team: StreamTeam, builds: BuildsDep) 
             text = builds.logs_of(row)
             if text:
                 yield _sse("log", {"data": text})
+            # a stream that joins late still says how far the build got
+            yield _sse("step", {"current_step": row.current_step, "total_steps": row.total_steps})
         else:
             async for kind, value in live.follow():
                 if kind == "log":

@@ -29,7 +29,7 @@ class Retention(PeriodicWorker):
         self.interval_sec = interval_sec
 
     async def tick(self) -> None:
-        self.run_once()
+        await self.db.run(lambda _s: self.run_once())  # (its own sessions, in a database worker thread)
 
     def run_once(self, now: datetime | None = None) -> int:
         """Delete what is due; returns how many capsules went."""

@@ -52,7 +52,8 @@ S = Status
 # ---- database jobs (each runs in a worker thread, one transaction: `Database.run`) -----------
 
 def _get(s: Session, capsule_id: str, team_id: str | None = None) -> Capsule | None:
-    stmt = select(Capsule).where(Capsule.id == capsule_id)
+    # populate_existing: a row this session loaded before an UPDATE of this job is read again
+    stmt = select(Capsule).where(Capsule.id == capsule_id).execution_options(populate_existing=True)
     if team_id is not None:
         stmt = stmt.where(Capsule.team_id == team_id)
     return s.scalar(stmt)
@@ -349,14 +350,16 @@ class CapsuleOps:
 
     async def _fail_boot(self, capsule_id: str, reason: str) -> None:
         log.warning("capsule %s: %s", capsule_id, reason)
+        # First free whatever a half-done create left behind (destroy is idempotent), so that
+        # a capsule seen as `error` holds nothing on its host. (A destroy taking over meanwhile
+        # cancels this task and does the same.)
+        try:
+            async with self.hold(capsule_id):
+                await self.host.destroy(capsule_id)
+        except HostAgentError as exc:
+            log.warning("cleanup of failed capsule %s: %s", capsule_id, exc)
         if await self.transition(capsule_id, S.ERROR, from_={S.STARTING}, values={"error": reason}):
             await self._finished(capsule_id, ev.CAPSULE_CREATE, error=reason)
-            # Free whatever a half-done create left behind (destroy is idempotent).
-            try:
-                async with self.hold(capsule_id):
-                    await self.host.destroy(capsule_id)
-            except HostAgentError as exc:
-                log.warning("cleanup of failed capsule %s: %s", capsule_id, exc)
 
     async def _set_running(self, capsule_id: str, runtime: CapsuleRuntime, *, from_: Iterable[Status]) -> bool:
         meta = {str(k): str(v) for k, v in runtime.metadata.items()}

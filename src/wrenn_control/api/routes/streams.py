@@ -226,9 +226,9 @@ async def _follow(st: _Stream, target: int | str, *, owned: bool, timeout_sec: f
         await st.sock.close()
     finally:
         await _cancel(pump, listen)
-        await st.guest.record_activity(force=True)
         if owned:
             await kill_quietly(st, target)
+        await st.guest.record_activity(force=True)  # (last: bookkeeping after the kill)
 
 
 async def kill_quietly(st: _Stream, target: int | str) -> None:

@@ -22,7 +22,7 @@ from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, or_, select, update
+from sqlalchemy import ColumnElement, or_, update
 from sqlalchemy.orm import Session
 
 from wrenn_control import events as ev
@@ -33,8 +33,9 @@ from wrenn_control.db.session import Database
 from wrenn_control.errors import APIError, agent_error, invalid_state, not_found
 from wrenn_control.events import EventBus
 from wrenn_control.hosts import HostDirectory
-from wrenn_control.lifecycle import Status, touch_active, transition
+from wrenn_control.lifecycle import Status
 from wrenn_control.limits import Quotas, check_team_quota
+from wrenn_control import capsule_rows as rows
 from wrenn_control.schemas import CapsuleOut
 from wrenn_host.network.policy import EgressPolicy
 from wrenn_host.api import (
@@ -47,74 +48,6 @@ from wrenn_host.api import (
 
 log = logging.getLogger(__name__)
 S = Status
-
-
-# ---- database jobs (each runs in a worker thread, one transaction: `Database.run`) -----------
-
-def _get(s: Session, capsule_id: str, team_id: str | None = None) -> Capsule | None:
-    # populate_existing: a row this session loaded before an UPDATE of this job is read again
-    stmt = select(Capsule).where(Capsule.id == capsule_id).execution_options(populate_existing=True)
-    if team_id is not None:
-        stmt = stmt.where(Capsule.team_id == team_id)
-    return s.scalar(stmt)
-
-
-def _status(s: Session, capsule_id: str) -> str | None:
-    return s.scalar(select(Capsule.status).where(Capsule.id == capsule_id))
-
-
-def _transition(s: Session, capsule_id: str, to: Status, from_: Iterable[Status] | None,
-                where: Iterable[ColumnElement[bool]], values: dict[str, Any] | None,
-                force: bool) -> tuple[str | None, Capsule | None]:
-    """(status before, the row after) if the transition happened, else (.., None)."""
-    before = _status(s, capsule_id)  # for the event
-    done = transition(s, capsule_id, to, from_=from_, where=where, values=values, force=force)
-    row = _get(s, capsule_id) if done else None
-    s.commit()
-    return before, row
-
-
-def _touch(s: Session, capsule_id: str) -> bool:
-    done = touch_active(s, capsule_id)
-    s.commit()
-    return done
-
-
-def _execute(s: Session, stmt: Any) -> int:
-    """One UPDATE, committed: how many rows it changed."""
-    count = s.execute(stmt).rowcount  # type: ignore[attr-defined]
-    s.commit()
-    return int(count)
-
-
-def _set_running(s: Session, capsule_id: str, runtime_meta: dict[str, str],
-                 from_: Iterable[Status]) -> tuple[str | None, Capsule | None]:
-    """The row to `running` with the runtime's metadata merged into its labels, in one
-    transaction (the labels read and written together)."""
-    row = _get(s, capsule_id)
-    meta = dict(row.meta or {}) if row is not None else {}
-    meta.update(runtime_meta)
-    return _transition(s, capsule_id, S.RUNNING, from_, (), {"started_at": utcnow(), "meta": meta, "error": None},
-                       False)
-
-
-def _set_network(s: Session, capsule_id: str, allow_internet_access: bool, egress: dict[str, Any]) -> Capsule:
-    stored = _get(s, capsule_id)
-    assert stored is not None
-    stored.allow_internet_access = allow_internet_access
-    stored.egress = egress
-    s.commit()
-    s.refresh(stored)
-    return stored
-
-
-def _resuming(s: Session, capsule_id: str, quotas: Quotas | None) -> tuple[str | None, Capsule | None]:
-    """paused -> resuming, after the team's quota check (if `quotas`) in the same transaction."""
-    if quotas is not None:
-        row = _get(s, capsule_id)
-        if row is not None and row.status == S.PAUSED.value:  # (else the transition below fails: 409)
-            check_team_quota(s, quotas, row.team_id, row.vcpus, row.memory_mb)
-    return _transition(s, capsule_id, S.RESUMING, {S.PAUSED}, (), None, False)
 
 
 @contextlib.contextmanager
@@ -156,17 +89,17 @@ class CapsuleOps:
     # ---- reads ----------------------------------------------------------------------------
 
     async def get(self, capsule_id: str) -> Capsule | None:
-        return await self.db.run(_get, capsule_id)
+        return await self.db.run(rows.get_row, capsule_id)
 
     async def get_for_team(self, team_id: str, capsule_id: str) -> Capsule:
         """Unknown and other teams' capsules are indistinguishable (both 404)."""
-        row = await self.db.run(_get, capsule_id, team_id)
+        row = await self.db.run(rows.get_row, capsule_id, team_id)
         if row is None:
             raise not_found("capsule")
         return row
 
     async def status(self, capsule_id: str) -> str | None:
-        return await self.db.run(_status, capsule_id)
+        return await self.db.run(rows.get_status, capsule_id)
 
     # ---- state changes --------------------------------------------------------------------
 
@@ -174,7 +107,7 @@ class CapsuleOps:
                          where: Iterable[ColumnElement[bool]] = (), values: dict[str, Any] | None = None,
                          force: bool = False) -> bool:
         """`lifecycle.transition` in its own short transaction, publishing an event on success."""
-        before, row = await self.db.run(_transition, capsule_id, to, from_, tuple(where), values, force)
+        before, row = await self.db.run(rows.set_status, capsule_id, to, from_, tuple(where), values, force)
         return self._changed_to(before, row)
 
     def _changed_to(self, before: str | None, row: Capsule | None) -> bool:
@@ -184,7 +117,7 @@ class CapsuleOps:
 
     async def touch(self, capsule_id: str) -> bool:
         """Record activity; False if the capsule is not running."""
-        return await self.db.run(_touch, capsule_id)
+        return await self.db.run(rows.touch, capsule_id)
 
     def _publish(self, row: Capsule, kind: str, *, outcome: str | None = None, error: str | None = None,
                  metadata: dict[str, str] | None = None) -> None:
@@ -236,7 +169,7 @@ class CapsuleOps:
         else:
             stmt = stmt.where(or_(Capsule.claimed_by.is_(None), mine, Capsule.claimed_until < now)).values(
                 claimed_by=self.replica_id, claimed_until=now + timedelta(seconds=self.lease_sec))
-        return await self.db.run(_execute, stmt) == 1
+        return await self.db.run(rows.execute, stmt) == 1
 
     async def _claim(self, capsule_id: str) -> None:
         deadline = asyncio.get_running_loop().time() + self.lease_sec + 5
@@ -363,7 +296,7 @@ class CapsuleOps:
 
     async def _set_running(self, capsule_id: str, runtime: CapsuleRuntime, *, from_: Iterable[Status]) -> bool:
         meta = {str(k): str(v) for k, v in runtime.metadata.items()}
-        return self._changed_to(*await self.db.run(_set_running, capsule_id, meta, tuple(from_)))
+        return self._changed_to(*await self.db.run(rows.set_running, capsule_id, meta, tuple(from_)))
 
     # ---- pause / resume / snapshot / destroy ----------------------------------------------
 
@@ -395,7 +328,7 @@ class CapsuleOps:
         """False if the capsule was not paused. With `quotas`, the team's quotas are checked (403)
         in the transaction of the transition to `resuming`, the team row locked (see start_create)."""
         await self._reachable(capsule_id)
-        if not self._changed_to(*await self.db.run(_resuming, capsule_id, quotas)):
+        if not self._changed_to(*await self.db.run(rows.resuming, capsule_id, quotas)):
             return False
         started = asyncio.get_running_loop().time()
         async with self.hold(capsule_id):
@@ -471,7 +404,7 @@ class CapsuleOps:
             except HostAgentError as exc:
                 raise agent_error(exc) from exc
             rules = policy.to_dict()
-            return await self.db.run(_set_network, row.id, policy.allow_internet_access,
+            return await self.db.run(rows.set_network, row.id, policy.allow_internet_access,
                                      {"allow_out": rules["allow_out"], "deny_out": rules["deny_out"]})
 
     async def _still(self, capsule_id: str, expected: Status, op: str) -> None:

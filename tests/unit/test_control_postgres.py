@@ -25,7 +25,7 @@ from wrenn_control.bootstrap import add_team
 from wrenn_control.clock import utcnow
 from wrenn_control.db.migrate import alembic_config, run_migrations
 from wrenn_control.db.models import Base, Capsule
-from wrenn_control.db.session import Database, normalize_url
+from wrenn_control.db.session import POOL_OVERFLOW, Database, normalize_url
 from wrenn_control.lifecycle import Status, transition
 
 from .fake_host_agent import FakeHostAgent, make_settings, running_app
@@ -60,9 +60,11 @@ def test_plain_postgres_urls_mean_psycopg(postgres_url):
     db = Database(plain)
     try:
         assert db.engine.dialect.driver == "psycopg"
-        assert isinstance(db.engine.pool, QueuePool) and db.engine.pool._max_overflow == -1
+        # one connection per database worker thread (8 by default), a few more, bounded
+        assert isinstance(db.engine.pool, QueuePool) and db.threads == 8
+        assert db.engine.pool.size() == 8 and db.engine.pool._max_overflow == POOL_OVERFLOW
         with db.session() as s:
-            # a lock wait blocks the event loop: it is bounded, as SQLite's busy_timeout
+            # a lock wait holds a worker thread (and a request): it is bounded, as SQLite's busy_timeout
             assert s.scalar(text("SHOW lock_timeout")) == "5s"
             assert s.scalar(text("SHOW transaction_isolation")) == "read committed"
         run_migrations(db)

@@ -70,6 +70,11 @@ def normalize_url(url: str) -> URL:
     return parsed
 
 
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
 class Database:
     def __init__(self, url: str, *, threads: int = DEFAULT_THREADS):
         parsed = normalize_url(url)
@@ -120,10 +125,14 @@ class Database:
     async def run(self, fn: Callable[Concatenate[Session, P], T], *args: P.args, **kwargs: P.kwargs) -> T:
         """`fn(session, *args, **kwargs)` in a worker thread with a fresh session; its result.
         `fn` commits what it writes (an uncommitted job is rolled back when its session closes).
-        The context (e.g. the request's actor) is the caller's."""
+        The context (e.g. the request's actor) is the caller's. A job once submitted runs to its
+        end even if the caller is cancelled meanwhile (a lease's release in a `finally`, a
+        transition of a cancelled boot): what it did is then as if the caller had waited."""
         job = functools.partial(self._job, fn, args, kwargs)
         ctx = contextvars.copy_context()
-        return await asyncio.get_running_loop().run_in_executor(self._pool(), ctx.run, job)
+        fut = asyncio.get_running_loop().run_in_executor(self._pool(), ctx.run, job)
+        fut.add_done_callback(_retrieve)  # a cancelled caller's job failing is not worth a log line
+        return await asyncio.shield(fut)
 
     def _job(self, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
         with self._sessions() as session:

@@ -103,6 +103,9 @@ async def test_a_whole_flow_sends_no_statement_from_the_event_loop(tmp_path):
             for capsule_id in (cid, again["id"]):
                 ok(await c.delete(f"/v1/capsules/{capsule_id}"), 204)
             ok(await c.delete("/v1/snapshots/snap"), 204)
+            h.app.state.retention.retention_sec = 1e-6  # (purges the stopped ones now)
+            await h.app.state.retention.tick()
+            assert ok(await c.get("/v1/capsules")).json() == []
             # builds
             build = ok(await c.post("/v1/builds", json={"name": "web", "recipe": ["RUN echo one", "RUN echo two"]}),
                        202).json()

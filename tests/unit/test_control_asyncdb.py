@@ -244,3 +244,29 @@ def test_run_returns_the_jobs_result_from_a_worker_thread(database_url, threads)
         assert len(db.worker_threads) <= db.threads
     finally:
         db.dispose()
+
+
+async def test_a_lock_wait_stalls_only_its_own_request(tmp_path, postgres_url):
+    """Another connection holds the team's row: a create waits for it (in a worker thread) while
+    the same app keeps answering other requests; the create goes through once the lock is gone."""
+    from sqlalchemy import select
+
+    from wrenn_control.db.models import Team
+    from wrenn_control.db.session import Database
+
+    async with running_app(make_settings(tmp_path, database_url=postgres_url)) as h:
+        cid = ok(await h.client.post("/v1/capsules", json={}), 201).json()["id"]
+        other = Database(postgres_url)
+        try:
+            with other.session() as s:
+                s.execute(select(Team).with_for_update()).all()  # held until the commit below
+                create = asyncio.create_task(h.client.post("/v1/capsules", json={}))
+                done, _ = await asyncio.wait({create}, timeout=0.3)
+                assert not done  # waiting for the lock
+                assert ok(await h.client.get(f"/v1/capsules/{cid}")).json()["status"] == "running"
+                ok(await h.client.get("/v1/capsules"))
+                assert not create.done()
+                s.commit()
+            assert ok(await create, 201).json()["status"] == "running"
+        finally:
+            other.dispose()

@@ -8,7 +8,6 @@ next start).
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import os
@@ -78,7 +77,7 @@ def create_app(settings: Settings, host: HostAgent | None, *, agent_factory: Age
     """`host`: the in-process host agent of `wrenn server`. None: a fleet's control plane
     (`wrenn control-plane`), whose capsules live on the registered hosts (hosts/), reached with
     `agent_factory(address, control_token, tls_cert)` (default: the network client, hosts/remote.py)."""
-    db = Database(settings.db_url)
+    db = Database(settings.db_url, threads=settings.db_threads)
     events = EventBus()
     fleet: FleetDirectory | None = None
     if host is None:
@@ -115,7 +114,7 @@ def create_app(settings: Settings, host: HostAgent | None, *, agent_factory: Age
         if fleet is None:
             app.state.reconcile_report = await reconcile(ops)
         else:  # each host reconciles through its heartbeats (api/routes/hosts.py)
-            await asyncio.to_thread(fleet.refresh)
+            await fleet.reload()
         app.state.host_limits = await _host_limits(host)
         if fleet is not None:  # (`wrenn server` places nothing on registered hosts)
             watcher.start()

@@ -33,6 +33,9 @@ class Settings(BaseModel):
     # None means the embedded default: a SQLite file in data_dir. Else a SQLAlchemy URL, e.g.
     # postgresql://user:password@host/dbname (psycopg 3; postgres:// works too).
     database_url: str | None = Field(default_factory=lambda: _env("WRENN_DATABASE_URL"))
+    # PostgreSQL: how many worker threads (and pooled connections) run database jobs at once.
+    # SQLite always uses one (a single writer; see db/session.py).
+    db_threads: int = Field(default_factory=lambda: int(_num("WRENN_DB_THREADS", 8)), ge=1, le=256)
     # An operator-chosen key registered at first start (and never printed); else a fresh key is made.
     bootstrap_api_key: str | None = Field(default_factory=lambda: _env("WRENN_BOOTSTRAP_API_KEY"))
     # Signs the accounts' JWTs; else a secret is made once and kept in data_dir/jwt.secret.

@@ -59,12 +59,12 @@ class GuestGateway:
         self.hosts = hosts
         self._active: dict[str, float] = {}  # capsule id -> when its activity was last written
 
-    def capsule(self, capsule_id: str, team_id: str | None) -> Capsule:
+    async def capsule(self, capsule_id: str, team_id: str | None) -> Capsule:
         """The capsule if it belongs to `team_id` (None: any team, as the port proxy sees it).
         Unknown and other teams' capsules are both 404."""
         if team_id is not None:
-            return self.ops.get_for_team(team_id, capsule_id)
-        row = self.ops.get(capsule_id)
+            return await self.ops.get_for_team(team_id, capsule_id)
+        row = await self.ops.get(capsule_id)
         if row is None:
             raise not_found("capsule")
         return row
@@ -75,20 +75,20 @@ class GuestGateway:
         """The capsule's guest, for the time of the `async with`. `purpose` (the port proxy's "to
         reach its ports") names the capsule and the reason in the 409's message."""
         if activity:
-            status = None if self.ops.touch(capsule.id) else self.ops.status(capsule.id)
+            status = None if await self.ops.touch(capsule.id) else await self.ops.status(capsule.id)
         else:
             status = None if capsule.status == S.RUNNING.value else capsule.status
         if status is not None:
             if purpose is None:
                 raise invalid_state(f"capsule is {status}; it must be running")
             raise invalid_state(f"capsule {capsule.id} is {status}; it must be running {purpose}")
-        host = self.hosts.for_capsule(capsule.host_id)  # NULL: the in-process host of `wrenn server`
+        host = await self.hosts.for_capsule(capsule.host_id)  # NULL: the in-process host of `wrenn server`
         if activity:
             self._active[capsule.id] = time.monotonic()
         with self.ops.busy(capsule.id):
             yield Guest(self, capsule.id, host)
 
-    def record_activity(self, capsule_id: str, *, force: bool = False) -> None:
+    async def record_activity(self, capsule_id: str, *, force: bool = False) -> None:
         """Write `last_active_at`, at most once a second per capsule unless `force`. Bookkeeping:
         it never fails the traffic it counts."""
         now = time.monotonic()
@@ -98,7 +98,7 @@ class GuestGateway:
             self._active.clear()
         self._active[capsule_id] = now
         try:
-            self.ops.touch(capsule_id)
+            await self.ops.touch(capsule_id)
         except Exception as exc:
             log.warning("could not record activity of %s: %s", capsule_id, exc)
 
@@ -111,19 +111,19 @@ class GuestGateway:
                 return override
             return from_guest_error(exc, {code: o for code, o in (overrides or {}).items()
                                           if not isinstance(o, APIError)})
-        status = self.ops.status(capsule_id)
+        status = await self.ops.status(capsule_id)
         if status in _TAKEN_AWAY:
             # A pause, snapshot or destroy took the VM away under this call: the caller's
             # problem of timing (409), not a broken agent.
             return invalid_state(f"capsule became {status} during the call")
         if isinstance(exc, CapsuleNotFound):
-            self.ops.mark_lost(capsule_id, exc.message)
+            await self.ops.mark_lost(capsule_id, exc.message)
         else:  # the VMM failed or the guest connection dropped: is the VM still there?
             try:
                 if (await host.get(capsule_id)).state != "running":
-                    self.ops.mark_lost(capsule_id, exc.message)
+                    await self.ops.mark_lost(capsule_id, exc.message)
             except CapsuleNotFound:
-                self.ops.mark_lost(capsule_id, exc.message)
+                await self.ops.mark_lost(capsule_id, exc.message)
             except HostAgentError:
                 pass
         return agent_error(exc)
@@ -139,8 +139,8 @@ class Guest:
         self._gateway = gateway
         self._ops = gateway.ops
 
-    def record_activity(self, *, force: bool = False) -> None:
-        self._gateway.record_activity(self.id, force=force)
+    async def record_activity(self, *, force: bool = False) -> None:
+        await self._gateway.record_activity(self.id, force=force)
 
     async def _call(self, call: Awaitable[T], overrides: Overrides | None = None) -> T:
         with self._ops.guest_call(self.id):

@@ -1,21 +1,24 @@
 """What a team may have running, and what the host can still give.
 
-`admit()` runs before a create or a resume puts a capsule (back) on the host:
-- the team's quotas (Settings.team_max_capsules / _vcpus / _memory_mb, or the team row's own
-  override) over its active capsules: 403 `forbidden`;
-- the host's free memory and disk (asked of the host agent), minus a reserve: 503
-  `host_unavailable` rather than a VM that would be OOM-killed or fill the disk.
-The check and the row write that follows it happen without an await between them (the host
-is asked first), so concurrent requests in this process cannot both squeeze past a quota.
+Before a create or a resume puts a capsule (back) on the host:
+- `host_room()`: the host's free memory and disk (asked of the host agent), minus a reserve: 503
+  `host_unavailable` rather than a VM that would be OOM-killed or fill the disk. It awaits the
+  host, so it comes first, outside any transaction.
+- `check_team_quota()`: the team's quotas (Settings.team_max_capsules / _vcpus / _memory_mb, or
+  the team row's own override) over its active capsules: 403 `forbidden`. It runs inside the
+  database job that then writes the row (CapsuleOps.start_create, CapsuleOps.resume), with the
+  team's row locked (`SELECT ... FOR UPDATE`) until that job commits: concurrent creates, in
+  this process or in another replica, take turns, and the second counts the first's capsule.
+  (SQLite ignores FOR UPDATE; its jobs run one at a time anyway, see db/session.py.)
 """
 
 from __future__ import annotations
 
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from wrenn_control.config import Settings
 from wrenn_control.db.models import Capsule, Team
-from wrenn_control.db.session import Database
 from wrenn_control.errors import APIError
 from wrenn_control.lifecycle import Status
 from wrenn_host.api import HostAgent, HostAgentError
@@ -41,14 +44,19 @@ async def host_room(host: HostAgent, settings: Settings, memory_mb: int) -> None
                        f"{memory_mb} MiB would leave less than {settings.host_reserve_disk_mb} MiB")
 
 
-def team_quota(db: Database, settings: Settings, team_id: str, vcpus: int, memory_mb: int) -> None:
-    """403 if one more active capsule of this shape would go past one of the team's quotas."""
-    with db.session() as s:
-        team = s.get(Team, team_id)
-        count, used_vcpus, used_mem = s.execute(
-            select(func.count(), func.coalesce(func.sum(Capsule.vcpus), 0),
-                   func.coalesce(func.sum(Capsule.memory_mb), 0))
-            .where(Capsule.team_id == team_id, Capsule.status.in_(ACTIVE))).one()
+# The settings whose team_max_* quotas apply (a team row's own values override them).
+Quotas = Settings
+
+
+def check_team_quota(s: Session, settings: Quotas, team_id: str, vcpus: int, memory_mb: int) -> None:
+    """403 if one more active capsule of this shape would go past one of the team's quotas. Locks
+    the team's row for the rest of the caller's transaction, which must write the capsule's row
+    (or its new status) before it commits."""
+    team = s.scalar(select(Team).where(Team.id == team_id).with_for_update())
+    count, used_vcpus, used_mem = s.execute(
+        select(func.count(), func.coalesce(func.sum(Capsule.vcpus), 0),
+               func.coalesce(func.sum(Capsule.memory_mb), 0))
+        .where(Capsule.team_id == team_id, Capsule.status.in_(ACTIVE))).one()
     quotas = (
         ("capsules", "max_capsules", "team_max_capsules", "WRENN_TEAM_MAX_CAPSULES", count + 1),
         ("vCPUs", "max_vcpus", "team_max_vcpus", "WRENN_TEAM_MAX_VCPUS", used_vcpus + vcpus),
@@ -62,8 +70,3 @@ def team_quota(db: Database, settings: Settings, team_id: str, vcpus: int, memor
             raise APIError(403, "forbidden", f"team quota exceeded: at most {limit} {what} in active "
                            f"capsules ({source}); this would make {wanted}. Pause or destroy some first")
 
-
-async def admit(db: Database, host: HostAgent, settings: Settings, team_id: str, vcpus: int,
-                memory_mb: int) -> None:
-    await host_room(host, settings, memory_mb)
-    team_quota(db, settings, team_id, vcpus, memory_mb)  # last: nothing awaited after it

@@ -22,7 +22,8 @@ from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, or_, select, update
+from sqlalchemy import ColumnElement, or_, update
+from sqlalchemy.orm import Session
 
 from wrenn_control import events as ev
 from wrenn_control import ids
@@ -32,7 +33,9 @@ from wrenn_control.db.session import Database
 from wrenn_control.errors import APIError, agent_error, invalid_state, not_found
 from wrenn_control.events import EventBus
 from wrenn_control.hosts import HostDirectory
-from wrenn_control.lifecycle import Status, touch_active, transition
+from wrenn_control.lifecycle import Status
+from wrenn_control.limits import Quotas, check_team_quota
+from wrenn_control import capsule_rows as rows
 from wrenn_control.schemas import CapsuleOut
 from wrenn_host.network.policy import EgressPolicy
 from wrenn_host.api import (
@@ -91,43 +94,36 @@ class CapsuleOps:
 
     # ---- reads ----------------------------------------------------------------------------
 
-    def get(self, capsule_id: str) -> Capsule | None:
-        with self.db.session() as s:
-            return s.scalar(select(Capsule).where(Capsule.id == capsule_id))
+    async def get(self, capsule_id: str) -> Capsule | None:
+        return await self.db.run(rows.get_row, capsule_id)
 
-    def get_for_team(self, team_id: str, capsule_id: str) -> Capsule:
+    async def get_for_team(self, team_id: str, capsule_id: str) -> Capsule:
         """Unknown and other teams' capsules are indistinguishable (both 404)."""
-        with self.db.session() as s:
-            row = s.scalar(select(Capsule).where(Capsule.id == capsule_id, Capsule.team_id == team_id))
+        row = await self.db.run(rows.get_row, capsule_id, team_id)
         if row is None:
             raise not_found("capsule")
         return row
 
-    def status(self, capsule_id: str) -> str | None:
-        with self.db.session() as s:
-            return s.scalar(select(Capsule.status).where(Capsule.id == capsule_id))
+    async def status(self, capsule_id: str) -> str | None:
+        return await self.db.run(rows.get_status, capsule_id)
 
     # ---- state changes --------------------------------------------------------------------
 
-    def transition(self, capsule_id: str, to: Status, *, from_: Iterable[Status] | None = None,
-                   where: Iterable[ColumnElement[bool]] = (), values: dict[str, Any] | None = None,
-                   force: bool = False) -> bool:
+    async def transition(self, capsule_id: str, to: Status, *, from_: Iterable[Status] | None = None,
+                         where: Iterable[ColumnElement[bool]] = (), values: dict[str, Any] | None = None,
+                         force: bool = False) -> bool:
         """`lifecycle.transition` in its own short transaction, publishing an event on success."""
-        with self.db.session() as s:
-            before = s.scalar(select(Capsule.status).where(Capsule.id == capsule_id))  # for the event
-            done = transition(s, capsule_id, to, from_=from_, where=where, values=values, force=force)
-            row = s.scalar(select(Capsule).where(Capsule.id == capsule_id)) if done else None
-            s.commit()
+        before, row = await self.db.run(rows.set_status, capsule_id, to, from_, tuple(where), values, force)
+        return self._changed_to(before, row)
+
+    def _changed_to(self, before: str | None, row: Capsule | None) -> bool:
         if row is not None:
             self._publish(row, ev.CAPSULE_STATE_CHANGED, metadata={"from": before or "", "to": row.status})
-        return done
+        return row is not None
 
-    def touch(self, capsule_id: str) -> bool:
+    async def touch(self, capsule_id: str) -> bool:
         """Record activity; False if the capsule is not running."""
-        with self.db.session() as s:
-            done = touch_active(s, capsule_id)
-            s.commit()
-        return done
+        return await self.db.run(rows.touch, capsule_id)
 
     def _publish(self, row: Capsule, kind: str, *, outcome: str | None = None, error: str | None = None,
                  metadata: dict[str, str] | None = None) -> None:
@@ -135,9 +131,10 @@ class CapsuleOps:
             row.id, "capsule", outcome=outcome, error=error, metadata=metadata,
             sandbox=CapsuleOut.of(row).model_dump(mode="json")))
 
-    def _finished(self, capsule_id: str, kind: str, error: str | None = None, reason: str | None = None) -> None:
+    async def _finished(self, capsule_id: str, kind: str, error: str | None = None,
+                        reason: str | None = None) -> None:
         """An action (create, pause, resume, destroy) ended: `error` None means it succeeded."""
-        row = self.get(capsule_id)
+        row = await self.get(capsule_id)
         if row is not None:
             self._publish(row, kind, outcome="success" if error is None else "error", error=error,
                           metadata={"reason": reason} if reason else None)
@@ -161,7 +158,7 @@ class CapsuleOps:
                 yield
             finally:
                 renew.cancel()
-                self._set_claim(capsule_id, release=True)
+                await self._set_claim(capsule_id, release=True)
 
     def host_moved(self, capsule_id: str) -> None:
         """The capsule's row names another host now (a drain moved it): forget where it was."""
@@ -169,7 +166,7 @@ class CapsuleOps:
         if forget is not None:
             forget(capsule_id)
 
-    def _set_claim(self, capsule_id: str, *, release: bool = False) -> bool:
+    async def _set_claim(self, capsule_id: str, *, release: bool = False) -> bool:
         now = utcnow()
         mine = Capsule.claimed_by == self.replica_id
         stmt = update(Capsule).where(Capsule.id == capsule_id).execution_options(synchronize_session=False)
@@ -178,15 +175,12 @@ class CapsuleOps:
         else:
             stmt = stmt.where(or_(Capsule.claimed_by.is_(None), mine, Capsule.claimed_until < now)).values(
                 claimed_by=self.replica_id, claimed_until=now + timedelta(seconds=self.lease_sec))
-        with self.db.session() as s:
-            done = s.execute(stmt).rowcount == 1  # type: ignore[attr-defined]
-            s.commit()
-        return done
+        return await self.db.run(rows.execute, stmt) == 1
 
     async def _claim(self, capsule_id: str) -> None:
         deadline = asyncio.get_running_loop().time() + self.lease_sec + 5
-        while not self._set_claim(capsule_id):
-            if self.get(capsule_id) is None:
+        while not await self._set_claim(capsule_id):
+            if await self.get(capsule_id) is None:
                 return  # no row (nothing to claim): the call below finds nothing either
             if asyncio.get_running_loop().time() > deadline:
                 raise invalid_state("another control-plane replica holds the capsule; try again")
@@ -195,15 +189,15 @@ class CapsuleOps:
     async def _renew(self, capsule_id: str) -> None:
         while True:
             await asyncio.sleep(self.lease_sec / 3)
-            self._set_claim(capsule_id)
+            await self._set_claim(capsule_id)
 
-    def _reachable(self, capsule_id: str) -> None:
+    async def _reachable(self, capsule_id: str) -> None:
         """503 host_unavailable, before any state change, if the capsule's host is offline (a
         fleet's RoutingHostAgent knows; the in-process host always is reachable)."""
         check = getattr(self.host, "check_reachable", None)
         if check is not None:
             try:
-                check(capsule_id)
+                await check(capsule_id)
             except HostAgentError as exc:
                 if exc.code == "host_unavailable":
                     raise agent_error(exc) from exc
@@ -216,29 +210,33 @@ class CapsuleOps:
 
     async def create(self, team_id: str, *, template: str, template_id: str, vcpus: int, memory_mb: int,
                      timeout_sec: int, labels: dict[str, str], network: EgressPolicy | None = None,
-                     prepare: Callable[[], Awaitable[object]] | None = None) -> Capsule:
+                     prepare: Callable[[], Awaitable[object]] | None = None,
+                     quotas: Quotas | None = None) -> Capsule:
         """Write the row as `pending`, boot, and answer once the capsule is running, as Wrenn's
         server does. A boot longer than `create_wait_sec` (a new shape's first, cold, boot, or a
         built-in template built on first use by `prepare`) goes on in the background and the
         answer says `starting`. A failed boot raises 502 agent_error; the capsule stays recorded
         as `error` with the reason."""
-        row = self.start_create(team_id, template=template, template_id=template_id, vcpus=vcpus,
-                                memory_mb=memory_mb, timeout_sec=timeout_sec, labels=labels, network=network,
-                                prepare=prepare)
+        row = await self.start_create(team_id, template=template, template_id=template_id, vcpus=vcpus,
+                                      memory_mb=memory_mb, timeout_sec=timeout_sec, labels=labels,
+                                      network=network, prepare=prepare, quotas=quotas)
         task = self._boot_tasks.get(row.id)
         if task is not None and self.create_wait_sec > 0:
             # asyncio.wait never cancels the boot: a client that hangs up leaves it to finish.
             await asyncio.wait({task}, timeout=self.create_wait_sec)
-        now = self.get(row.id) or row
+        now = await self.get(row.id) or row
         if now.status == S.ERROR.value and task is not None and task.done():
             raise agent_error(now.error or "create failed")
         return now
 
-    def start_create(self, team_id: str, *, template: str, template_id: str, vcpus: int, memory_mb: int,
-                     timeout_sec: int, labels: dict[str, str], network: EgressPolicy | None = None,
-                     prepare: Callable[[], Awaitable[object]] | None = None) -> Capsule:
+    async def start_create(self, team_id: str, *, template: str, template_id: str, vcpus: int, memory_mb: int,
+                           timeout_sec: int, labels: dict[str, str], network: EgressPolicy | None = None,
+                           prepare: Callable[[], Awaitable[object]] | None = None,
+                           quotas: Quotas | None = None) -> Capsule:
         """Write the row as `pending` and start the boot in the background; `prepare` is awaited
-        before the host creates the VM."""
+        before the host creates the VM. With `quotas`, the team's quotas are checked (403) in the
+        transaction that places and writes the row, the team row locked: concurrent creates (in
+        this process or another replica) cannot both squeeze past."""
         now = utcnow()
         network = network or EgressPolicy()
         rules = network.to_dict()
@@ -249,11 +247,7 @@ class CapsuleOps:
             allow_internet_access=network.allow_internet_access,
             egress={"allow_out": rules["allow_out"], "deny_out": rules["deny_out"]},
         )
-        with self.db.session() as s:
-            if self.place is not None:  # its host, chosen in the transaction that writes the row
-                row.host_id = self.place(s, vcpus=vcpus, memory_mb=memory_mb, template_id=template_id)
-            s.add(row)
-            s.commit()
+        await self.db.run(self._insert, row, quotas)
         self._publish(row, ev.CAPSULE_STATE_CHANGED, metadata={"to": row.status})
         task = asyncio.create_task(self._boot(row.id, template_id, vcpus, memory_mb, network, prepare),
                                    name=f"boot {row.id}")
@@ -261,10 +255,18 @@ class CapsuleOps:
         task.add_done_callback(lambda _t, cid=row.id: self._boot_tasks.pop(cid, None))
         return row
 
+    def _insert(self, s: Session, row: Capsule, quotas: Quotas | None) -> None:
+        if quotas is not None:
+            check_team_quota(s, quotas, row.team_id, row.vcpus, row.memory_mb)
+        if self.place is not None:  # its host, chosen in the transaction that writes the row
+            row.host_id = self.place(s, vcpus=row.vcpus, memory_mb=row.memory_mb, template_id=row.template_id)
+        s.add(row)
+        s.commit()
+
     async def _boot(self, capsule_id: str, template_id: str, vcpus: int, memory_mb: int,
                     network: EgressPolicy | None = None,
                     prepare: Callable[[], Awaitable[object]] | None = None) -> None:
-        if not self.transition(capsule_id, S.STARTING, from_={S.PENDING}):
+        if not await self.transition(capsule_id, S.STARTING, from_={S.PENDING}):
             return  # destroyed before the boot began
         started = asyncio.get_running_loop().time()
         try:
@@ -283,27 +285,26 @@ class CapsuleOps:
         # this task and then removes the VM, so nothing leaks.
         if runtime.disk_used_bytes is not None and runtime.disk_size_bytes is not None:
             self.note_disk(capsule_id, runtime.disk_used_bytes, runtime.disk_size_bytes)
-        if self._set_running(capsule_id, runtime, from_={S.STARTING}):
+        if await self._set_running(capsule_id, runtime, from_={S.STARTING}):
             self._observe("create", started)
-            self._finished(capsule_id, ev.CAPSULE_CREATE)
+            await self._finished(capsule_id, ev.CAPSULE_CREATE)
 
     async def _fail_boot(self, capsule_id: str, reason: str) -> None:
         log.warning("capsule %s: %s", capsule_id, reason)
-        if self.transition(capsule_id, S.ERROR, from_={S.STARTING}, values={"error": reason}):
-            self._finished(capsule_id, ev.CAPSULE_CREATE, error=reason)
-            # Free whatever a half-done create left behind (destroy is idempotent).
-            try:
-                async with self.hold(capsule_id):
-                    await self.host.destroy(capsule_id)
-            except HostAgentError as exc:
-                log.warning("cleanup of failed capsule %s: %s", capsule_id, exc)
+        # First free whatever a half-done create left behind (destroy is idempotent), so that
+        # a capsule seen as `error` holds nothing on its host. (A destroy taking over meanwhile
+        # cancels this task and does the same.)
+        try:
+            async with self.hold(capsule_id):
+                await self.host.destroy(capsule_id)
+        except HostAgentError as exc:
+            log.warning("cleanup of failed capsule %s: %s", capsule_id, exc)
+        if await self.transition(capsule_id, S.ERROR, from_={S.STARTING}, values={"error": reason}):
+            await self._finished(capsule_id, ev.CAPSULE_CREATE, error=reason)
 
-    def _set_running(self, capsule_id: str, runtime: CapsuleRuntime, *, from_: Iterable[Status]) -> bool:
-        row = self.get(capsule_id)
-        meta = dict(row.meta or {}) if row is not None else {}
-        meta.update({str(k): str(v) for k, v in runtime.metadata.items()})
-        return self.transition(capsule_id, S.RUNNING, from_=from_,
-                               values={"started_at": utcnow(), "meta": meta, "error": None})
+    async def _set_running(self, capsule_id: str, runtime: CapsuleRuntime, *, from_: Iterable[Status]) -> bool:
+        meta = {str(k): str(v) for k, v in runtime.metadata.items()}
+        return self._changed_to(*await self.db.run(rows.set_running, capsule_id, meta, tuple(from_)))
 
     # ---- pause / resume / snapshot / destroy ----------------------------------------------
 
@@ -311,65 +312,68 @@ class CapsuleOps:
                     reason: str | None = None) -> bool:
         """False if the capsule was not running (or `where` did not hold); APIError on failure.
         `reason` goes into the event's metadata (the reaper's: ttl_expired)."""
-        self._reachable(capsule_id)
-        if not self.transition(capsule_id, S.PAUSING, from_={S.RUNNING}, where=where):
+        await self._reachable(capsule_id)
+        if not await self.transition(capsule_id, S.PAUSING, from_={S.RUNNING}, where=where):
             return False
         started = asyncio.get_running_loop().time()
         await self._drain(capsule_id)
         async with self.hold(capsule_id):
-            self._still(capsule_id, S.PAUSING, "pause")
+            await self._still(capsule_id, S.PAUSING, "pause")
             try:
                 await self.host.pause(capsule_id)
             except HostAgentError as exc:
                 await self._settle(capsule_id, S.PAUSING, f"pause failed: {exc.message}")
-                self._finished(capsule_id, ev.CAPSULE_PAUSE, error=f"pause failed: {exc.message}", reason=reason)
+                await self._finished(capsule_id, ev.CAPSULE_PAUSE, error=f"pause failed: {exc.message}",
+                                     reason=reason)
                 raise agent_error(exc) from exc
-        if not self.transition(capsule_id, S.PAUSED, from_={S.PAUSING}):
-            raise self._changed(capsule_id, "pause")
+        if not await self.transition(capsule_id, S.PAUSED, from_={S.PAUSING}):
+            raise await self._changed(capsule_id, "pause")
         self._observe("pause", started)
-        self._finished(capsule_id, ev.CAPSULE_PAUSE, reason=reason)
+        await self._finished(capsule_id, ev.CAPSULE_PAUSE, reason=reason)
         return True
 
-    async def resume(self, capsule_id: str) -> bool:
-        self._reachable(capsule_id)
-        if not self.transition(capsule_id, S.RESUMING, from_={S.PAUSED}):
+    async def resume(self, capsule_id: str, *, quotas: Quotas | None = None) -> bool:
+        """False if the capsule was not paused. With `quotas`, the team's quotas are checked (403)
+        in the transaction of the transition to `resuming`, the team row locked (see start_create)."""
+        await self._reachable(capsule_id)
+        if not self._changed_to(*await self.db.run(rows.resuming, capsule_id, quotas)):
             return False
         started = asyncio.get_running_loop().time()
         async with self.hold(capsule_id):
-            self._still(capsule_id, S.RESUMING, "resume")
+            await self._still(capsule_id, S.RESUMING, "resume")
             try:
                 runtime = await self.host.resume(capsule_id)
             except HostAgentError as exc:
                 await self._settle(capsule_id, S.RESUMING, f"resume failed: {exc.message}")
-                self._finished(capsule_id, ev.CAPSULE_RESUME, error=f"resume failed: {exc.message}")
+                await self._finished(capsule_id, ev.CAPSULE_RESUME, error=f"resume failed: {exc.message}")
                 raise agent_error(exc) from exc
-        if not self._set_running(capsule_id, runtime, from_={S.RESUMING}):
-            raise self._changed(capsule_id, "resume")
+        if not await self._set_running(capsule_id, runtime, from_={S.RESUMING}):
+            raise await self._changed(capsule_id, "resume")
         self._observe("resume", started)
-        self._finished(capsule_id, ev.CAPSULE_RESUME)
+        await self._finished(capsule_id, ev.CAPSULE_RESUME)
         return True
 
     async def snapshot(self, capsule_id: str, template_id: str) -> TemplateRuntime:
         """Make a template from a running or paused capsule; the capsule ends paused."""
-        self._reachable(capsule_id)
-        if not self.transition(capsule_id, S.SNAPSHOTTING, from_={S.RUNNING, S.PAUSED}):
-            raise invalid_state(f"capsule is {self.status(capsule_id)}; "
+        await self._reachable(capsule_id)
+        if not await self.transition(capsule_id, S.SNAPSHOTTING, from_={S.RUNNING, S.PAUSED}):
+            raise invalid_state(f"capsule is {await self.status(capsule_id)}; "
                                 "only running or paused capsules can be snapshotted")
         await self._drain(capsule_id)
         async with self.hold(capsule_id):
-            self._still(capsule_id, S.SNAPSHOTTING, "snapshot")
+            await self._still(capsule_id, S.SNAPSHOTTING, "snapshot")
             try:
                 template = await self.host.snapshot(capsule_id, template_id)
             except HostAgentError as exc:
                 await self._settle(capsule_id, S.SNAPSHOTTING, f"snapshot failed: {exc.message}")
                 raise agent_error(exc) from exc
         # If a destroy came in meanwhile the template is still good; the capsule is just gone.
-        self.transition(capsule_id, S.PAUSED, from_={S.SNAPSHOTTING})
+        await self.transition(capsule_id, S.PAUSED, from_={S.SNAPSHOTTING})
         return template
 
     async def destroy(self, capsule_id: str) -> None:
         """From any state. Idempotent: an already stopped (or stopping) capsule is left as is."""
-        if not self.transition(capsule_id, S.STOPPING):
+        if not await self.transition(capsule_id, S.STOPPING):
             return
         boot = self._boot_tasks.get(capsule_id)
         if boot is not None and not boot.done():
@@ -383,15 +387,15 @@ class CapsuleOps:
                 if exc.code == "host_unavailable":
                     # Its host is offline: the capsule is gone for the user now, and the host
                     # destroys it when it is back (its heartbeat reports a capsule stopped here).
-                    if self.transition(capsule_id, S.STOPPED, from_={S.STOPPING}):
-                        self._finished(capsule_id, ev.CAPSULE_DESTROY)
+                    if await self.transition(capsule_id, S.STOPPED, from_={S.STOPPING}):
+                        await self._finished(capsule_id, ev.CAPSULE_DESTROY)
                     return
-                self.transition(capsule_id, S.ERROR, from_={S.STOPPING},
-                                values={"error": f"destroy failed: {exc.message}"})
-                self._finished(capsule_id, ev.CAPSULE_DESTROY, error=f"destroy failed: {exc.message}")
+                await self.transition(capsule_id, S.ERROR, from_={S.STOPPING},
+                                      values={"error": f"destroy failed: {exc.message}"})
+                await self._finished(capsule_id, ev.CAPSULE_DESTROY, error=f"destroy failed: {exc.message}")
                 raise agent_error(exc) from exc
-        if self.transition(capsule_id, S.STOPPED, from_={S.STOPPING}):
-            self._finished(capsule_id, ev.CAPSULE_DESTROY)
+        if await self.transition(capsule_id, S.STOPPED, from_={S.STOPPING}):
+            await self._finished(capsule_id, ev.CAPSULE_DESTROY)
         self._locks.pop(capsule_id, None)
         self._disk.pop(capsule_id, None)
 
@@ -399,9 +403,9 @@ class CapsuleOps:
         """New egress rules for a running or paused capsule, in force without a restart."""
         if row.status not in (S.RUNNING.value, S.PAUSED.value):
             raise invalid_state(f"capsule is {row.status}; only running or paused capsules can change their network")
-        self._reachable(row.id)
+        await self._reachable(row.id)
         async with self.hold(row.id):
-            status = self.status(row.id)
+            status = await self.status(row.id)
             if status not in (S.RUNNING.value, S.PAUSED.value):
                 raise invalid_state(f"capsule is {status}; only running or paused capsules can change their network")
             try:
@@ -409,22 +413,16 @@ class CapsuleOps:
             except HostAgentError as exc:
                 raise agent_error(exc) from exc
             rules = policy.to_dict()
-            with self.db.session() as s:
-                stored = s.scalar(select(Capsule).where(Capsule.id == row.id))
-                assert stored is not None
-                stored.allow_internet_access = policy.allow_internet_access
-                stored.egress = {"allow_out": rules["allow_out"], "deny_out": rules["deny_out"]}
-                s.commit()
-                s.refresh(stored)
-                return stored
+            return await self.db.run(rows.set_network, row.id, policy.allow_internet_access,
+                                     {"allow_out": rules["allow_out"], "deny_out": rules["deny_out"]})
 
-    def _still(self, capsule_id: str, expected: Status, op: str) -> None:
+    async def _still(self, capsule_id: str, expected: Status, op: str) -> None:
         """After waiting for the lock: a destroy may have taken over meanwhile."""
-        if self.status(capsule_id) != expected.value:
-            raise self._changed(capsule_id, op)
+        if await self.status(capsule_id) != expected.value:
+            raise await self._changed(capsule_id, op)
 
-    def _changed(self, capsule_id: str, op: str) -> APIError:
-        return invalid_state(f"capsule became {self.status(capsule_id)} during {op}")
+    async def _changed(self, capsule_id: str, op: str) -> APIError:
+        return invalid_state(f"capsule became {await self.status(capsule_id)} during {op}")
 
     async def _settle(self, capsule_id: str, transitional: Status, reason: str) -> None:
         """After a failed host call: record what the host says is true."""
@@ -436,11 +434,11 @@ class CapsuleOps:
             log.warning("capsule %s: state unknown after failure: %s", capsule_id, exc)
             state = None
         if state == "running":
-            self.transition(capsule_id, S.RUNNING, from_={transitional})
+            await self.transition(capsule_id, S.RUNNING, from_={transitional})
         elif state == "paused":
-            self.transition(capsule_id, S.PAUSED, from_={transitional})
+            await self.transition(capsule_id, S.PAUSED, from_={transitional})
         else:
-            self.transition(capsule_id, S.ERROR, from_={transitional}, values={"error": reason})
+            await self.transition(capsule_id, S.ERROR, from_={transitional}, values={"error": reason})
 
     # ---- calls into the guest (exec, processes, files): see gateway.py --------------------
 
@@ -455,9 +453,9 @@ class CapsuleOps:
         while self._calls.get(capsule_id, 0) > 0 and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.02)
 
-    def mark_lost(self, capsule_id: str, message: str) -> None:
+    async def mark_lost(self, capsule_id: str, message: str) -> None:
         # Only from running: if a pause or destroy is under way, that flow owns the status.
-        self.transition(capsule_id, S.ERROR, from_={S.RUNNING}, values={"error": f"VM lost: {message}"})
+        await self.transition(capsule_id, S.ERROR, from_={S.RUNNING}, values={"error": f"VM lost: {message}"})
 
     def busy(self, capsule_id: str) -> contextlib.AbstractContextManager[None]:
         """A request in flight (exec, file transfer, stream, proxied connection): no auto-pause."""

@@ -311,6 +311,7 @@ async def test_pause_agent_failure_with_vm_alive_stays_running(h):
 
 async def test_pause_agent_failure_with_vm_lost_is_error(h):
     c = await h.running_capsule()
+    await h.app.state.reaper.stop()  # (its dead-VM check could mark it first: then the pause is a 409)
     h.fake.fail("pause", VMMError("qemu died"))
     h.fake.crash(c["id"])
     assert_error(await h.client.post(f"/v1/capsules/{c['id']}/pause"), 502, "agent_error")

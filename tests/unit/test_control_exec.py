@@ -97,6 +97,7 @@ async def test_exec_requires_running(h, cap):
 
 
 async def test_exec_on_a_vanished_vm_is_502_and_error(h, cap):
+    await h.app.state.reaper.stop()  # (its dead-VM check would find it first: 409, tested in test_control_reaper)
     h.fake.crash(cap["id"])
     assert_error(await h.client.post(f"/v1/capsules/{cap['id']}/exec", json={"cmd": "ls"}), 502, "agent_error")
     got = (await h.client.get(f"/v1/capsules/{cap['id']}")).json()

@@ -29,21 +29,21 @@ def _gateway(h):
     return h.app.state.gateway
 
 
-def _team(h, cap):
-    return h.app.state.ops.get(cap["id"]).team_id
+async def _team(h, cap):
+    return (await h.app.state.ops.get(cap["id"])).team_id
 
 
 async def _status(h, cid):
     return (await h.client.get(f"/v1/capsules/{cid}")).json()
 
 
-def test_directory_holds_the_local_host():
+async def test_directory_holds_the_local_host():
     host = FakeHostAgent()
     hosts = HostDirectory(host)
-    assert hosts.for_capsule(None) is host and hosts.for_capsule("local") is host
+    assert await hosts.for_capsule(None) is host and await hosts.for_capsule("local") is host
     assert hosts.local() is host and hosts.all() == [("local", host)]
     with pytest.raises(HostUnavailable) as e:
-        hosts.for_capsule("h-elsewhere")
+        await hosts.for_capsule("h-elsewhere")
     assert (e.value.status, e.value.code) == (503, "host_unavailable")
     assert HostDirectory().local() is None and HostDirectory().all() == []
 
@@ -56,19 +56,19 @@ async def test_app_wires_one_directory(h):
 
 async def test_unknown_and_other_teams_capsules_are_404(h, cap):
     gateway = _gateway(h)
-    team = _team(h, cap)
-    assert gateway.capsule(cap["id"], team).id == cap["id"]
-    assert gateway.capsule(cap["id"], None).id == cap["id"]  # the port proxy's view: any team
+    team = await _team(h, cap)
+    assert (await gateway.capsule(cap["id"], team)).id == cap["id"]
+    assert (await gateway.capsule(cap["id"], None)).id == cap["id"]  # the port proxy's view: any team
     for cid, team_id in (("cl-doesnotexist", team), (cap["id"], "tm-other"), ("cl-doesnotexist", None)):
         with pytest.raises(APIError) as e:
-            gateway.capsule(cid, team_id)
+            await gateway.capsule(cid, team_id)
         assert (e.value.status, e.value.code, e.value.message) == (404, "not_found", "capsule not found")
 
 
 @pytest.mark.parametrize("activity", [False, True])
 async def test_not_running_is_409_and_no_activity(h, cap, activity):
     await h.client.post(f"/v1/capsules/{cap['id']}/pause")
-    row = h.app.state.ops.get(cap["id"])
+    row = (await h.app.state.ops.get(cap["id"]))
     with pytest.raises(APIError) as e:
         async with _gateway(h).open(row, activity=activity):
             raise AssertionError("opened a paused capsule")
@@ -83,7 +83,7 @@ async def test_not_running_is_409_and_no_activity(h, cap, activity):
 
 
 async def test_a_row_read_before_a_pause_is_checked_again_when_recording_activity(h, cap):
-    row = h.app.state.ops.get(cap["id"])  # still says running
+    row = (await h.app.state.ops.get(cap["id"]))  # still says running
     await h.client.post(f"/v1/capsules/{cap['id']}/pause")
     with pytest.raises(APIError) as e:
         async with _gateway(h).open(row, activity=True):
@@ -93,7 +93,7 @@ async def test_a_row_read_before_a_pause_is_checked_again_when_recording_activit
 
 async def test_activity_recorded_and_busy_while_open(h, cap):
     ops = h.app.state.ops
-    row = ops.get(cap["id"])
+    row = (await ops.get(cap["id"]))
     async with _gateway(h).open(row) as guest:
         assert ops.is_busy(cap["id"]) and guest.id == cap["id"] and guest.host is h.fake
         assert (await guest.exec("echo", ["hi"])).stdout == b"echo hi\n"
@@ -105,7 +105,7 @@ async def test_activity_recorded_and_busy_while_open(h, cap):
 
 
 async def test_unknown_host_is_503(h, cap):
-    row = h.app.state.ops.get(cap["id"])
+    row = (await h.app.state.ops.get(cap["id"]))
     row.host_id = "h-gone"  # as a fleet's row of a host this control plane does not know
     with pytest.raises(APIError) as e:
         async with _gateway(h).open(row):
@@ -115,7 +115,7 @@ async def test_unknown_host_is_503(h, cap):
 
 
 async def test_guest_errors_are_the_users(h, cap):
-    row = h.app.state.ops.get(cap["id"])
+    row = (await h.app.state.ops.get(cap["id"]))
     async with _gateway(h).open(row) as guest:
         with pytest.raises(APIError) as e:
             await guest.exec("ls", [], cwd="/nowhere")
@@ -132,7 +132,7 @@ async def test_guest_errors_are_the_users(h, cap):
 
 
 async def test_a_vanished_vm_is_502_and_marks_the_capsule_error(h, cap):
-    row = h.app.state.ops.get(cap["id"])
+    row = (await h.app.state.ops.get(cap["id"]))
     h.fake.crash(cap["id"])
     async with _gateway(h).open(row) as guest:
         with pytest.raises(APIError) as e:
@@ -144,7 +144,7 @@ async def test_a_vanished_vm_is_502_and_marks_the_capsule_error(h, cap):
 
 
 async def test_a_vmm_failure_with_the_vm_still_running_leaves_it_running(h, cap):
-    row = h.app.state.ops.get(cap["id"])
+    row = (await h.app.state.ops.get(cap["id"]))
     h.fake.fail("list_dir", VMMError("guest connection reset"))
     async with _gateway(h).open(row) as guest:
         with pytest.raises(APIError) as e:
@@ -156,7 +156,7 @@ async def test_a_vmm_failure_with_the_vm_still_running_leaves_it_running(h, cap)
 async def test_a_call_cut_short_by_a_pause_is_409(h, cap):
     ops = h.app.state.ops
     ops.drain_sec = 0.05  # the pause does not wait for the slow call
-    row = ops.get(cap["id"])
+    row = (await ops.get(cap["id"]))
     h.fake.delays["exec"] = 0.5
     h.fake.fail("exec", CapsuleNotFound("the VM is paused"))  # what the call meets once it is
 
@@ -176,7 +176,7 @@ async def test_a_call_cut_short_by_a_pause_is_409(h, cap):
 
 async def test_a_pause_waits_for_calls_in_flight(h, cap):
     ops = h.app.state.ops
-    row = ops.get(cap["id"])
+    row = (await ops.get(cap["id"]))
     h.fake.delays["exec"] = 0.3
 
     async def slow_exec():
@@ -192,7 +192,7 @@ async def test_a_pause_waits_for_calls_in_flight(h, cap):
 async def test_a_read_stream_keeps_the_capsule_busy_until_read(h, cap):
     ops = h.app.state.ops
     h.fake.capsules[cap["id"]].files["/tmp/big"] = b"x" * (200 * 1024)
-    async with _gateway(h).open(ops.get(cap["id"])) as guest:
+    async with _gateway(h).open((await ops.get(cap["id"]))) as guest:
         stream = guest.read_file("/tmp/big")
         first = await anext(stream)
     assert ops.is_busy(cap["id"])  # the response body is still to be sent
@@ -202,7 +202,7 @@ async def test_a_read_stream_keeps_the_capsule_busy_until_read(h, cap):
 
 
 async def test_a_missing_file_fails_the_first_read(h, cap):
-    async with _gateway(h).open(h.app.state.ops.get(cap["id"])) as guest:
+    async with _gateway(h).open((await h.app.state.ops.get(cap["id"]))) as guest:
         with pytest.raises(APIError) as e:
             await anext(guest.read_file("/tmp/nothing"))
     assert (e.value.status, e.value.code) == (404, "not_found")
@@ -211,7 +211,7 @@ async def test_a_missing_file_fails_the_first_read(h, cap):
 
 async def test_an_unexpected_guest_error_code_is_502(h, cap):
     h.fake.fail("remove", GuestError("the disk is on fire", code="io_error"))
-    async with _gateway(h).open(h.app.state.ops.get(cap["id"])) as guest:
+    async with _gateway(h).open((await h.app.state.ops.get(cap["id"]))) as guest:
         with pytest.raises(APIError) as e:
             await guest.remove("/tmp/x")
     assert (e.value.status, e.value.code, e.value.message) == (502, "agent_error", "the disk is on fire")

@@ -378,5 +378,5 @@ async def test_each_sampler_pass_is_done_by_one_replica(tmp_path, monkeypatch):
         await asyncio.gather(one.app.state.sampler.tick(), two.app.state.sampler.tick())
         assert len(host.agent.ops("metrics")) == before + 1  # one replica asked, once
         db = one.app.state.db
-        wins = [await asyncio.to_thread(claim_pass, db, "x", 7, r) for r in ("a", "b", "a")]
+        wins = [await db.run(claim_pass, "x", 7, r) for r in ("a", "b", "a")]
         assert wins == [True, False, False]

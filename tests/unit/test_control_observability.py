@@ -193,7 +193,7 @@ async def test_stats_current_peaks_and_series(h):
     paused = await h.running_capsule(vcpus=4, memory_mb=2048)
     assert (await h.client.post(f"/v1/capsules/{paused['id']}/pause")).status_code == 200
     now = utcnow()
-    team_id = h.app.state.ops.get(a["id"]).team_id
+    team_id = (await h.app.state.ops.get(a["id"])).team_id
     with h.app.state.db.session() as s:  # history: a bigger day two days ago, and one 40 days ago
         s.add_all([TeamStatsSample(team_id=team_id, ts_ms=to_ms(now - timedelta(days=2)), running_count=5,
                                    vcpus=9, memory_mb=4096),

@@ -25,7 +25,7 @@ from wrenn_control.bootstrap import add_team
 from wrenn_control.clock import utcnow
 from wrenn_control.db.migrate import alembic_config, run_migrations
 from wrenn_control.db.models import Base, Capsule
-from wrenn_control.db.session import Database, normalize_url
+from wrenn_control.db.session import POOL_OVERFLOW, Database, normalize_url
 from wrenn_control.lifecycle import Status, transition
 
 from .fake_host_agent import FakeHostAgent, make_settings, running_app
@@ -60,9 +60,11 @@ def test_plain_postgres_urls_mean_psycopg(postgres_url):
     db = Database(plain)
     try:
         assert db.engine.dialect.driver == "psycopg"
-        assert isinstance(db.engine.pool, QueuePool) and db.engine.pool._max_overflow == -1
+        # one connection per database worker thread (8 by default), a few more, bounded
+        assert isinstance(db.engine.pool, QueuePool) and db.threads == 8
+        assert db.engine.pool.size() == 8 and db.engine.pool._max_overflow == POOL_OVERFLOW
         with db.session() as s:
-            # a lock wait blocks the event loop: it is bounded, as SQLite's busy_timeout
+            # a lock wait holds a worker thread (and a request): it is bounded, as SQLite's busy_timeout
             assert s.scalar(text("SHOW lock_timeout")) == "5s"
             assert s.scalar(text("SHOW transaction_isolation")) == "read committed"
         run_migrations(db)
@@ -240,9 +242,10 @@ async def test_nul_characters_are_not_found_not_a_server_error(tmp_path):
 
 
 async def test_no_connection_is_held_while_the_host_agent_works(tmp_path):
-    """Everything runs on the event loop: a connection checked out across an await could be
-    waited for by the next coroutine. Count checked-out connections at every host agent call,
-    with many capsules created, paused, resumed and destroyed at once."""
+    """A connection checked out on the event loop across an await could be waited for by the
+    next coroutine. Count the connections the event loop's thread holds at every host agent call,
+    with many capsules created, paused, resumed and destroyed at once (lookups done in worker
+    threads check theirs out and in within the thread, never across an await)."""
     fake = FakeHostAgent()
     fake.delays.update(create=0.02, pause=0.02, resume=0.02, destroy=0.02)
     out = {"n": 0, "total": 0}
@@ -257,14 +260,18 @@ async def test_no_connection_is_held_while_the_host_agent_works(tmp_path):
     async with running_app(make_settings(tmp_path), fake) as h:
         engine = h.app.state.db.engine
 
+        loop_thread = threading.get_ident()
+
         @event.listens_for(engine, "checkout")
         def _out(*_a):  # type: ignore[no-untyped-def]
-            out["n"] += 1
             out["total"] += 1
+            if threading.get_ident() == loop_thread:
+                out["n"] += 1
 
         @event.listens_for(engine, "checkin")
         def _in(*_a):  # type: ignore[no-untyped-def]
-            out["n"] -= 1
+            if threading.get_ident() == loop_thread:
+                out["n"] -= 1
 
         resps = await asyncio.gather(*(h.client.post("/v1/capsules", json={}) for _ in range(20)))
         ids = [r.json()["id"] for r in resps]

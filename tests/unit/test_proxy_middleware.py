@@ -273,7 +273,12 @@ def test_other_hosts_reach_the_api(app, cid):
 
 def test_activity_recorded(app, cid):
     def last_active():
-        return app.client.app.state.ops.get(cid).last_active_at  # type: ignore[attr-defined]
+        from sqlalchemy import select
+
+        from wrenn_control.db.models import Capsule
+
+        with app.client.app.state.db.session() as s:  # type: ignore[attr-defined]
+            return s.scalar(select(Capsule.last_active_at).where(Capsule.id == cid))
 
     before = last_active()
     time.sleep(1.1)

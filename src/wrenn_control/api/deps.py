@@ -1,9 +1,11 @@
-"""Typed dependencies for the routes (`SessionDep`, `CurrentTeam`, `TeamCapsule`, ...)."""
+"""Typed dependencies for the routes (`DatabaseDep`, `CurrentTeam`, `TeamCapsule`, ...).
+
+Database work goes through `await db.run(...)` (db/session.py): a worker thread, never the event
+loop's. There is no request-wide session: each job is its own short transaction."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request, Security
@@ -22,17 +24,12 @@ from wrenn_control.gateway import GuestGateway
 from wrenn_control.operations import CapsuleOps
 from wrenn_host.api import HostAgent
 
-# Dependencies are `async def` so that they run on the event loop thread like everything else
-# touching the DB (FastAPI would run plain `def` ones in a thread pool).
+# Dependencies are `async def`: the plain ones are cheap (FastAPI would run `def` ones in its
+# thread pool), the ones that ask the database await `db.run`.
 
 
 async def _db(request: Request) -> Database:
     return request.app.state.db
-
-
-async def _session(db: Annotated[Database, Depends(_db)]) -> AsyncIterator[Session]:
-    with db.session() as session:
-        yield session
 
 
 async def _ops(request: Request) -> CapsuleOps:
@@ -56,9 +53,6 @@ async def _events(request: Request) -> EventBus:
 
 
 DatabaseDep = Annotated[Database, Depends(_db)]
-# A session for the whole request: only for routes that do not await anything while using it
-# (see db/session.py); the others open short `db.session()` blocks.
-SessionDep = Annotated[Session, Depends(_session)]
 OpsDep = Annotated[CapsuleOps, Depends(_ops)]
 HostDep = Annotated[HostAgent, Depends(_host)]
 # Into a capsule's guest (exec, files, processes): `async with gateway.open(capsule) as guest`.
@@ -80,14 +74,18 @@ async def team_for_api_key(db: DatabaseDep, key: Annotated[str | None, Security(
     WebSocket routes and the port proxy read the header themselves)."""
     if not key:
         raise APIError(401, "unauthorized", "missing X-API-Key header")
-    with db.session() as session:  # its own short session: released before the route runs
-        found = session.execute(select(Team, ApiKey.id, ApiKey.name).join(ApiKey, ApiKey.team_id == Team.id)
-                                .where(ApiKey.key_hash == ids.hash_api_key(key))).first()
+    found = await db.run(_key_owner, key)
     if found is None:
         raise APIError(401, "unauthorized", "invalid API key")
     team, key_id, key_name = found
     current_actor.set({"type": "api_key", "id": key_id, "name": key_name})  # for the events it causes
     return TeamInfo(team.id, team.name)
+
+
+def _key_owner(session: Session, key: str) -> tuple[Team, str, str] | None:
+    row = session.execute(select(Team, ApiKey.id, ApiKey.name).join(ApiKey, ApiKey.team_id == Team.id)
+                          .where(ApiKey.key_hash == ids.hash_api_key(key))).first()
+    return None if row is None else (row[0], row[1], row[2])
 
 
 # ---- accounts: a user's JWT (Authorization: Bearer) --------------------------------------------
@@ -110,19 +108,21 @@ async def _user_from_token(db: Database, secret: str, token: str) -> UserInfo:
         claims = decode_jwt(secret, token)
     except InvalidToken as exc:
         raise APIError(401, "unauthorized", f"invalid token: {exc}") from None
-    with db.session() as session:
-        user = session.get(User, claims["sub"])
-        if user is None:
-            raise APIError(401, "unauthorized", "invalid token: no such user")
-        team_id: str | None = claims.get("team")
-        role = None
-        if team_id is not None:
-            role = session.scalar(select(TeamMember.role).where(TeamMember.team_id == team_id,
-                                                                TeamMember.user_id == user.id))
-            if role is None:
-                team_id = None
+    user, role = await db.run(_user_and_role, claims["sub"], claims.get("team"))
+    if user is None:
+        raise APIError(401, "unauthorized", "invalid token: no such user")
+    team_id: str | None = claims.get("team") if role is not None else None
     current_actor.set({"type": "user", "id": user.id, "name": user.email})
     return UserInfo(user.id, user.email, team_id, role)
+
+
+def _user_and_role(session: Session, user_id: str, team_id: str | None) -> tuple[User | None, str | None]:
+    """The token's user, and its role in the token's team (None if it is no longer a member)."""
+    user = session.get(User, user_id)
+    if user is None or team_id is None:
+        return user, None
+    return user, session.scalar(select(TeamMember.role).where(TeamMember.team_id == team_id,
+                                                              TeamMember.user_id == user.id))
 
 
 async def _current_user(request: Request, db: DatabaseDep, creds: BearerDep) -> UserInfo:
@@ -141,10 +141,9 @@ async def _key_manager(request: Request, db: DatabaseDep, creds: BearerDep,
         user = await _user_from_token(db, request.app.state.jwt_secret, creds.credentials)
         if user.team_id is None:
             raise APIError(403, "forbidden", "the token has no current team; log in again")
-        with db.session() as session:
-            team = session.get(Team, user.team_id)
-            assert team is not None  # a membership row implies the team
-            return TeamInfo(team.id, team.name)
+        team = await db.run(lambda s: s.get(Team, user.team_id))
+        assert team is not None  # a membership row implies the team
+        return TeamInfo(team.id, team.name)
     if key:
         return await team_for_api_key(db, key)
     raise APIError(401, "unauthorized", "missing Authorization: Bearer token or X-API-Key header")
@@ -165,7 +164,7 @@ CurrentTeam = Annotated[TeamInfo, Depends(team_from_key_or_token)]
 
 
 async def _team_capsule(capsule_id: str, team: CurrentTeam, ops: OpsDep) -> Capsule:
-    return ops.get_for_team(team.id, capsule_id)
+    return await ops.get_for_team(team.id, capsule_id)
 
 
 # The capsule named by the `{capsule_id}` path parameter, if it belongs to the caller's team.

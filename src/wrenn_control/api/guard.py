@@ -63,7 +63,7 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         if path.startswith("/api/v1/") and path.rstrip("/") not in PUBLIC and not _HOST_AGENT.match(path):
-            refusal = self._auth_refusal(scope)
+            refusal = await self._auth_refusal(scope)
             if refusal is not None:
                 await self._refuse(scope, send, 401, "unauthorized", refusal)
                 return
@@ -98,7 +98,7 @@ class RequestGuard:
         await self.app(scope, replay, send)
 
     @staticmethod
-    def _auth_refusal(scope: dict[str, Any]) -> str | None:
+    async def _auth_refusal(scope: dict[str, Any]) -> str | None:
         """Why the request's credentials are not valid, None if they are (cheap checks only)."""
         state = scope["app"].state
         key = _header(scope, b"x-api-key")
@@ -112,8 +112,8 @@ class RequestGuard:
             return None
         if not key:
             return "missing X-API-Key header"
-        with state.db.session() as session:
-            found = session.scalar(select(ApiKey.id).where(ApiKey.key_hash == ids.hash_api_key(key)))
+        found = await state.db.run(
+            lambda s: s.scalar(select(ApiKey.id).where(ApiKey.key_hash == ids.hash_api_key(key))))
         return None if found is not None else "invalid API key"
 
     @staticmethod

@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import posixpath
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from wrenn_control import ids
@@ -33,19 +33,19 @@ class StepFailed(Exception):
 
 
 class LayerCache(Protocol):
-    def lookup(self, keys: list[str]) -> tuple[int, str] | None:
+    async def lookup(self, keys: list[str]) -> tuple[int, str] | None:
         """(steps held, template id) of the longest cached prefix, or None."""
 
-    def forget(self, key: str) -> None: ...
+    async def forget(self, key: str) -> None: ...
 
     async def store(self, key: str, template_id: str, steps: int) -> None: ...
 
 
 class NoCache:
-    def lookup(self, keys: list[str]) -> tuple[int, str] | None:
+    async def lookup(self, keys: list[str]) -> tuple[int, str] | None:
         return None
 
-    def forget(self, key: str) -> None:
+    async def forget(self, key: str) -> None:
         pass
 
     async def store(self, key: str, template_id: str, steps: int) -> None:
@@ -68,7 +68,7 @@ class Job:
 class Sink:
     """Where a build reports: progress (step i of n) and log text."""
 
-    def __init__(self, on_step: Callable[[int, int], None], on_log: Callable[[str], None]):
+    def __init__(self, on_step: Callable[[int, int], Awaitable[None]], on_log: Callable[[str], None]):
         self.on_step = on_step
         self.on_log = on_log
 
@@ -100,7 +100,7 @@ class Execution:
         try:
             for i in range(self.cached_steps, len(steps)):
                 step = steps[i]
-                self.sink.on_step(i + 1, len(steps))
+                await self.sink.on_step(i + 1, len(steps))
                 self.sink.line(f"==> step {i + 1}/{len(steps)}: {step.text}")
                 started = time.monotonic()
                 await self._step(i, step)
@@ -116,18 +116,18 @@ class Execution:
             await asyncio.shield(self._destroy())
 
     async def _create(self, keys: list[str]) -> None:
-        hit = self.cache.lookup(keys)
+        hit = await self.cache.lookup(keys)
         while hit is not None:
             held, template_id = hit
             try:
                 await self.host.create(self.capsule_id, template_id, None, None)
                 self.cached_steps = held
-                self.sink.on_step(held, len(keys))
+                await self.sink.on_step(held, len(keys))
                 self.sink.line(f"==> steps 1-{held} of {len(keys)} from the step cache")
                 return
             except TemplateNotFound:  # its files went away: forget it, look for a shorter prefix
-                self.cache.forget(keys[held - 1])
-                hit = self.cache.lookup(keys[:held - 1])
+                await self.cache.forget(keys[held - 1])
+                hit = await self.cache.lookup(keys[:held - 1])
         self.sink.line(f"==> starting the build capsule from {self.job.spec.base_template or 'the base template'}")
         await self.host.create(self.capsule_id, self.job.base_template_id, self.job.vcpus, self.job.memory_mb)
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from wrenn_control import ids
 from wrenn_control.builds import builtin
@@ -103,6 +104,41 @@ class LiveLog:
                 return
 
 
+def _execute(s: Session, stmt: Any) -> int:
+    count = s.execute(stmt).rowcount  # type: ignore[attr-defined]
+    s.commit()
+    return int(count)
+
+
+def _add(s: Session, row: Any) -> None:
+    s.add(row)
+    s.commit()
+
+
+def _name_in_use(s: Session, team_id: str, name: str) -> bool:
+    """A template of the team's, or a build under way, has the name."""
+    if s.scalar(select(Template.id).where(Template.team_id == team_id, Template.name == name)):
+        return True
+    return s.scalar(select(Build.id).where(Build.team_id == team_id, Build.name == name, Build.status.in_(
+        [B.PENDING.value, B.RUNNING.value]))) is not None
+
+
+def _succeed(s: Session, tpl: Template, build_id: str, cached: int, steps: int) -> bool:
+    """The template row and running -> success in one transaction: neither without the other
+    (a cancel that won meanwhile leaves no template)."""
+    s.add(tpl)
+    s.flush()
+    done = s.execute(update(Build).where(Build.id == build_id, Build.status == B.RUNNING.value)
+                     .values(status=B.SUCCESS.value, template_id=tpl.id, cached_steps=cached,
+                             current_step=steps, completed_at=utcnow())
+                     ).rowcount == 1  # type: ignore[attr-defined]
+    if done:
+        s.commit()
+    else:
+        s.rollback()
+    return done
+
+
 class DBLayerCache:
     """The step cache of one team: `build_layers` rows naming hidden host templates."""
 
@@ -110,43 +146,48 @@ class DBLayerCache:
         self.m = manager
         self.team_id = team_id
 
-    def lookup(self, keys: list[str]) -> tuple[int, str] | None:
+    async def lookup(self, keys: list[str]) -> tuple[int, str] | None:
         if not keys:
             return None
-        with self.m.db.session() as s:
-            rows = s.execute(select(BuildLayer.key, BuildLayer.template_id, BuildLayer.step).where(
-                BuildLayer.team_id == self.team_id, BuildLayer.key.in_(keys))).all()
-            best = max(rows, key=lambda r: r.step, default=None)
-            if best is None:
-                return None
-            s.execute(update(BuildLayer).where(BuildLayer.key == best.key).values(last_used_at=utcnow()))
-            s.commit()
+        return await self.m.db.run(self._lookup, keys)
+
+    def _lookup(self, s: Session, keys: list[str]) -> tuple[int, str] | None:
+        rows = s.execute(select(BuildLayer.key, BuildLayer.template_id, BuildLayer.step).where(
+            BuildLayer.team_id == self.team_id, BuildLayer.key.in_(keys))).all()
+        best = max(rows, key=lambda r: r.step, default=None)
+        if best is None:
+            return None
+        s.execute(update(BuildLayer).where(BuildLayer.key == best.key).values(last_used_at=utcnow()))
+        s.commit()
         return best.step, best.template_id
 
-    def forget(self, key: str) -> None:
-        with self.m.db.session() as s:
-            s.execute(delete(BuildLayer).where(BuildLayer.key == key))
-            s.commit()
+    async def forget(self, key: str) -> None:
+        await self.m.db.run(_execute, delete(BuildLayer).where(BuildLayer.key == key))
 
     async def store(self, key: str, template_id: str, steps: int) -> None:
-        now = utcnow()
-        with self.m.db.session() as s:
-            old = s.get(BuildLayer, key)
-            replaced = old.template_id if old is not None else None
-            if old is not None:
-                s.delete(old)
-                s.flush()
-            s.add(BuildLayer(key=key, team_id=self.team_id, template_id=template_id, step=steps,
-                             created_at=now, last_used_at=now))
-            s.commit()
-            evict = s.scalars(select(BuildLayer).where(BuildLayer.team_id == self.team_id)
-                              .order_by(BuildLayer.last_used_at.desc()).offset(self.m.max_layers)).all()
-            gone = [r.template_id for r in evict]
-            for r in evict:
-                s.delete(r)
-            s.commit()
+        replaced, gone = await self.m.db.run(self._store, key, template_id, steps)
         for tid in ([replaced] if replaced else []) + gone:
             await self.m.drop_host_template(tid)
+
+    def _store(self, s: Session, key: str, template_id: str, steps: int) -> tuple[str | None, list[str]]:
+        """Record the layer (in place of an old one of that key); evict the least recently used
+        past `max_layers`: (the template replaced, those evicted), for the host to delete."""
+        now = utcnow()
+        old = s.get(BuildLayer, key)
+        replaced = old.template_id if old is not None else None
+        if old is not None:
+            s.delete(old)
+            s.flush()
+        s.add(BuildLayer(key=key, team_id=self.team_id, template_id=template_id, step=steps,
+                         created_at=now, last_used_at=now))
+        s.commit()
+        evict = s.scalars(select(BuildLayer).where(BuildLayer.team_id == self.team_id)
+                          .order_by(BuildLayer.last_used_at.desc()).offset(self.m.max_layers)).all()
+        gone = [r.template_id for r in evict]
+        for r in evict:
+            s.delete(r)
+        s.commit()
+        return replaced, gone
 
 
 class Builds:
@@ -173,14 +214,13 @@ class Builds:
                 completed_at=utcnow()))
             s.commit()
 
-    def get(self, team_id: str, build_id: str) -> Build | None:
-        with self.db.session() as s:
-            return s.scalar(select(Build).where(Build.id == build_id, Build.team_id == team_id))
+    async def get(self, team_id: str, build_id: str) -> Build | None:
+        return await self.db.run(lambda s: s.scalar(select(Build).where(Build.id == build_id,
+                                                                         Build.team_id == team_id)))
 
-    def list(self, team_id: str) -> list[Build]:
-        with self.db.session() as s:
-            return list(s.scalars(select(Build).where(Build.team_id == team_id)
-                                  .order_by(Build.created_at.desc(), Build.id)).all())
+    async def list(self, team_id: str) -> list[Build]:
+        return await self.db.run(lambda s: list(s.scalars(select(Build).where(Build.team_id == team_id)
+                                                          .order_by(Build.created_at.desc(), Build.id)).all()))
 
     def logs_of(self, row: Build) -> str:
         live = self._logs.get(row.id)
@@ -189,42 +229,31 @@ class Builds:
     def live_log(self, build_id: str) -> LiveLog | None:
         return self._logs.get(build_id)
 
-    def name_in_use(self, team_id: str, name: str) -> bool:
-        with self.db.session() as s:
-            if s.scalar(select(Template.id).where(Template.team_id == team_id, Template.name == name)):
-                return True
-            return s.scalar(select(Build.id).where(Build.team_id == team_id, Build.name == name, Build.status.in_(
-                [B.PENDING.value, B.RUNNING.value]))) is not None
+    async def name_in_use(self, team_id: str, name: str) -> bool:
+        return await self.db.run(_name_in_use, team_id, name)
 
-    def _move(self, build_id: str, to: BuildStatus, from_: Iterable[BuildStatus], **values: Any) -> bool:
-        with self.db.session() as s:
-            done = s.execute(update(Build).where(Build.id == build_id, Build.status.in_([f.value for f in from_]))
-                             .values(status=to.value, **values).execution_options(synchronize_session=False)
-                             ).rowcount == 1  # type: ignore[attr-defined]
-            s.commit()
-        return done
+    async def _move(self, build_id: str, to: BuildStatus, from_: Iterable[BuildStatus], **values: Any) -> bool:
+        return await self.db.run(_execute, update(Build).where(
+            Build.id == build_id, Build.status.in_([f.value for f in from_])).values(status=to.value, **values)
+            .execution_options(synchronize_session=False)) == 1
 
-    def _flush_log(self, build_id: str) -> None:
+    async def _flush_log(self, build_id: str) -> None:
         live = self._logs.get(build_id)
         if live is not None and live.dirty:
             live.dirty = False
-            with self.db.session() as s:
-                s.execute(update(Build).where(Build.id == build_id).values(logs=live.text))
-                s.commit()
+            await self.db.run(_execute, update(Build).where(Build.id == build_id).values(logs=live.text))
 
     # ---- submit / cancel ----------------------------------------------------------------------
 
-    def submit(self, team_id: str, *, name: str, base_name: str, base_template_id: str, base_version: str,
-               spec, vcpus: int | None, memory_mb: int | None, shape: tuple[int, int],
-               context: BuildContext) -> Build:
+    async def submit(self, team_id: str, *, name: str, base_name: str, base_template_id: str, base_version: str,
+                     spec, vcpus: int | None, memory_mb: int | None, shape: tuple[int, int],
+                     context: BuildContext) -> Build:
         now = utcnow()
         row = Build(id="bld-" + secrets.token_hex(10), team_id=team_id, name=name, base_template=base_name,
                     status=B.PENDING.value, current_step=0, total_steps=len(spec.steps), spec=summary(spec),
                     vcpus=shape[0], memory_mb=shape[1], logs="", error=None, template_id=None, cached_steps=0,
                     created_at=now, started_at=None, completed_at=None)
-        with self.db.session() as s:
-            s.add(row)
-            s.commit()
+        await self.db.run(_add, row)
         job = Job(build_id=row.id, spec=spec, base_template_id=base_template_id, base_version=base_version,
                   vcpus=vcpus, memory_mb=memory_mb, target_template_id=ids.template_id(), context=context,
                   cache_scope=team_id)
@@ -237,7 +266,7 @@ class Builds:
     async def cancel(self, build_id: str) -> bool:
         """False if the build had already finished."""
         task = self._tasks.get(build_id)
-        if not self._move(build_id, B.CANCELLED, {B.PENDING, B.RUNNING}, error="cancelled", completed_at=utcnow()):
+        if not await self._move(build_id, B.CANCELLED, {B.PENDING, B.RUNNING}, error="cancelled", completed_at=utcnow()):
             return False
         if task is not None and not task.done():
             task.cancel()
@@ -262,44 +291,42 @@ class Builds:
     async def _run(self, team_id: str, name: str, job: Job) -> None:
         live = self._logs[job.build_id]
 
-        def on_step(i: int, n: int) -> None:
+        async def on_step(i: int, n: int) -> None:
             live.step(i, n)
-            with self.db.session() as s:
-                s.execute(update(Build).where(Build.id == job.build_id).values(current_step=i))
-                s.commit()
+            await self.db.run(_execute, update(Build).where(Build.id == job.build_id).values(current_step=i))
 
         flusher = asyncio.create_task(self._flusher(job.build_id))
         execution = Execution(self.host, job, Sink(on_step, live.write), DBLayerCache(self, team_id))
         try:
             async with self._sem:
-                if not self._move(job.build_id, B.RUNNING, {B.PENDING}, started_at=utcnow()):
+                if not await self._move(job.build_id, B.RUNNING, {B.PENDING}, started_at=utcnow()):
                     return  # cancelled while waiting for a slot
                 try:
                     runtime = await execution.run()
                 except StepFailed as exc:
-                    self._fail(job.build_id, str(exc), live)
+                    await self._fail(job.build_id, str(exc), live)
                     return
                 except (HostAgentError, SpecError) as exc:
-                    self._fail(job.build_id, f"build failed: {exc}", live)
+                    await self._fail(job.build_id, f"build failed: {exc}", live)
                     return
                 except asyncio.CancelledError:
                     live.write("==> cancelled\n")
                     raise
                 except Exception as exc:  # a bug must still end the build truthfully
                     log.exception("build %s failed", job.build_id)
-                    self._fail(job.build_id, f"internal error: {exc!r}", live)
+                    await self._fail(job.build_id, f"internal error: {exc!r}", live)
                     return
             await self._publish(team_id, name, job, runtime, execution.cached_steps, live)
         finally:
             flusher.cancel()
             job.context.close()
-            self._flush_log(job.build_id)
+            await self._flush_log(job.build_id)
             await live.finish()
             self._logs.pop(job.build_id, None)
 
-    def _fail(self, build_id: str, error: str, live: LiveLog) -> None:
+    async def _fail(self, build_id: str, error: str, live: LiveLog) -> None:
         live.write(f"==> failed: {error}\n")
-        self._move(build_id, B.FAILED, {B.RUNNING}, error=error, completed_at=utcnow())
+        await self._move(build_id, B.FAILED, {B.RUNNING}, error=error, completed_at=utcnow())
 
     async def _publish(self, team_id: str, name: str, job: Job, runtime, cached: int, live: LiveLog) -> None:
         """The template becomes the team's, unless the build was cancelled or the name was taken
@@ -308,20 +335,10 @@ class Builds:
                        memory_mb=runtime.memory_mb, size_bytes=runtime.size_bytes, source_capsule_id=None,
                        created_at=utcnow())
         try:
-            with self.db.session() as s:
-                s.add(tpl)
-                s.flush()
-                done = s.execute(update(Build).where(Build.id == job.build_id, Build.status == B.RUNNING.value)
-                                 .values(status=B.SUCCESS.value, template_id=tpl.id, cached_steps=cached,
-                                         current_step=len(job.spec.steps), completed_at=utcnow())
-                                 ).rowcount == 1  # type: ignore[attr-defined]
-                if done:
-                    s.commit()
-                else:
-                    s.rollback()
+            done = await self.db.run(_succeed, tpl, job.build_id, cached, len(job.spec.steps))
         except IntegrityError:
             done = False
-            self._fail(job.build_id, f"template_name_taken: a template named {name!r} was created during the build",
+            await self._fail(job.build_id, f"template_name_taken: a template named {name!r} was created during the build",
                        live)
         if not done:
             await self.drop_host_template(job.target_template_id)
@@ -333,7 +350,7 @@ class Builds:
     async def _flusher(self, build_id: str) -> None:
         while True:
             await asyncio.sleep(LOG_FLUSH_S)
-            self._flush_log(build_id)
+            await self._flush_log(build_id)
 
     # ---- built-in templates made by a build (code-runner-beta) --------------------------------
 
@@ -377,7 +394,10 @@ async def build_builtin(host: HostAgent, name: str, template_id: str,
     job = Job(build_id="bld-" + name.replace("-", ""), spec=spec, base_template_id=b.base, base_version="",
               vcpus=b.vcpus, memory_mb=b.memory_mb, target_template_id=template_id, context=BuildContext(None),
               cache_scope="builtin")
-    sink = Sink(lambda i, n: None, on_log)
+    async def no_step(i: int, n: int) -> None:
+        pass
+
+    sink = Sink(no_step, on_log)
     try:
         await Execution(host, job, sink, NoCache()).run()
     except StepFailed as exc:

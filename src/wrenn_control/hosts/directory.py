@@ -27,8 +27,9 @@ class HostDirectory:
         if local is not None:
             self._hosts[LOCAL] = local
 
-    def for_capsule(self, host_id: str | None) -> HostAgent:
-        """The host agent of a capsule whose row says `host_id` (None: the local host)."""
+    async def for_capsule(self, host_id: str | None) -> HostAgent:
+        """The host agent of a capsule whose row says `host_id` (None: the local host). Async: a
+        fleet's directory may ask the database (registry.py)."""
         host = self._hosts.get(host_id or LOCAL)
         if host is None:
             raise HostUnavailable(host_id or LOCAL)

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from wrenn_control.db.models import Host
 from wrenn_control.db.session import Database
@@ -48,6 +49,11 @@ def remote_agent(address: str, control_token: str, tls_cert: str | None = None) 
     return module.RemoteHostAgent(address, control_token, tls_cert=tls_cert)
 
 
+def _host_rows(s: Session) -> list[tuple[str, str | None, str | None, str, str | None]]:
+    return [tuple(r) for r in s.execute(
+        select(Host.id, Host.address, Host.control_token, Host.status, Host.tls_cert)).all()]
+
+
 class FleetDirectory(HostDirectory):
     def __init__(self, db: Database, agent_factory: AgentFactory | None = None):
         super().__init__(None)
@@ -59,10 +65,18 @@ class FleetDirectory(HostDirectory):
         self._rechecked: dict[str, float] = {}  # host id -> when its offline status was last asked
 
     def refresh(self) -> None:
-        """Re-read the hosts table (blocking: run it in a thread from async code). The maps are
-        built aside and swapped in whole, so readers on the event loop never see them half done."""
+        """Re-read the hosts table, blocking (for threads: sync routes, the watcher's pass);
+        on the event loop, `await reload()`."""
         with self.db.session() as s:
-            rows = s.execute(select(Host.id, Host.address, Host.control_token, Host.status, Host.tls_cert)).all()
+            self._apply(_host_rows(s))
+
+    async def reload(self) -> None:
+        """Re-read the hosts table (the query in a database worker thread)."""
+        self._apply(await self.db.run(_host_rows))
+
+    def _apply(self, rows: list[tuple[str, str | None, str | None, str, str | None]]) -> None:
+        """The maps are built aside and swapped in whole, so readers on the event loop never see
+        them half done."""
         agents: dict[str, tuple[tuple[str, str, str | None], HostAgent]] = {}
         for host_id, address, token, _status, tls_cert in rows:
             if not address or not token:
@@ -88,26 +102,25 @@ class FleetDirectory(HostDirectory):
     def status(self, host_id: str) -> str | None:
         return self._status.get(host_id)
 
-    def for_capsule(self, host_id: str | None) -> HostAgent:
+    async def for_capsule(self, host_id: str | None) -> HostAgent:
         if host_id is None:
             raise HostNotServing("local", "this control plane has no in-process host (wrenn control-plane)")
         if host_id not in self._agents:
-            self.refresh()  # registered through another replica since the last pass
+            await self.reload()  # registered through another replica since the last pass
         entry = self._agents.get(host_id)
         if entry is None:
             raise HostNotServing(host_id, "it is not registered")
-        if self._status.get(host_id) == OFFLINE and self._still_offline(host_id):
+        if self._status.get(host_id) == OFFLINE and await self._still_offline(host_id):
             raise HostNotServing(host_id, "it is offline (it missed its heartbeats)")
         return entry[1]
 
-    def _still_offline(self, host_id: str) -> bool:
+    async def _still_offline(self, host_id: str) -> bool:
         """Asks the database (at most twice a second per host): a host back through another
         replica's heartbeat is served at once, not after this replica's next refresh."""
         now = time.monotonic()
         if now - self._rechecked.get(host_id, 0.0) >= RECHECK_SEC:
             self._rechecked[host_id] = now
-            with self.db.session() as s:
-                status = s.scalar(select(Host.status).where(Host.id == host_id))
+            status = await self.db.run(lambda s: s.scalar(select(Host.status).where(Host.id == host_id)))
             if status is not None and status != OFFLINE:
                 self.mark(host_id, status)
         return self._status.get(host_id) == OFFLINE

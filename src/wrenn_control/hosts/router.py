@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from wrenn_control.db.models import BuildLayer, Capsule, Host, Template
 from wrenn_control.db.session import Database
@@ -58,10 +59,10 @@ class RoutingHostAgent(HostAgent):
         # placement.place with the app's overcommit settings, for capsules without a row (builds)
         self.place: Any = None
 
-    def host_of(self, capsule_id: str) -> str | None:
+    async def host_of(self, capsule_id: str) -> str | None:
         if capsule_id not in self._host_of:
-            with self.db.session() as s:
-                found = s.execute(select(Capsule.host_id).where(Capsule.id == capsule_id)).first()
+            found = await self.db.run(
+                lambda s: s.execute(select(Capsule.host_id).where(Capsule.id == capsule_id)).first())
             if found is None:
                 raise CapsuleNotFound(f"no capsule {capsule_id}")
             if len(self._host_of) >= _CACHE_MAX:
@@ -69,9 +70,9 @@ class RoutingHostAgent(HostAgent):
             self._host_of[capsule_id] = found[0]
         return self._host_of[capsule_id]
 
-    def _to(self, capsule_id: str) -> HostAgent:
+    async def _to(self, capsule_id: str) -> HostAgent:
         try:
-            return self.directory.for_capsule(self.host_of(capsule_id))
+            return await self.directory.for_capsule(await self.host_of(capsule_id))
         except NotInDirectory as exc:
             raise HostUnreachable(exc.message) from None
 
@@ -82,25 +83,25 @@ class RoutingHostAgent(HostAgent):
     async def _routed(self, capsule_id: str, call: Callable[[HostAgent], Awaitable[T]]) -> T:
         """`call` on the capsule's host. The host is remembered per replica; a capsule moved by
         another replica's drain is not found on the old one, so look again once before failing."""
-        agent = self._to(capsule_id)
+        agent = await self._to(capsule_id)
         try:
             return await call(agent)
         except CapsuleNotFound:
             was = self._host_of.pop(capsule_id, None)
-            if self.host_of(capsule_id) == was:
+            if await self.host_of(capsule_id) == was:
                 raise
-            return await call(self._to(capsule_id))
+            return await call(await self._to(capsule_id))
 
-    def check_reachable(self, capsule_id: str) -> None:
+    async def check_reachable(self, capsule_id: str) -> None:
         """HostUnreachable if the capsule's host is offline or unknown (CapsuleOps asks first)."""
-        self._to(capsule_id)
+        await self._to(capsule_id)
 
     async def _online(self) -> list[tuple[str, HostAgent]]:
         """The hosts not offline. None in this replica's copy of the hosts table (it re-reads it
         every second): read it now, since hosts may have registered through another replica."""
         hosts = self.directory.all()
         if not hosts:
-            await asyncio.to_thread(self.directory.refresh)
+            await self.directory.reload()
             hosts = self.directory.all()
         if not hosts:
             raise HostUnreachable("no host is online")
@@ -181,28 +182,29 @@ class RoutingHostAgent(HostAgent):
     async def create(self, capsule_id: str, template_id: str, vcpus: int | None, memory_mb: int | None,
                      *args: Any, **kwargs: Any) -> Any:
         try:
-            agent = self._to(capsule_id)
+            agent = await self._to(capsule_id)
         except CapsuleNotFound:
             # No capsule row: a build's capsule (builds/executor.py). Placed here, and kept.
-            agent = self._place_unlisted(capsule_id, template_id, vcpus or 1, memory_mb or 512)
+            agent = await self._place_unlisted(capsule_id, template_id, vcpus or 1, memory_mb or 512)
         await self._bring_template(capsule_id, agent, template_id)
         return await agent.create(capsule_id, template_id, vcpus, memory_mb, *args, **kwargs)
 
-    def _template_holders(self, template_id: str) -> tuple[bool, list[str]]:
+    @staticmethod
+    def _template_holders(s: Session, template_id: str) -> tuple[bool, list[str]]:
         """(is it a snapshot template or build layer, the live hosts holding it)."""
-        with self.db.session() as s:
-            pinned = s.get(Template, template_id) is not None or s.scalar(
-                select(BuildLayer.template_id).where(BuildLayer.template_id == template_id).limit(1)) is not None
-            hosts = s.execute(select(Host.id, Host.templates).where(Host.status.in_(("online", "draining")))).all()
+        pinned = s.get(Template, template_id) is not None or s.scalar(
+            select(BuildLayer.template_id).where(BuildLayer.template_id == template_id).limit(1)) is not None
+        hosts = s.execute(select(Host.id, Host.templates).where(Host.status.in_(("online", "draining")))).all()
         return pinned, [hid for hid, templates in hosts if template_id in (templates or [])]
 
-    def _note_template(self, host_id: str, template_id: str) -> None:
-        """Until its next heartbeat says so, the host holds it (placement prefers it from now on)."""
-        with self.db.session() as s:
-            host = s.get(Host, host_id)
-            if host is not None and template_id not in (host.templates or []):
-                host.templates = [*(host.templates or []), template_id]
-                s.commit()
+    @staticmethod
+    def _note_template(s: Session, host_id: str, template_id: str) -> None:
+        """Until its next heartbeat says so, the host holds it (placement prefers it from now on).
+        The row locked: two notes at once (two copies finishing) both land."""
+        host = s.scalar(select(Host).where(Host.id == host_id).with_for_update())
+        if host is not None and template_id not in (host.templates or []):
+            host.templates = [*(host.templates or []), template_id]
+            s.commit()
 
     async def _bring_template(self, capsule_id: str, agent: HostAgent, template_id: str) -> None:
         """A snapshot template made on another host is copied to this capsule's host first
@@ -210,33 +212,36 @@ class RoutingHostAgent(HostAgent):
         host_id = self._host_of.get(capsule_id)
         if host_id is None:
             return
-        pinned, holders = await asyncio.to_thread(self._template_holders, template_id)
+        pinned, holders = await self.db.run(self._template_holders, template_id)
         if not pinned or host_id in holders:
             return
         async with self._copying.setdefault((host_id, template_id), asyncio.Lock()):
             for src_id in holders:
                 try:
-                    src = self.directory.for_capsule(src_id)
+                    src = await self.directory.for_capsule(src_id)
                 except NotInDirectory:
                     continue
                 moved = await move_template(src, agent, template_id)
                 log.info("template %s copied from host %s to %s (%.1f MiB in %.1f s)", template_id, src_id, host_id,
                          moved.bytes / 2**20, moved.seconds)
-                await asyncio.to_thread(self._note_template, host_id, template_id)
+                await self.db.run(self._note_template, host_id, template_id)
                 return
         raise HostUnreachable(f"no live host holds template {template_id} to copy it from")
 
-    def _place_unlisted(self, capsule_id: str, template_id: str, vcpus: int, memory_mb: int) -> HostAgent:
+    async def _place_unlisted(self, capsule_id: str, template_id: str, vcpus: int, memory_mb: int) -> HostAgent:
         if self.place is None:
             raise CapsuleNotFound(f"no capsule {capsule_id}")
-        with self.db.session() as s:
-            try:
-                host_id = self.place(s, vcpus=vcpus, memory_mb=memory_mb, template_id=template_id)
-            except APIError as exc:
-                raise HostUnreachable(exc.message) from exc
-            s.commit()
+        try:
+            host_id = await self.db.run(self._place, vcpus, memory_mb, template_id)
+        except APIError as exc:
+            raise HostUnreachable(exc.message) from exc
         self._host_of[capsule_id] = host_id
-        return self._to(capsule_id)
+        return await self._to(capsule_id)
+
+    def _place(self, s: Session, vcpus: int, memory_mb: int, template_id: str) -> str:
+        host_id = self.place(s, vcpus=vcpus, memory_mb=memory_mb, template_id=template_id)
+        s.commit()
+        return host_id
 
     async def update_network(self, capsule_id: str, *args: Any, **kwargs: Any) -> Any:
         return await self._routed(capsule_id, lambda agent: agent.update_network(capsule_id, *args, **kwargs))
@@ -249,7 +254,7 @@ class RoutingHostAgent(HostAgent):
 
     async def destroy(self, capsule_id: str) -> None:
         try:
-            agent = self._to(capsule_id)
+            agent = await self._to(capsule_id)
         except CapsuleNotFound:
             return  # idempotent, as the contract says
         await agent.destroy(capsule_id)
@@ -261,7 +266,7 @@ class RoutingHostAgent(HostAgent):
         made = await self._routed(capsule_id, lambda agent: agent.snapshot(capsule_id, template_id))
         host_id = self._host_of.get(capsule_id)
         if host_id is not None:  # placement may send a create from it elsewhere before the next heartbeat
-            await asyncio.to_thread(self._note_template, host_id, template_id)
+            await self.db.run(self._note_template, host_id, template_id)
         return made
 
     async def exec(self, capsule_id: str, *args: Any, **kwargs: Any) -> Any:
@@ -280,7 +285,7 @@ class RoutingHostAgent(HostAgent):
         await self._routed(capsule_id, lambda agent: agent.kill(capsule_id, *args, **kwargs))
 
     async def attach(self, capsule_id: str, target: int | str) -> AsyncIterator[StreamEvent]:  # type: ignore[override]
-        async for event in self._to(capsule_id).attach(capsule_id, target):
+        async for event in (await self._to(capsule_id)).attach(capsule_id, target):
             yield event
 
     async def pty_start(self, capsule_id: str, *args: Any, **kwargs: Any) -> Any:
@@ -290,7 +295,7 @@ class RoutingHostAgent(HostAgent):
         return await self._routed(capsule_id, lambda agent: agent.pty_sessions(capsule_id))
 
     async def pty_attach(self, capsule_id: str, target: int | str) -> AsyncIterator[StreamEvent]:  # type: ignore[override]
-        async for event in self._to(capsule_id).pty_attach(capsule_id, target):
+        async for event in (await self._to(capsule_id)).pty_attach(capsule_id, target):
             yield event
 
     async def pty_input(self, capsule_id: str, *args: Any) -> None:
@@ -306,11 +311,11 @@ class RoutingHostAgent(HostAgent):
         return await self._routed(capsule_id, lambda agent: agent.read_file(capsule_id, path))
 
     async def read_file_stream(self, capsule_id: str, path: str) -> AsyncIterator[bytes]:  # type: ignore[override]
-        async for chunk in self._to(capsule_id).read_file_stream(capsule_id, path):
+        async for chunk in (await self._to(capsule_id)).read_file_stream(capsule_id, path):
             yield chunk
 
     async def write_file(self, capsule_id: str, path: str, data: Any) -> int:
-        return await self._to(capsule_id).write_file(capsule_id, path, data)  # a stream: never sent twice
+        return await (await self._to(capsule_id)).write_file(capsule_id, path, data)  # a stream: never sent twice
 
     async def list_dir(self, capsule_id: str, *args: Any, **kwargs: Any) -> Any:
         return await self._routed(capsule_id, lambda agent: agent.list_dir(capsule_id, *args, **kwargs))

@@ -91,7 +91,7 @@ async def _relay_response(conn: h11.Connection, guest: Guest, tunnel: Tunnel, se
                 started = True
             elif isinstance(event, h11.Data):
                 await send({"type": "http.response.body", "body": bytes(event.data), "more_body": True})
-                guest.record_activity()
+                await guest.record_activity()
             elif isinstance(event, h11.EndOfMessage):
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 return

@@ -36,7 +36,7 @@ async def open_tunnel(scope: dict[str, Any], port: int, capsule_id: str) -> Asyn
     gateway: GuestGateway = state.gateway
     if not 1 <= port <= 65535:
         raise invalid(f"port must be between 1 and 65535, not {port}")
-    row = gateway.capsule(capsule_id, None)
+    row = await gateway.capsule(capsule_id, None)
     if getattr(state.settings, "proxy_require_api_key", False):
         key = header(scope, b"x-api-key")
         team = await team_for_api_key(state.db, key.decode("latin-1") if key else None)
@@ -45,7 +45,7 @@ async def open_tunnel(scope: dict[str, Any], port: int, capsule_id: str) -> Asyn
     async with gateway.open(row, purpose="to reach its ports") as guest:
         tunnel = await guest.tcp_connect(port)
         try:
-            guest.record_activity()
+            await guest.record_activity()
             yield guest, tunnel
         finally:
             await tunnel.close()

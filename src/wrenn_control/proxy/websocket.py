@@ -126,7 +126,7 @@ async def _bridge(scope: dict[str, Any], receive: Any, send: Any, guest: Guest, 
                 else:
                     proto.send_text((msg.get("text") or "").encode())
                 await flush()
-                guest.record_activity()
+                await guest.record_activity()
             elif msg["type"] == "websocket.disconnect":
                 nonlocal closed
                 closed = True
@@ -164,7 +164,7 @@ async def _bridge(scope: dict[str, Any], receive: Any, send: Any, guest: Guest, 
                             await send({"type": "websocket.send", "bytes": data})
                     except Exception:  # the client is gone
                         return
-                    guest.record_activity()
+                    await guest.record_activity()
             data = await tunnel.read()
             if data:
                 proto.receive_data(data)

@@ -11,11 +11,11 @@ failure at any step leaves the capsule paused where it was (the next pass tries 
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 
 from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
 from wrenn_control.db.models import Capsule, Host
 from wrenn_control.errors import APIError
@@ -47,17 +47,17 @@ class Drainer(PeriodicWorker):
     async def tick(self) -> None:
         await self.run_once()
 
-    def _paused_on_draining(self) -> list[tuple[str, str]]:
-        with self.db.session() as s:
-            return [(cid, hid) for cid, hid in s.execute(
-                select(Capsule.id, Capsule.host_id).join(Host, Host.id == Capsule.host_id)
-                .where(Host.draining.is_(True), Host.status == "draining",
-                       Capsule.status == Status.PAUSED.value)
-                .order_by(Capsule.id)).all()]
+    @staticmethod
+    def _paused_on_draining(s: Session) -> list[tuple[str, str]]:
+        return [(cid, hid) for cid, hid in s.execute(
+            select(Capsule.id, Capsule.host_id).join(Host, Host.id == Capsule.host_id)
+            .where(Host.draining.is_(True), Host.status == "draining",
+                   Capsule.status == Status.PAUSED.value)
+            .order_by(Capsule.id)).all()]
 
     async def run_once(self) -> DrainPass:
         done = DrainPass()
-        for capsule_id, host_id in await asyncio.to_thread(self._paused_on_draining):
+        for capsule_id, host_id in await self.db.run(self._paused_on_draining):
             try:
                 new_host = await self.move(capsule_id, host_id)
             except (APIError, HostAgentError) as exc:
@@ -73,22 +73,29 @@ class Drainer(PeriodicWorker):
         """Move one paused capsule off `host_id`; its new host's id, or None if it was not
         (any more) a paused capsule of that host by the time it was held."""
         async with self.ops.hold(capsule_id):
-            row = self.ops.get(capsule_id)
+            row = await self.ops.get(capsule_id)
             if row is None or row.status != Status.PAUSED.value or row.host_id != host_id:
                 return None
-            with self.db.session() as s:  # the host is draining: placement never picks it
-                dst_id = self.ops.place(s, vcpus=row.vcpus, memory_mb=row.memory_mb, template_id=row.template_id)
-                s.commit()
-            src, dst = self.directory.for_capsule(host_id), self.directory.for_capsule(dst_id)
+            dst_id = await self.db.run(self._place, row)  # the host is draining: placement never picks it
+            src, dst = await self.directory.for_capsule(host_id), await self.directory.for_capsule(dst_id)
 
             async def record() -> None:
-                with self.db.session() as s:
-                    s.execute(update(Capsule).where(Capsule.id == capsule_id).values(host_id=dst_id)
-                              .execution_options(synchronize_session=False))
-                    s.commit()
+                await self.db.run(_set_host, capsule_id, dst_id)
                 self.ops.host_moved(capsule_id)
 
             move = await move_paused_capsule(src, dst, capsule_id, row.template_id, on_moved=record)
             log.info("drain: capsule %s moved from host %s to %s (%.1f MiB in %.1f s)", capsule_id, host_id,
                      dst_id, move.transfer.bytes / 2**20, move.transfer.seconds)
             return dst_id
+
+    def _place(self, s: Session, row: Capsule) -> str:
+        assert self.ops.place is not None
+        host_id = self.ops.place(s, vcpus=row.vcpus, memory_mb=row.memory_mb, template_id=row.template_id)
+        s.commit()
+        return host_id
+
+
+def _set_host(s: Session, capsule_id: str, host_id: str) -> None:
+    s.execute(update(Capsule).where(Capsule.id == capsule_id).values(host_id=host_id)
+              .execution_options(synchronize_session=False))
+    s.commit()

@@ -8,7 +8,6 @@ host goes offline once and one replica logs it.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from datetime import datetime, timedelta
 
@@ -34,7 +33,7 @@ class HeartbeatWatcher(PeriodicWorker):
         self.interval_sec = interval_sec
 
     async def tick(self) -> None:
-        await asyncio.to_thread(self.run_once)
+        await self.db.run(lambda _s: self.run_once())  # (its own session, in a database worker thread)
 
     def run_once(self, now: datetime | None = None) -> list[str]:
         """Mark stale hosts offline; returns those this call marked."""

@@ -8,20 +8,20 @@ from sqlalchemy import delete
 from sqlalchemy.exc import IntegrityError
 
 from wrenn_control.db.models import WorkerPass
-from wrenn_control.db.session import Database
+from sqlalchemy.orm import Session
 
 KEEP_SLOTS = 100  # rows kept per worker (for a look at who did what)
 
 
-def claim_pass(db: Database, name: str, slot: int, replica_id: str) -> bool:
-    with db.session() as s:
-        s.add(WorkerPass(name=name, slot=slot, claimed_by=replica_id))
-        try:
-            s.commit()
-        except IntegrityError:
-            s.rollback()
-            return False
-        if slot % KEEP_SLOTS == 0:
-            s.execute(delete(WorkerPass).where(WorkerPass.name == name, WorkerPass.slot < slot - KEEP_SLOTS))
-            s.commit()
+def claim_pass(s: Session, name: str, slot: int, replica_id: str) -> bool:
+    """A database job (`await db.run(claim_pass, name, slot, replica_id)`)."""
+    s.add(WorkerPass(name=name, slot=slot, claimed_by=replica_id))
+    try:
+        s.commit()
+    except IntegrityError:
+        s.rollback()
+        return False
+    if slot % KEEP_SLOTS == 0:
+        s.execute(delete(WorkerPass).where(WorkerPass.name == name, WorkerPass.slot < slot - KEEP_SLOTS))
+        s.commit()
     return True

@@ -42,19 +42,17 @@ class Reaper(PeriodicWorker):
         replica = self.ops.replica_id
         # The dead-VM check asks the hosts about every running capsule: one replica a slot does
         # it. (The auto-pause scan is a query; its pauses are conditional, so each happens once.)
-        if replica is None or await asyncio.to_thread(
-                claim_pass, self.db, "reaper", int(time.time() / self.interval_sec), replica):
+        if replica is None or await self.db.run(
+                claim_pass, "reaper", int(time.time() / self.interval_sec), replica):
             await self.mark_dead()
         await self.run_once()
 
     async def run_once(self, now: datetime | None = None) -> list[str]:
         """One auto-pause pass; returns the ids it paused."""
         now = now or utcnow()
-        with self.db.session() as s:
-            rows = s.execute(
-                select(Capsule.id, Capsule.timeout_sec, Capsule.started_at, Capsule.last_active_at, Capsule.host_id)
-                .where(Capsule.status == Status.RUNNING.value, Capsule.timeout_sec > 0)
-            ).all()
+        rows = await self.db.run(lambda s: s.execute(
+            select(Capsule.id, Capsule.timeout_sec, Capsule.started_at, Capsule.last_active_at, Capsule.host_id)
+            .where(Capsule.status == Status.RUNNING.value, Capsule.timeout_sec > 0)).all())
         due: list[tuple[str, datetime]] = []
         for capsule_id, timeout_sec, started_at, last_active_at, host_id in rows:
             marks = [t for t in (started_at, last_active_at) if t is not None]
@@ -68,8 +66,8 @@ class Reaper(PeriodicWorker):
 
     async def mark_dead(self) -> list[str]:
         """Running capsules whose VM is gone become `error`; returns their ids."""
-        with self.db.session() as s:
-            running = s.scalars(select(Capsule.id).where(Capsule.status == Status.RUNNING.value)).all()
+        running = await self.db.run(
+            lambda s: s.scalars(select(Capsule.id).where(Capsule.status == Status.RUNNING.value)).all())
         dead = []
         for capsule_id in running:
             try:
@@ -80,7 +78,7 @@ class Reaper(PeriodicWorker):
                 continue  # unknown: leave it to the next pass
             if state == "error":
                 # Only from running: a pause or destroy that started meanwhile owns the status.
-                self.ops.mark_lost(capsule_id, "the VM stopped unexpectedly")
+                await self.ops.mark_lost(capsule_id, "the VM stopped unexpectedly")
                 dead.append(capsule_id)
         return dead
 

@@ -21,10 +21,8 @@ S = Status
 
 
 async def reconcile(ops: CapsuleOps) -> ReconcileReport:
-    with ops.db.session() as s:
-        rows = s.execute(
-            select(Capsule.id, Capsule.status).where(Capsule.status != S.STOPPED.value)
-        ).all()
+    rows = await ops.db.run(lambda s: s.execute(
+        select(Capsule.id, Capsule.status).where(Capsule.status != S.STOPPED.value)).all())
     # A capsule that was being destroyed is left out of `known`, so the host cleans it up.
     known = {cid: status for cid, status in rows if status != S.STOPPING.value}
     report = await ops.host.start(known)
@@ -35,14 +33,14 @@ async def reconcile(ops: CapsuleOps) -> ReconcileReport:
     for cid, status in rows:
         was = S(status)
         if was is S.STOPPING:
-            ops.transition(cid, S.STOPPED, from_={was})
+            await ops.transition(cid, S.STOPPED, from_={was})
         elif cid in running:
             if was is not S.RUNNING:  # it (re)reached running just now
-                ops.transition(cid, S.RUNNING, from_={was}, values={"error": None, "started_at": utcnow()},
-                               force=True)
+                await ops.transition(cid, S.RUNNING, from_={was}, values={"error": None, "started_at": utcnow()},
+                                     force=True)
         elif cid in paused:
             if was is not S.PAUSED:
-                ops.transition(cid, S.PAUSED, from_={was}, values={"error": None}, force=True)
+                await ops.transition(cid, S.PAUSED, from_={was}, values={"error": None}, force=True)
         elif was is S.ERROR:
             continue  # already recorded as failed
         else:
@@ -53,5 +51,5 @@ async def reconcile(ops: CapsuleOps) -> ReconcileReport:
             else:
                 reason = f"not found on the host after a restart (was {status})"
             log.warning("capsule %s: %s", cid, reason)
-            ops.transition(cid, S.ERROR, from_={was}, values={"error": reason}, force=True)
+            await ops.transition(cid, S.ERROR, from_={was}, values={"error": reason}, force=True)
     return report

@@ -20,6 +20,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import delete, insert, select
+from sqlalchemy.orm import Session
 
 from wrenn_control.clock import utcnow
 from wrenn_control.db.models import Capsule, CapsuleMetric, TeamStatsSample
@@ -67,8 +68,8 @@ class Sampler(PeriodicWorker):
 
     async def tick(self) -> None:
         replica = self.ops.replica_id
-        if replica is not None and not await asyncio.to_thread(
-                claim_pass, self.db, self.name, round(time.time() / self.interval_sec), replica):
+        if replica is not None and not await self.db.run(
+                claim_pass, self.name, round(time.time() / self.interval_sec), replica):
             return  # another replica samples this slot
         await self.run_once()
 
@@ -79,11 +80,9 @@ class Sampler(PeriodicWorker):
     async def run_once(self, now: datetime | None = None) -> SamplePass:
         now = now or utcnow()
         ts = to_ms(now)
-        with self.db.session() as s:
-            rows = s.execute(
-                select(Capsule.id, Capsule.team_id, Capsule.vcpus, Capsule.memory_mb)
-                .where(Capsule.status == Status.RUNNING.value)
-            ).all()
+        rows = await self.db.run(lambda s: s.execute(
+            select(Capsule.id, Capsule.team_id, Capsule.vcpus, Capsule.memory_mb)
+            .where(Capsule.status == Status.RUNNING.value)).all())
         teams: dict[str, tuple[int, int, int]] = {}
         for _, team_id, vcpus, memory_mb in rows:
             count, v, m = teams.get(team_id, (0, 0, 0))
@@ -93,23 +92,28 @@ class Sampler(PeriodicWorker):
         answers = await asyncio.gather(*(self._metrics(cid) for cid in asked))
         got = {cid: m for cid, m in zip(asked, answers) if m is not None}
 
-        with self.db.session() as s:
-            if got:  # only those still running: a pause may have begun while they answered
-                still = set(s.scalars(select(Capsule.id).where(
-                    Capsule.id.in_(list(got)), Capsule.status == Status.RUNNING.value)))
-                got = {cid: m for cid, m in got.items() if cid in still}
-            if got:
-                s.execute(self._insert_ignore(CapsuleMetric), [
-                    {"capsule_id": cid, "ts_ms": ts, "cpu_pct": _float(m.cpu_pct),
-                     "mem_bytes": _int(m.mem_bytes), "disk_bytes": _int(m.disk_bytes)}
-                    for cid, m in got.items()])
-            if teams:
-                s.execute(self._insert_ignore(TeamStatsSample), [
-                    {"team_id": team_id, "ts_ms": ts, "running_count": c, "vcpus": v, "memory_mb": m}
-                    for team_id, (c, v, m) in teams.items()])
-            pruned = self._prune(s, now)
-            s.commit()
+        got, pruned = await self.db.run(self._record, got, teams, ts, now)
         return SamplePass(now, sorted(got), sorted({cid for cid, *_ in rows} - set(got)), teams, pruned)
+
+    def _record(self, s: Session, got: dict[str, CapsuleMetrics], teams: dict[str, tuple[int, int, int]],
+                ts: int, now: datetime) -> tuple[dict[str, CapsuleMetrics], int]:
+        """Write the points (of the capsules still running) and the team samples; prune."""
+        if got:  # only those still running: a pause may have begun while they answered
+            still = set(s.scalars(select(Capsule.id).where(
+                Capsule.id.in_(list(got)), Capsule.status == Status.RUNNING.value)))
+            got = {cid: m for cid, m in got.items() if cid in still}
+        if got:
+            s.execute(self._insert_ignore(CapsuleMetric), [
+                {"capsule_id": cid, "ts_ms": ts, "cpu_pct": _float(m.cpu_pct),
+                 "mem_bytes": _int(m.mem_bytes), "disk_bytes": _int(m.disk_bytes)}
+                for cid, m in got.items()])
+        if teams:
+            s.execute(self._insert_ignore(TeamStatsSample), [
+                {"team_id": team_id, "ts_ms": ts, "running_count": c, "vcpus": v, "memory_mb": m}
+                for team_id, (c, v, m) in teams.items()])
+        pruned = self._prune(s, now)
+        s.commit()
+        return got, pruned
 
     async def _metrics(self, capsule_id: str) -> CapsuleMetrics | None:
         try:

@@ -75,6 +75,11 @@ def _role(session: Session, team_id: str, user_id: str) -> str:
     return role
 
 
+def _add(s: Session, row: object) -> None:
+    s.add(row)
+    s.commit()
+
+
 # ---- signup / login / me -----------------------------------------------------------------
 
 
@@ -95,7 +100,8 @@ async def signup(body: SignupRequest, db: DatabaseDep, request: Request) -> Sign
     password_hash = await asyncio.to_thread(hash_password, body.password)
     taken = APIError(409, "conflict", "an account with this email already exists")
     now = utcnow()
-    with db.session() as s:
+
+    def job(s: Session) -> SignupOut:
         if s.scalar(select(User.id).where(User.email == email)) is not None:
             raise taken
         user = User(id=ids.user_id(), email=email, password_hash=password_hash, created_at=now)
@@ -111,37 +117,40 @@ async def signup(body: SignupRequest, db: DatabaseDep, request: Request) -> Sign
         token = encode_jwt(request.app.state.jwt_secret, user.id, team.id)
         return SignupOut(token=token, user=_user_out(user), team=_team_out(team, "owner"))
 
+    return await db.run(job)
+
 
 @router.post("/auth/login", response_model=TokenOut, responses={400: {"model": ErrorBody}, 404: {"model": ErrorBody}})
 async def login(body: LoginRequest, db: DatabaseDep, request: Request) -> TokenOut:
     """A token (valid 24 h) for the user's oldest team, or for `team_id` if given."""
-    with db.session() as s:
-        found = s.execute(select(User.id, User.password_hash).where(User.email == _email(body.email))).first()
+    found = await db.run(lambda s: s.execute(select(User.id, User.password_hash)
+                                             .where(User.email == _email(body.email))).first())
     if found is None:
         await asyncio.to_thread(burn_password_check, body.password)
         raise APIError(401, "unauthorized", _BAD_LOGIN)
     user_id, password_hash = found
     if not await asyncio.to_thread(verify_password, body.password, password_hash):
         raise APIError(401, "unauthorized", _BAD_LOGIN)
-    with db.session() as s:
-        query = select(TeamMember.team_id).where(TeamMember.user_id == user_id)
-        if body.team_id is not None:
-            team_id = s.scalar(query.where(TeamMember.team_id == body.team_id))
-            if team_id is None:
-                raise not_found("team")
-        else:
-            team_id = s.scalar(query.order_by(TeamMember.created_at, TeamMember.team_id).limit(1))
+    query = select(TeamMember.team_id).where(TeamMember.user_id == user_id)
+    if body.team_id is not None:
+        team_id = await db.run(lambda s: s.scalar(query.where(TeamMember.team_id == body.team_id)))
+        if team_id is None:
+            raise not_found("team")
+    else:
+        team_id = await db.run(lambda s: s.scalar(query.order_by(TeamMember.created_at, TeamMember.team_id).limit(1)))
     return TokenOut(token=encode_jwt(request.app.state.jwt_secret, user_id, team_id))
 
 
 @router.get("/me", response_model=MeOut)
 async def me(user: CurrentUser, db: DatabaseDep) -> MeOut:
     """The caller and the token's current team (null if they are no longer in it)."""
-    with db.session() as s:
+    def job(s: Session) -> MeOut:
         row = s.get(User, user.id)
         assert row is not None
         team = s.get(Team, user.team_id) if user.team_id else None
         return MeOut(user=_user_out(row), team=_team_out(team, user.role or "member") if team else None)
+
+    return await db.run(job)
 
 
 # ---- API keys ------------------------------------------------------------------------------
@@ -153,27 +162,27 @@ async def create_api_key(team: KeyManagerTeam, db: DatabaseDep, body: ApiKeyCrea
     key = ids.new_api_key()
     row = ApiKey(id=ids.api_key_id(), team_id=team.id, name=(body.name if body and body.name else "default"),
                  key_hash=ids.hash_api_key(key), prefix=ids.key_prefix(key), created_at=utcnow())
-    with db.session() as s:
-        s.add(row)
-        s.commit()
+    await db.run(_add, row)
     return ApiKeyCreated(**_key_out(row).model_dump(), key=key)
 
 
 @router.get("/api-keys", response_model=list[ApiKeyOut])
 async def list_api_keys(team: KeyManagerTeam, db: DatabaseDep) -> list[ApiKeyOut]:
-    with db.session() as s:
-        rows = s.scalars(select(ApiKey).where(ApiKey.team_id == team.id).order_by(ApiKey.created_at, ApiKey.id))
-        return [_key_out(r) for r in rows]
+    rows = await db.run(lambda s: s.scalars(select(ApiKey).where(ApiKey.team_id == team.id)
+                                            .order_by(ApiKey.created_at, ApiKey.id)).all())
+    return [_key_out(r) for r in rows]
 
 
 @router.delete("/api-keys/{key_id}", status_code=204, response_class=Response,
                responses={404: {"model": ErrorBody}})
 async def delete_api_key(key_id: str, team: KeyManagerTeam, db: DatabaseDep) -> Response:
     """Revoke a key of the team: it stops working at once."""
-    with db.session() as s:
+    def job(s: Session) -> int:
         gone = s.execute(delete(ApiKey).where(ApiKey.id == key_id, ApiKey.team_id == team.id)).rowcount
         s.commit()
-    if not gone:
+        return gone
+
+    if not await db.run(job):
         raise not_found("api key")
     return Response(status_code=204)
 
@@ -184,26 +193,27 @@ async def delete_api_key(key_id: str, team: KeyManagerTeam, db: DatabaseDep) -> 
 @router.get("/teams", response_model=list[TeamOut])
 async def list_teams(user: CurrentUser, db: DatabaseDep) -> list[TeamOut]:
     """The caller's teams, with their role in each."""
-    with db.session() as s:
-        rows = s.execute(select(Team, TeamMember.role).join(TeamMember, TeamMember.team_id == Team.id)
-                         .where(TeamMember.user_id == user.id)
-                         .order_by(TeamMember.created_at, Team.id)).all()
-        return [_team_out(team, role) for team, role in rows]
+    rows = await db.run(lambda s: s.execute(select(Team, TeamMember.role).join(TeamMember, TeamMember.team_id == Team.id)
+                                            .where(TeamMember.user_id == user.id)
+                                            .order_by(TeamMember.created_at, Team.id)).all())
+    return [_team_out(team, role) for team, role in rows]
 
 
 @router.post("/teams", status_code=201, response_model=TeamOut, responses={400: {"model": ErrorBody}})
 async def create_team(body: TeamCreate, user: CurrentUser, db: DatabaseDep) -> TeamOut:
     """A new team with the caller as its owner (log in with its `team_id` to act for it)."""
-    with db.session() as s:
+    def job(s: Session) -> TeamOut:
         team = add_team(s, body.name)
         s.add(TeamMember(team_id=team.id, user_id=user.id, role="owner", created_at=utcnow()))
         s.commit()
         return _team_out(team, "owner")
 
+    return await db.run(job)
+
 
 @router.get("/teams/{team_id}/members", response_model=list[MemberOut], responses={404: {"model": ErrorBody}})
 async def list_members(team_id: str, user: CurrentUser, db: DatabaseDep) -> list[MemberOut]:
-    with db.session() as s:
+    def job(s: Session) -> list[MemberOut]:
         _role(s, team_id, user.id)
         rows = s.execute(select(TeamMember, User.email).join(User, User.id == TeamMember.user_id)
                          .where(TeamMember.team_id == team_id)
@@ -211,12 +221,14 @@ async def list_members(team_id: str, user: CurrentUser, db: DatabaseDep) -> list
         return [MemberOut(user_id=m.user_id, email=email, role=m.role, created_at=m.created_at)  # type: ignore[arg-type]
                 for m, email in rows]
 
+    return await db.run(job)
+
 
 @router.post("/teams/{team_id}/members", status_code=201, response_model=MemberOut,
              responses={403: {"model": ErrorBody}, 404: {"model": ErrorBody}, 409: {"model": ErrorBody}})
 async def add_member(team_id: str, body: MemberAdd, user: CurrentUser, db: DatabaseDep) -> MemberOut:
     """Add an existing user by email (owners and admins; only owners may add owners)."""
-    with db.session() as s:
+    def job(s: Session) -> MemberOut:
         role = _role(s, team_id, user.id)
         if role not in MANAGERS:
             raise _forbidden("only a team's owners and admins may add members")
@@ -234,13 +246,18 @@ async def add_member(team_id: str, body: MemberAdd, user: CurrentUser, db: Datab
             raise APIError(409, "conflict", "this user is already a member of the team") from None
         return MemberOut(user_id=target.id, email=target.email, role=body.role, created_at=member.created_at)
 
+    return await db.run(job)
+
 
 @router.delete("/teams/{team_id}/members/{user_id}", status_code=204, response_class=Response,
                responses={403: {"model": ErrorBody}, 404: {"model": ErrorBody}, 409: {"model": ErrorBody}})
 async def remove_member(team_id: str, user_id: str, user: CurrentUser, db: DatabaseDep) -> Response:
     """Remove a member (owners and admins; anyone may leave). Only owners remove owners, and a
     team always keeps at least one owner."""
-    with db.session() as s:
+    def job(s: Session) -> None:
+        # The team's row locked first: two owners removing each other at once take turns, and
+        # the second finds the last owner (PostgreSQL; SQLite's one worker serializes them).
+        s.execute(select(Team.id).where(Team.id == team_id).with_for_update())
         role = _role(s, team_id, user.id)
         target = s.scalar(select(TeamMember).where(TeamMember.team_id == team_id, TeamMember.user_id == user_id))
         if target is None:
@@ -254,4 +271,6 @@ async def remove_member(team_id: str, user_id: str, user: CurrentUser, db: Datab
                 raise APIError(409, "conflict", "a team must keep at least one owner")
         s.delete(target)
         s.commit()
+
+    await db.run(job)
     return Response(status_code=204)

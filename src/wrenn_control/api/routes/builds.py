@@ -141,8 +141,8 @@ async def _base(team_id: str, name: str, body: BuildCreate, host: HostAgent, bui
         template_id, vcpus, mem = await builds.builtin_template_id(name), None, None
         shape = (BUILTIN_BUILDS[name].vcpus, BUILTIN_BUILDS[name].memory_mb)
     else:
-        with db.session() as s:
-            row = s.scalar(select(Template).where(Template.team_id == team_id, Template.name == name))
+        row = await db.run(lambda s: s.scalar(select(Template).where(Template.team_id == team_id,
+                                                                     Template.name == name)))
         if row is None:
             raise invalid(f"base template {name!r} does not exist")
         template_id, shape = row.id, (row.vcpus, row.memory_mb)
@@ -171,7 +171,7 @@ async def create_build(request: Request, team: CurrentTeam, host: HostDep, db: D
                           "starting with a letter or digit")
         if body.name in await reserved_names(host, builds):
             raise APIError(409, "name_reserved", f"{body.name!r} is the name of a built-in template")
-        if builds.name_in_use(team.id, body.name):
+        if await builds.name_in_use(team.id, body.name):
             raise APIError(409, "template_name_taken", f"a template named {body.name!r} already exists "
                            "(or is being built); delete it first or choose another name")
         base_name = spec.base_template or body.base_template or DEFAULT_BASE
@@ -193,8 +193,9 @@ async def create_build(request: Request, team: CurrentTeam, host: HostDep, db: D
                     context.sources(step.srcs, f"step {i + 1} ({step.text})")
                 except SpecError as exc:
                     raise invalid(str(exc)) from None
-        row = builds.submit(team.id, name=body.name, base_name=base_name, base_template_id=base_id,
-                            base_version=version, spec=spec, vcpus=vcpus, memory_mb=mem, shape=shape, context=context)
+        row = await builds.submit(team.id, name=body.name, base_name=base_name, base_template_id=base_id,
+                                  base_version=version, spec=spec, vcpus=vcpus, memory_mb=mem, shape=shape,
+                                  context=context)
     except BaseException:
         context.close()
         raise
@@ -207,11 +208,11 @@ async def create_build(request: Request, team: CurrentTeam, host: HostDep, db: D
 @router.get("/builds", response_model=list[BuildOut])
 async def list_builds(team: CurrentTeam, builds: BuildsDep) -> list[BuildOut]:
     """The team's builds, newest first; each with only the last lines of its log."""
-    return [BuildOut.of(r, builds.logs_of(r), tail=LIST_LOG_LINES) for r in builds.list(team.id)]
+    return [BuildOut.of(r, builds.logs_of(r), tail=LIST_LOG_LINES) for r in await builds.list(team.id)]
 
 
-def _team_build(team_id: str, build_id: str, builds: Builds):
-    row = builds.get(team_id, build_id)
+async def _team_build(team_id: str, build_id: str, builds: Builds):
+    row = await builds.get(team_id, build_id)
     if row is None:
         raise not_found("build")
     return row
@@ -219,7 +220,7 @@ def _team_build(team_id: str, build_id: str, builds: Builds):
 
 @router.get("/builds/{build_id}", response_model=BuildOut, responses={404: {"model": ErrorBody}})
 async def get_build(build_id: str, team: CurrentTeam, builds: BuildsDep) -> BuildOut:
-    row = _team_build(team.id, build_id, builds)
+    row = await _team_build(team.id, build_id, builds)
     return BuildOut.of(row, builds.logs_of(row))
 
 
@@ -227,11 +228,11 @@ async def get_build(build_id: str, team: CurrentTeam, builds: BuildsDep) -> Buil
              responses={404: {"model": ErrorBody}, 409: {"model": ErrorBody}})
 async def cancel_build(build_id: str, team: CurrentTeam, builds: BuildsDep) -> BuildOut:
     """Stops the build and destroys its build capsule before answering."""
-    row = _team_build(team.id, build_id, builds)
+    row = await _team_build(team.id, build_id, builds)
     if not await builds.cancel(row.id):
-        row = _team_build(team.id, build_id, builds)
+        row = await _team_build(team.id, build_id, builds)
         raise APIError(409, "invalid_state", f"build is {row.status}; only pending or running builds can be cancelled")
-    row = _team_build(team.id, build_id, builds)
+    row = await _team_build(team.id, build_id, builds)
     return BuildOut.of(row, builds.logs_of(row))
 
 
@@ -245,7 +246,7 @@ async def stream_build_logs(build_id: str, team: StreamTeam, builds: BuildsDep) 
     """The log as Server-Sent Events: `log` {data: text} (everything so far, then as it comes),
     `step` {current_step, total_steps}, and a last `end` event carrying the finished build.
     Takes `?ticket=` (POST /v1/auth/ticket) as well, for the browser's EventSource."""
-    row = _team_build(team.id, build_id, builds)
+    row = await _team_build(team.id, build_id, builds)
 
     async def events() -> AsyncIterator[bytes]:
         live = builds.live_log(row.id)
@@ -253,13 +254,15 @@ async def stream_build_logs(build_id: str, team: StreamTeam, builds: BuildsDep) 
             text = builds.logs_of(row)
             if text:
                 yield _sse("log", {"data": text})
+            # a stream that joins late still says how far the build got
+            yield _sse("step", {"current_step": row.current_step, "total_steps": row.total_steps})
         else:
             async for kind, value in live.follow():
                 if kind == "log":
                     yield _sse("log", {"data": value})
                 else:
                     yield _sse("step", {"current_step": value[0], "total_steps": value[1]})
-        final = _team_build(team.id, build_id, builds)
+        final = await _team_build(team.id, build_id, builds)
         yield _sse("end", BuildOut.of(final, "", tail=0).model_dump(mode="json"))
 
     return StreamingResponse(events(), media_type="text/event-stream",

@@ -10,9 +10,9 @@ from fastapi import APIRouter, Body, Request, Response
 from sqlalchemy import select
 
 from wrenn_control.api import listing
-from wrenn_control.api.deps import CurrentTeam, DatabaseDep, HostDep, OpsDep, SessionDep, SettingsDep, TeamCapsule
+from wrenn_control.api.deps import CurrentTeam, DatabaseDep, HostDep, OpsDep, SettingsDep, TeamCapsule
 from wrenn_control.builds.builtin import builtin_build_shape
-from wrenn_control.limits import admit
+from wrenn_control.limits import host_room
 from wrenn_control.db.models import Capsule, Template
 from wrenn_control.errors import invalid, invalid_state, short
 from wrenn_control.schemas import CapsuleCreate, CapsuleDetail, CapsuleOut, ErrorBody, NetworkUpdate
@@ -55,8 +55,8 @@ async def create_capsule(request: Request, team: CurrentTeam, ops: OpsDep, host:
         except InvalidShape as exc:
             raise invalid(str(exc)) from None
     else:
-        with db.session() as s:
-            snap = s.scalar(select(Template).where(Template.team_id == team.id, Template.name == name))
+        snap = await db.run(lambda s: s.scalar(select(Template).where(Template.team_id == team.id,
+                                                                      Template.name == name)))
         if snap is None:
             raise invalid(f"template {short(name)} does not exist")
         # A snapshot holds a running VM's memory: its shape is fixed.
@@ -66,23 +66,24 @@ async def create_capsule(request: Request, team: CurrentTeam, ops: OpsDep, host:
                 raise invalid(f"template {short(name)} is a snapshot with {field}={fixed}; it cannot be changed "
                               f"(got {asked}); omit {field}")
         template_id, vcpus, memory_mb = snap.id, snap.vcpus, snap.memory_mb
-    await admit(db, host, settings, team.id, vcpus, memory_mb)
+    await host_room(host, settings, memory_mb)
+    # the team's quotas: checked in the transaction that writes the row (limits.py)
     row = await ops.create(team.id, template=name, template_id=template_id, vcpus=vcpus, memory_mb=memory_mb,
                            timeout_sec=body.timeout_sec or 0, labels=body.metadata or {}, network=network,
-                           prepare=prepare)
+                           prepare=prepare, quotas=settings)
     return CapsuleOut.of(row)
 
 
 @router.get("/capsules", response_model=list[CapsuleOut], responses={400: {"model": ErrorBody}},
             openapi_extra=listing.OPENAPI)
-async def list_capsules(team: CurrentTeam, session: SessionDep, response: Response,
+async def list_capsules(team: CurrentTeam, db: DatabaseDep, response: Response,
                         status: listing.StatusFilter = None, metadata: listing.MetadataFilter = None,
                         limit: listing.Limit = None, next: listing.Cursor = None) -> list[CapsuleOut]:  # noqa: A002
     """The team's capsules, stopped ones included (until purged, WRENN_STOPPED_RETENTION_SEC),
     newest first. Optional filters: `status` and `metadata=key=value` (each repeatable: any of
     the statuses, all of the labels). With `limit`, one page: the `X-Next-Token` response header
     then holds the cursor of the next page (pass it as `next`); absent on the last page."""
-    rows, cursor = listing.page(session, team.id, status, metadata, limit, next)
+    rows, cursor = await db.run(listing.page, team.id, status, metadata, limit, next)
     if cursor is not None:
         response.headers[listing.NEXT_HEADER] = cursor
     return rows
@@ -106,28 +107,28 @@ async def destroy_capsule(capsule: TeamCapsule, ops: OpsDep) -> Response:
              responses={404: {"model": ErrorBody}, 409: {"model": ErrorBody}, 502: {"model": ErrorBody}})
 async def pause_capsule(capsule: TeamCapsule, ops: OpsDep) -> CapsuleOut:
     if not await ops.pause(capsule.id):
-        raise invalid_state(f"capsule is {ops.status(capsule.id)}; only running capsules can be paused")
-    return CapsuleOut.of(ops.get_for_team(capsule.team_id, capsule.id))
+        raise invalid_state(f"capsule is {await ops.status(capsule.id)}; only running capsules can be paused")
+    return CapsuleOut.of(await ops.get_for_team(capsule.team_id, capsule.id))
 
 
 @router.post("/capsules/{capsule_id}/resume", response_model=CapsuleOut,
              responses={403: {"model": ErrorBody}, 404: {"model": ErrorBody}, 409: {"model": ErrorBody},
                         502: {"model": ErrorBody}, 503: {"model": ErrorBody}})
-async def resume_capsule(capsule: TeamCapsule, ops: OpsDep, host: HostDep, db: DatabaseDep,
-                         settings: SettingsDep) -> CapsuleOut:
+async def resume_capsule(capsule: TeamCapsule, ops: OpsDep, host: HostDep, settings: SettingsDep) -> CapsuleOut:
     if capsule.status == "paused":  # (else the resume below answers 409)
-        await admit(db, host, settings, capsule.team_id, capsule.vcpus, capsule.memory_mb)
-    if not await ops.resume(capsule.id):
-        raise invalid_state(f"capsule is {ops.status(capsule.id)}; only paused capsules can be resumed")
-    return CapsuleOut.of(ops.get_for_team(capsule.team_id, capsule.id))
+        await host_room(host, settings, capsule.memory_mb)
+    # the team's quotas: checked in the transaction of the transition (limits.py)
+    if not await ops.resume(capsule.id, quotas=settings):
+        raise invalid_state(f"capsule is {await ops.status(capsule.id)}; only paused capsules can be resumed")
+    return CapsuleOut.of(await ops.get_for_team(capsule.team_id, capsule.id))
 
 
 @router.post("/capsules/{capsule_id}/ping", status_code=204, response_class=Response,
              responses={404: {"model": ErrorBody}, 409: {"model": ErrorBody}})
 async def ping_capsule(capsule: TeamCapsule, ops: OpsDep) -> Response:
     """Resets the inactivity timer."""
-    if not ops.touch(capsule.id):
-        raise invalid_state(f"capsule is {ops.status(capsule.id)}; only running capsules can be pinged")
+    if not await ops.touch(capsule.id):
+        raise invalid_state(f"capsule is {await ops.status(capsule.id)}; only running capsules can be pinged")
     return Response(status_code=204)
 
 

@@ -60,7 +60,7 @@ async def exec_command(capsule: TeamCapsule, body: ExecRequest, gateway: Gateway
         except asyncio.TimeoutError:
             raise agent_error(f"the guest did not answer within {timeout + HOST_GRACE_SEC:g} s") from None
         if result.duration_ms >= 1000:
-            guest.record_activity(force=True)  # a long command counts as activity until it ends
+            await guest.record_activity(force=True)  # a long command counts as activity until it ends
     stdout, stderr, encoding = _encode(result.stdout, result.stderr)
     return ExecResponse(sandbox_id=capsule.id, cmd=body.cmd, stdout=stdout, stderr=stderr,
                         exit_code=result.exit_code, duration_ms=result.duration_ms, encoding=encoding,

@@ -6,8 +6,8 @@ new placements on one, DELETE removes one that holds no capsule (else 409 host_h
 Host agents: POST /v1/hosts/register (Bearer registration token, spent by the call) and POST
 /v1/hosts/{id}/heartbeat (Bearer credential). The wire protocol is in COMMON2.md / deploy/README.md.
 
-Database work runs in a worker thread (sync `def` routes, `asyncio.to_thread`), never on the
-event loop.
+Database work runs in a worker thread (sync `def` routes, `asyncio.to_thread`, `db.run`), never
+on the event loop.
 """
 
 from __future__ import annotations
@@ -262,27 +262,26 @@ async def heartbeat(request: Request, host_id: str, body: Heartbeat, creds: Host
     status, was_offline, wrong, stopped = await asyncio.to_thread(
         _record_heartbeat, db, host_id, _token(creds), body, grace)
     _mark(request, host_id, status)
-    _destroy_leftovers(request, host_id, stopped)
+    await _destroy_leftovers(request, host_id, stopped)
     for cid, was, said, cutoff in wrong:
         where = [Capsule.host_id == host_id, Capsule.last_updated <= cutoff,
                  or_(Capsule.claimed_until.is_(None), Capsule.claimed_until < utcnow())]
         if said is None:
-            # On the loop, not in a thread: a transition publishes events (asyncio queues). Rare.
-            ops.transition(cid, S.ERROR, from_={was}, where=where, values={
+            await ops.transition(cid, S.ERROR, from_={was}, where=where, values={
                 "error": f"VM lost: its host {host_id} no longer has it" + (" (after being offline)" if was_offline else "")})
         else:
-            ops.transition(cid, said, from_={was}, where=where, force=True)
+            await ops.transition(cid, said, from_={was}, where=where, force=True)
     return HeartbeatAck(status=status)
 
 
-def _destroy_leftovers(request: Request, host_id: str, capsule_ids: list[str]) -> None:
+async def _destroy_leftovers(request: Request, host_id: str, capsule_ids: list[str]) -> None:
     """Capsules destroyed while their host was offline: the host removes them now (in the
     background; destroy is idempotent, so a second replica doing the same is harmless)."""
     directory = getattr(request.app.state, "fleet", None)
     if directory is None or not capsule_ids:
         return
     try:
-        agent = directory.for_capsule(host_id)
+        agent = await directory.for_capsule(host_id)
     except APIError as exc:  # (not yet in this replica's directory: the next heartbeat will do)
         log.info("host %s: leftover capsules wait: %s", host_id, exc.message)
         return

@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query
 
 from wrenn_control import observability as obs
-from wrenn_control.api.deps import CurrentTeam, SessionDep, TeamCapsule
+from wrenn_control.api.deps import CurrentTeam, DatabaseDep, TeamCapsule
 from wrenn_control.clock import utcnow
 from wrenn_control.schemas import CapsuleMetrics, CapsuleStats, ErrorBody, UsageResponse
 
@@ -26,15 +26,15 @@ assert set(StatsRange.__args__) == set(obs.STATS_RANGES)  # type: ignore[attr-de
 
 
 @router.get("/capsules/stats", response_model=CapsuleStats)
-async def capsule_stats(team: CurrentTeam, session: SessionDep,
+async def capsule_stats(team: CurrentTeam, db: DatabaseDep,
                         range: StatsRange = obs.DEFAULT_STATS_RANGE) -> CapsuleStats:  # noqa: A002
     """What the team runs now (`current`), its 30-day maxima (`peaks`) and a chart series over
     `range` (default 1h). Capsules count while `running`."""
-    return CapsuleStats.model_validate(obs.team_stats(session, team.id, range, utcnow()))
+    return CapsuleStats.model_validate(await db.run(obs.team_stats, team.id, range, utcnow()))
 
 
 @router.get("/capsules/usage", response_model=UsageResponse)
-async def capsule_usage(team: CurrentTeam, session: SessionDep,
+async def capsule_usage(team: CurrentTeam, db: DatabaseDep,
                         from_: Annotated[str | None, Query(alias="from", pattern=DATE_PATTERN, json_schema_extra=_DATE,
                                                            description="YYYY-MM-DD (UTC); default 30 days before "
                                                            "`to`; not after `to`, at most 366 days before it.")] = None,
@@ -45,14 +45,14 @@ async def capsule_usage(team: CurrentTeam, session: SessionDep,
     (memory_mb x minutes running). Exact: computed from when each capsule started and stopped running."""
     now = utcnow()
     start, end = obs.usage_window(from_, to, now.date())
-    points = obs.daily_usage(session, team.id, start, end, now)
+    points = await db.run(obs.daily_usage, team.id, start, end, now)
     return UsageResponse.model_validate({"from": start.isoformat(), "to": end.isoformat(), "points": points})
 
 
 @router.get("/capsules/{capsule_id}/metrics", response_model=CapsuleMetrics, responses={404: {"model": ErrorBody}})
-async def capsule_metrics(capsule: TeamCapsule, session: SessionDep,
+async def capsule_metrics(capsule: TeamCapsule, db: DatabaseDep,
                           range: MetricsRange = obs.DEFAULT_METRICS_RANGE) -> CapsuleMetrics:  # noqa: A002
     """The sampler's points for the capsule over `range` (default 10m), averaged per bucket (5 s for
     5m up to 5 minutes for 12h and 24h), oldest first. Kept after the capsule stops, until they age out."""
-    points = obs.capsule_metrics(session, capsule.id, range, utcnow())
+    points = await db.run(obs.capsule_metrics, capsule.id, range, utcnow())
     return CapsuleMetrics.model_validate({"sandbox_id": capsule.id, "range": range, "points": points})

@@ -14,9 +14,10 @@ from typing import Literal
 from fastapi import APIRouter, Request, Response
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from wrenn_control import ids
-from wrenn_control.api.deps import CurrentTeam, DatabaseDep, EventsDep, HostDep, OpsDep, SessionDep
+from wrenn_control.api.deps import CurrentTeam, DatabaseDep, EventsDep, HostDep, OpsDep
 from wrenn_control.builds.builtin import BUILTIN_BUILDS
 from wrenn_control.clock import utcnow
 from wrenn_control.db.models import Template
@@ -58,9 +59,8 @@ async def create_snapshot(request: Request, body: SnapshotCreate, team: CurrentT
                       "starting with a letter or digit")
     if name in await _builtin_names(request, host):
         raise APIError(409, "name_reserved", f"{name!r} is the name of a built-in template")
-    capsule = ops.get_for_team(team.id, body.sandbox_id)
-    with db.session() as s:
-        existing = s.scalar(select(Template).where(Template.team_id == team.id, Template.name == name))
+    capsule = await ops.get_for_team(team.id, body.sandbox_id)
+    existing = await db.run(_named, team.id, name)
     if existing is not None and not overwrite:
         raise _taken(name)
 
@@ -76,15 +76,7 @@ async def create_snapshot(request: Request, body: SnapshotCreate, team: CurrentT
                    size_bytes=runtime.size_bytes, source_capsule_id=capsule.id, created_at=utcnow())
     replaced: str | None = None
     try:
-        with db.session() as s:
-            if overwrite:
-                old = s.scalar(select(Template).where(Template.team_id == team.id, Template.name == name))
-                if old is not None:
-                    replaced = old.id
-                    s.delete(old)
-                    s.flush()
-            s.add(row)
-            s.commit()
+        replaced = await db.run(_record, row, overwrite)
     except IntegrityError:
         # Another request took the name while this snapshot was being made: drop ours.
         await _delete_host_template(host, template_id)
@@ -96,6 +88,30 @@ async def create_snapshot(request: Request, body: SnapshotCreate, team: CurrentT
     return _out(row)
 
 
+def _named(s: Session, team_id: str, name: str) -> Template | None:
+    return s.scalar(select(Template).where(Template.team_id == team_id, Template.name == name))
+
+
+def _record(s: Session, row: Template, overwrite: bool) -> str | None:
+    """Write the new template's row (in place of the one of that name, if `overwrite`): the id it
+    replaced, if any."""
+    replaced = None
+    if overwrite:
+        old = _named(s, row.team_id, row.name)
+        if old is not None:
+            replaced = old.id
+            s.delete(old)
+            s.flush()
+    s.add(row)
+    s.commit()
+    return replaced
+
+
+def _delete_row(s: Session, template_id: str) -> None:
+    s.execute(delete(Template).where(Template.id == template_id))
+    s.commit()
+
+
 async def _delete_host_template(host: HostDep, template_id: str) -> None:
     try:
         await host.delete_template(template_id)
@@ -104,7 +120,7 @@ async def _delete_host_template(host: HostDep, template_id: str) -> None:
 
 
 @router.get("/snapshots", response_model=list[TemplateOut], responses={400: {"model": ErrorBody}})
-async def list_snapshots(request: Request, team: CurrentTeam, session: SessionDep, host: HostDep,
+async def list_snapshots(request: Request, team: CurrentTeam, db: DatabaseDep, host: HostDep,
                          type: Literal["base", "snapshot"] | None = None) -> list[TemplateOut]:
     """Built-in templates (type base) first, then the team's snapshots, newest first."""
     out: list[TemplateOut] = []
@@ -114,8 +130,8 @@ async def list_snapshots(request: Request, team: CurrentTeam, session: SessionDe
         out += [TemplateOut(name=name, type="base", vcpus=b.vcpus, memory_mb=b.memory_mb, size_bytes=0, created_at=None)
                 for name, b in BUILTIN_BUILDS.items()]
     if type in (None, "snapshot"):
-        rows = session.scalars(select(Template).where(Template.team_id == team.id)
-                               .order_by(Template.created_at.desc(), Template.name)).all()
+        rows = await db.run(lambda s: s.scalars(select(Template).where(Template.team_id == team.id)
+                                                .order_by(Template.created_at.desc(), Template.name)).all())
         out += [_out(r) for r in rows]
     return out
 
@@ -126,8 +142,7 @@ async def delete_snapshot(request: Request, name: str, team: CurrentTeam, host: 
                           events: EventsDep) -> Response:
     if name in await _builtin_names(request, host):
         raise APIError(403, "forbidden", f"{name!r} is a built-in template and cannot be deleted")
-    with db.session() as s:
-        row = s.scalar(select(Template).where(Template.team_id == team.id, Template.name == name))
+    row = await db.run(_named, team.id, name)
     if row is None:
         raise not_found("template")
     try:
@@ -138,8 +153,6 @@ async def delete_snapshot(request: Request, name: str, team: CurrentTeam, host: 
         events.publish(TEMPLATE_SNAPSHOT_DELETE, team.id, payload(name, "template", outcome="error",
                                                                   error=exc.message))
         raise agent_error(exc) from exc
-    with db.session() as s:
-        s.execute(delete(Template).where(Template.id == row.id))
-        s.commit()
+    await db.run(_delete_row, row.id)
     events.publish(TEMPLATE_SNAPSHOT_DELETE, team.id, payload(name, "template", outcome="success"))
     return Response(status_code=204)

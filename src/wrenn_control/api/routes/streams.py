@@ -94,9 +94,9 @@ class _Stream:
             stream = None
             try:
                 ticket = ws.query_params.get("ticket")
-                team: TeamInfo = (team_from_ticket(ws.app, ws.app.state.db, ticket) if ticket
+                team: TeamInfo = (await team_from_ticket(ws.app, ws.app.state.db, ticket) if ticket
                                   else await team_for_api_key(ws.app.state.db, ws.headers.get("x-api-key")))
-                capsule = gateway.capsule(capsule_id, team.id)
+                capsule = await gateway.capsule(capsule_id, team.id)
                 stream = _Stream(sock, await stack.enter_async_context(gateway.open(capsule, activity=True)))
             except APIError as exc:
                 await _fail(sock, exc)
@@ -226,9 +226,9 @@ async def _follow(st: _Stream, target: int | str, *, owned: bool, timeout_sec: f
         await st.sock.close()
     finally:
         await _cancel(pump, listen)
-        st.guest.record_activity(force=True)
         if owned:
             await kill_quietly(st, target)
+        await st.guest.record_activity(force=True)  # (last: bookkeeping after the kill)
 
 
 async def kill_quietly(st: _Stream, target: int | str) -> None:
@@ -316,7 +316,7 @@ async def _pty_input(st: _Stream, tag: str) -> None:
             continue
         if isinstance(command, Ignored):
             continue
-        st.guest.record_activity()
+        await st.guest.record_activity()
         try:
             if isinstance(command, PtyInput):
                 if command.data:
@@ -407,4 +407,4 @@ async def _terminal(st: _Stream, encoding: str | None) -> None:
             await st.fail(exc)
     finally:
         await _cancel(output, listen, pinger)
-        st.guest.record_activity(force=True)
+        await st.guest.record_activity(force=True)

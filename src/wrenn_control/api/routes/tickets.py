@@ -40,17 +40,16 @@ async def create_ticket(request: Request, team: Annotated[TeamInfo, Depends(team
     return TicketOut(ticket=store.issue(team.id, actor()), expires_in=int(store.ttl_sec))
 
 
-def team_from_ticket(app, db, ticket: str) -> TeamInfo:  # type: ignore[no-untyped-def]
+async def team_from_ticket(app, db, ticket: str) -> TeamInfo:  # type: ignore[no-untyped-def]
     """Redeem a ticket (once) for its team; raises APIError 401."""
     try:
         grant = ticket_store(app).redeem(ticket)
     except InvalidTicket as exc:
         raise APIError(401, "unauthorized", str(exc)) from None
-    with db.session() as session:
-        team = session.get(Team, grant.team_id)
-        if team is None:
-            raise APIError(401, "unauthorized", "the ticket's team no longer exists")
-        info = TeamInfo(team.id, team.name)
+    team = await db.run(lambda s: s.get(Team, grant.team_id))
+    if team is None:
+        raise APIError(401, "unauthorized", "the ticket's team no longer exists")
+    info = TeamInfo(team.id, team.name)
     current_actor.set(grant.actor)
     return info
 
@@ -59,7 +58,7 @@ async def _stream_team(request: Request, db: DatabaseDep, creds: BearerDep,
                        key: Annotated[str | None, Security(api_key_header)],
                        ticket: Annotated[str | None, Query(description="from POST /v1/auth/ticket")] = None) -> TeamInfo:
     if ticket:
-        return team_from_ticket(request.app, db, ticket)
+        return await team_from_ticket(request.app, db, ticket)
     return await team_from_key_or_token(request, db, creds, key)
 
 

@@ -38,6 +38,7 @@ from wrenn_control.operations import CapsuleOps
 from wrenn_control.proxy import PortProxy
 from wrenn_control.tickets import TicketStore
 from wrenn_control.web import DashboardFallback
+from wrenn_control.workers.build_leases import BuildLeaseWatcher
 from wrenn_control.workers.drainer import Drainer
 from wrenn_control.workers.heartbeats import HeartbeatWatcher
 from wrenn_control.workers.reaper import Reaper
@@ -98,6 +99,8 @@ def create_app(settings: Settings, host: HostAgent | None, *, agent_factory: Age
     watcher = HeartbeatWatcher(db, fleet, settings.host_offline_sec, settings.host_watch_interval_sec)
     drainer = Drainer(ops, fleet, settings.drain_interval_sec) if fleet is not None else None
     builds = Builds(db, host, events, work_dir=settings.data_dir / "builds")
+    builds.replica_id = ops.replica_id
+    build_leases = BuildLeaseWatcher(builds) if fleet is not None else None
     reaper = Reaper(db, ops, settings.reaper_interval_sec)
     retention = Retention(db, settings.stopped_retention_sec, settings.retention_interval_sec)
     sampler = Sampler(db, ops, settings.sampler_interval_sec,
@@ -121,6 +124,8 @@ def create_app(settings: Settings, host: HostAgent | None, *, agent_factory: Age
             drainer.start()
         builds.work_dir.mkdir(parents=True, exist_ok=True)
         builds.recover()
+        if build_leases is not None:
+            build_leases.start()
         reaper.start()
         sampler.start()
         retention.start()
@@ -129,6 +134,8 @@ def create_app(settings: Settings, host: HostAgent | None, *, agent_factory: Age
         finally:
             if drainer is not None:
                 await drainer.stop()
+            if build_leases is not None:
+                await build_leases.stop()
             await watcher.stop()
             await retention.stop()
             await sampler.stop()

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import secrets
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 
-from .fake_host_agent import FakeHostAgent, Harness
+from .fake_host_agent import FakeHostAgent, Harness, make_settings
 
 
 @dataclasses.dataclass
@@ -84,3 +85,19 @@ async def beat(h: Harness, host: FleetHost, *, capsules: dict[str, str] | None =
             "capsules": capsules,
             "templates": templates if templates is not None else ["minimal", "base-python", *host.agent.templates]})
     return resp
+
+
+@contextlib.asynccontextmanager
+async def two_replicas(tmp_path: Any, postgres_url: str, **overrides: Any) -> AsyncIterator[tuple[Harness, Harness, list[Any]]]:
+    """Two fleet control planes (`wrenn control-plane`) on one PostgreSQL database, one host
+    (`a.fleet_host`; the FakeFleet behind both: `a.fake_fleet`)."""
+    key = "wrn_" + secrets.token_hex(16)
+    fleet = FakeFleet()
+    settings = [make_settings(tmp_path / name, database_url=postgres_url, bootstrap_api_key=key, **overrides)
+                for name in ("a", "b")]
+    async with fleet_app(settings[0], fleet) as a, fleet_app(settings[1], fleet) as b:
+        host = await add_host(a, fleet, 1)
+        host.agent.delays.update(create=0.01)
+        a.fleet_host = b.fleet_host = host  # type: ignore[attr-defined]
+        a.fake_fleet = b.fake_fleet = fleet  # type: ignore[attr-defined]
+        yield a, b, settings

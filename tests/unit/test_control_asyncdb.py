@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import secrets
 import threading
 from collections.abc import Iterator
 
@@ -23,7 +22,7 @@ import pytest
 from sqlalchemy import event
 
 from .fake_host_agent import make_settings, running_app
-from .fleet_harness import FakeFleet, add_host, beat, fleet_app
+from .fleet_harness import FakeFleet, add_host, beat, fleet_app, two_replicas
 
 
 @contextlib.contextmanager
@@ -171,19 +170,6 @@ async def test_a_fleet_flow_sends_no_statement_from_the_event_loop(tmp_path):
             ok(await c.delete(f"/v1/hosts/{src.id}"), 204)
         assert len(seen["all"]) > 50
         assert seen["loop"] == []
-
-
-@contextlib.asynccontextmanager
-async def two_replicas(tmp_path, postgres_url, **overrides):  # type: ignore[no-untyped-def]
-    """Two fleet control planes (`wrenn control-plane`) on one PostgreSQL database, one host."""
-    key = "wrn_" + secrets.token_hex(16)
-    fleet = FakeFleet()
-    settings = [make_settings(tmp_path / name, database_url=postgres_url, bootstrap_api_key=key, **overrides)
-                for name in ("a", "b")]
-    async with fleet_app(settings[0], fleet) as a, fleet_app(settings[1], fleet) as b:
-        host = await add_host(a, fleet, 1)
-        host.agent.delays.update(create=0.01)
-        yield a, b, settings
 
 
 async def test_two_replicas_creating_at_the_team_quota_admit_exactly_one(tmp_path, postgres_url):

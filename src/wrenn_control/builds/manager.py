@@ -12,9 +12,10 @@ import hashlib
 import logging
 import secrets
 from collections.abc import AsyncIterator, Iterable
+from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -115,6 +116,28 @@ def _add(s: Session, row: Any) -> None:
     s.commit()
 
 
+def _expire(s: Session, lapsed_before: Any, why: str) -> int:
+    """Pending and running builds end as failed: all of them (`lapsed_before` None: one
+    process, it restarted) or those whose lease lapsed before then."""
+    where = [Build.status.in_([B.PENDING.value, B.RUNNING.value])]
+    if lapsed_before is not None:
+        where.append(or_(Build.claimed_until.is_(None), Build.claimed_until < lapsed_before))
+    count = s.execute(update(Build).where(*where).values(
+        status=B.FAILED.value, error=f"interrupted: {why}", completed_at=utcnow(), claimed_by=None,
+        claimed_until=None).execution_options(synchronize_session=False)).rowcount  # type: ignore[attr-defined]
+    s.commit()
+    return int(count)
+
+
+def _renew(s: Session, build_id: str, replica_id: str, until: Any) -> str | None:
+    """Extend this replica's lease on a build still under way; its status either way."""
+    s.execute(update(Build).where(Build.id == build_id, Build.claimed_by == replica_id,
+                                  Build.status.in_([B.PENDING.value, B.RUNNING.value]))
+              .values(claimed_until=until).execution_options(synchronize_session=False))
+    s.commit()
+    return s.scalar(select(Build.status).where(Build.id == build_id))
+
+
 def _name_in_use(s: Session, team_id: str, name: str) -> bool:
     """A template of the team's, or a build under way, has the name."""
     if s.scalar(select(Template.id).where(Template.team_id == team_id, Template.name == name)):
@@ -199,6 +222,10 @@ class Builds:
         self.work_dir = work_dir
         self.max_layers = max_layers
         self._sem = asyncio.Semaphore(concurrency)
+        # Replicas (`wrenn control-plane`): this one's id, put on the builds it runs with a lease
+        # it renews; a build whose lease lapsed lost its replica (`expire_orphans`).
+        self.replica_id: str | None = None
+        self.lease_sec = 30.0
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._logs: dict[str, LiveLog] = {}
         self._builtin_tasks: dict[str, asyncio.Task[str]] = {}
@@ -207,12 +234,15 @@ class Builds:
 
     def recover(self) -> None:
         """At start-up: builds that were under way when the server stopped did not finish (their
-        build capsules are removed by the host agent's reconcile)."""
+        build capsules are removed by the host agent's reconcile). With replicas only those
+        whose replica is gone (lease lapsed): the others' builds are still running."""
         with self.db.session() as s:
-            s.execute(update(Build).where(Build.status.in_([B.PENDING.value, B.RUNNING.value])).values(
-                status=B.FAILED.value, error="interrupted: the server stopped during the build",
-                completed_at=utcnow()))
-            s.commit()
+            _expire(s, None if self.replica_id is None else utcnow(), "the server stopped during the build")
+
+    async def expire_orphans(self) -> int:
+        """Builds whose replica stopped (lease lapsed) end as failed; their build capsules go at
+        their host's next heartbeat. Any replica may run it: the UPDATE is conditional."""
+        return await self.db.run(_expire, utcnow(), "the control plane replica running it stopped")
 
     async def get(self, team_id: str, build_id: str) -> Build | None:
         return await self.db.run(lambda s: s.scalar(select(Build).where(Build.id == build_id,
@@ -252,7 +282,8 @@ class Builds:
         row = Build(id="bld-" + secrets.token_hex(10), team_id=team_id, name=name, base_template=base_name,
                     status=B.PENDING.value, current_step=0, total_steps=len(spec.steps), spec=summary(spec),
                     vcpus=shape[0], memory_mb=shape[1], logs="", error=None, template_id=None, cached_steps=0,
-                    created_at=now, started_at=None, completed_at=None)
+                    created_at=now, started_at=None, completed_at=None, claimed_by=self.replica_id,
+                    claimed_until=now + timedelta(seconds=self.lease_sec) if self.replica_id else None)
         await self.db.run(_add, row)
         job = Job(build_id=row.id, spec=spec, base_template_id=base_template_id, base_version=base_version,
                   vcpus=vcpus, memory_mb=memory_mb, target_template_id=ids.template_id(), context=context,
@@ -295,7 +326,7 @@ class Builds:
             live.step(i, n)
             await self.db.run(_execute, update(Build).where(Build.id == job.build_id).values(current_step=i))
 
-        flusher = asyncio.create_task(self._flusher(job.build_id))
+        flusher = asyncio.create_task(self._keeper(job.build_id, asyncio.current_task()))
         execution = Execution(self.host, job, Sink(on_step, live.write), DBLayerCache(self, team_id))
         try:
             async with self._sem:
@@ -347,10 +378,19 @@ class Builds:
         self.events.publish(TEMPLATE_SNAPSHOT_CREATE, team_id, payload(
             name, "template", outcome="success", metadata={"build_id": job.build_id}))
 
-    async def _flusher(self, build_id: str) -> None:
+    async def _keeper(self, build_id: str, runner: asyncio.Task[Any] | None) -> None:
+        """While a build runs: its log is flushed, its lease renewed, and a cancel made through
+        another replica (the row says cancelled) stops it here, its build capsule with it."""
         while True:
             await asyncio.sleep(LOG_FLUSH_S)
             await self._flush_log(build_id)
+            if self.replica_id is None:
+                continue
+            status = await self.db.run(_renew, build_id, self.replica_id,
+                                       utcnow() + timedelta(seconds=self.lease_sec))
+            if status in (B.CANCELLED.value, B.FAILED.value) and runner is not None:
+                runner.cancel()
+                return
 
     # ---- built-in templates made by a build (code-runner-beta) --------------------------------
 

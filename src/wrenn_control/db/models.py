@@ -225,6 +225,9 @@ class Build(Base):
     created_at: Mapped[datetime]
     started_at: Mapped[datetime | None]
     completed_at: Mapped[datetime | None]
+    # With replicas: the one running it, renewed while it does; a lapsed lease means it died.
+    claimed_by: Mapped[str | None] = mapped_column(Str(128))
+    claimed_until: Mapped[datetime | None]
 
 
 class BuildLayer(Base):

@@ -28,7 +28,8 @@ from wrenn_control import ids
 from wrenn_control.api.deps import CurrentTeam, DatabaseDep, OpsDep, SettingsDep, TeamInfo
 from wrenn_control.bootstrap import operators_team_id
 from wrenn_control.clock import utcnow
-from wrenn_control.db.models import Capsule, Host
+from wrenn_control.builds.manager import BuildStatus as B
+from wrenn_control.db.models import Build, Capsule, Host
 from wrenn_control.db.session import Database
 from wrenn_control.errors import APIError, invalid, not_found
 from wrenn_control.hosts.schemas import (
@@ -237,6 +238,11 @@ def _record_heartbeat(db: Database, host_id: str, credential: str, beat: Heartbe
         stopped = list(s.scalars(select(Capsule.id).where(
             Capsule.id.in_(list(beat.capsules)[:10_000]), Capsule.host_id == host_id,
             Capsule.status == S.STOPPED.value)))
+        # A build's capsule (its id is the build's) whose build ended: its replica stopped
+        # before removing it (a build ended by another replica, builds/manager.py).
+        stopped += list(s.scalars(select(Build.id).where(
+            Build.id.in_([c for c in beat.capsules if c.startswith("bld-")][:1000]),
+            Build.status.in_([B.SUCCESS.value, B.FAILED.value, B.CANCELLED.value]))))
     wrong = []
     for cid, st, last_updated in rows:
         was = S(st)

@@ -201,6 +201,31 @@ async def test_disk_figures_given_at_create_spare_the_guest_a_call(h):
     assert c["id"] not in h.fake.ops("metrics")
 
 
+async def test_a_request_looks_its_api_key_up_once(h):
+    """The guard checks the key before reading a body; the route reuses what it found."""
+    from sqlalchemy import event
+
+    c = await h.running_capsule()
+    lookups: list[str] = []
+
+    def record(_conn, _cursor, statement, *_rest) -> None:  # type: ignore[no-untyped-def]
+        if "api_keys" in statement:
+            lookups.append(statement)
+    engine = h.app.state.db.engine
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        for send in (lambda: h.client.post(f"/v1/capsules/{c['id']}/exec", json={"cmd": "true"}),  # a body
+                     lambda: h.client.get(f"/v1/capsules/{c['id']}")):  # none
+            lookups.clear()
+            assert (await send()).status_code == 200
+            assert len(lookups) == 1, lookups
+        async with h.client_for("wrn_" + "0" * 32) as stranger:  # a bad key: still refused
+            assert_error(await stranger.post(f"/v1/capsules/{c['id']}/exec", json={"cmd": "true"}), 401,
+                         "unauthorized")
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+
+
 async def test_other_team_cannot_see_or_touch(h):
     c = await h.running_capsule()
     async with h.new_team() as other:

@@ -6,17 +6,17 @@ loop's. There is no request-wide session: each job is its own short transaction.
 from __future__ import annotations
 
 import dataclasses
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from wrenn_control import ids
+from wrenn_control.api import key_lookup
 from wrenn_control.config import Settings
 from wrenn_control.auth import InvalidToken, decode_jwt
-from wrenn_control.db.models import ApiKey, Capsule, Team, TeamMember, User
+from wrenn_control.db.models import Capsule, Team, TeamMember, User
 from wrenn_control.db.session import Database
 from wrenn_control.errors import APIError
 from wrenn_control.events import EventBus, current_actor
@@ -69,23 +69,18 @@ class TeamInfo:
     name: str
 
 
-async def team_for_api_key(db: DatabaseDep, key: Annotated[str | None, Security(api_key_header)]) -> TeamInfo:
+async def team_for_api_key(db: Database, key: str | None, scope: dict[str, Any] | None = None) -> TeamInfo:
     """The team of an X-API-Key (401 if missing or unknown); also used outside the routes (the
-    WebSocket routes and the port proxy read the header themselves)."""
+    WebSocket routes and the port proxy read the header themselves). `scope`: the request's,
+    where the request guard may have left the answer already."""
     if not key:
         raise APIError(401, "unauthorized", "missing X-API-Key header")
-    found = await db.run(_key_owner, key)
+    found = key_lookup.remembered(scope, key) or await db.run(key_lookup.key_owner, key)
     if found is None:
         raise APIError(401, "unauthorized", "invalid API key")
     team, key_id, key_name = found
     current_actor.set({"type": "api_key", "id": key_id, "name": key_name})  # for the events it causes
     return TeamInfo(team.id, team.name)
-
-
-def _key_owner(session: Session, key: str) -> tuple[Team, str, str] | None:
-    row = session.execute(select(Team, ApiKey.id, ApiKey.name).join(ApiKey, ApiKey.team_id == Team.id)
-                          .where(ApiKey.key_hash == ids.hash_api_key(key))).first()
-    return None if row is None else (row[0], row[1], row[2])
 
 
 # ---- accounts: a user's JWT (Authorization: Bearer) --------------------------------------------
@@ -145,7 +140,7 @@ async def _key_manager(request: Request, db: DatabaseDep, creds: BearerDep,
         assert team is not None  # a membership row implies the team
         return TeamInfo(team.id, team.name)
     if key:
-        return await team_for_api_key(db, key)
+        return await team_for_api_key(db, key, request.scope)
     raise APIError(401, "unauthorized", "missing Authorization: Bearer token or X-API-Key header")
 
 
@@ -157,7 +152,7 @@ async def team_from_key_or_token(request: Request, db: DatabaseDep, creds: Beare
     """X-API-Key, as Wrenn; a user's Bearer token (its current team) is accepted too."""
     if not key and creds is not None:
         return await _key_manager(request, db, creds, None)
-    return await team_for_api_key(db, key)
+    return await team_for_api_key(db, key, request.scope)
 
 
 CurrentTeam = Annotated[TeamInfo, Depends(team_from_key_or_token)]

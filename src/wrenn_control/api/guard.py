@@ -16,12 +16,10 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from sqlalchemy import select
 from starlette.responses import Response
 
-from wrenn_control import ids
+from wrenn_control.api import key_lookup
 from wrenn_control.auth import InvalidToken, decode_jwt
-from wrenn_control.db.models import ApiKey
 from wrenn_control.api.openapi import allowed_methods
 from wrenn_control.errors import error_response
 
@@ -112,9 +110,11 @@ class RequestGuard:
             return None
         if not key:
             return "missing X-API-Key header"
-        found = await state.db.run(
-            lambda s: s.scalar(select(ApiKey.id).where(ApiKey.key_hash == ids.hash_api_key(key))))
-        return None if found is not None else "invalid API key"
+        found = await state.db.run(key_lookup.key_owner, key)
+        if found is None:
+            return "invalid API key"
+        key_lookup.remember(scope, key, found)  # the route's dependency needs no second query
+        return None
 
     @staticmethod
     async def _refuse(scope: dict[str, Any], send: Any, status: int, code: str, message: str) -> None:

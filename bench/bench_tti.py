@@ -111,8 +111,10 @@ def published_python() -> Path:
     return py
 
 
-async def floor(n: int, gap: float) -> tuple[list[float], list[float], list[float]]:
-    """The host agent's create + first exec, in process; also each part alone."""
+async def floor(n: int, gap: float, bursts: list[int]) -> tuple[list[float], list[float], list[float],
+                                                                dict[int, list[float]]]:
+    """The host agent's create + first exec, in process; also each part alone; and the same
+    in bursts (what this machine itself allows when that many start at once)."""
     from wrenn_host.agent import LocalHostAgent
 
     data = Path(tempfile.mkdtemp(prefix="wrenn-bench-tti-"))
@@ -137,10 +139,25 @@ async def floor(n: int, gap: float) -> tuple[list[float], list[float], list[floa
             if i == 0:
                 await agent.spares.wait_full(60)
             await asyncio.sleep(gap)
+        burst_ms: dict[int, list[float]] = {}
+        for size in bursts:
+            await agent.spares.wait_full(60)
+            start = time.perf_counter()
+
+            async def one() -> tuple[str, float]:
+                cid = "cl-" + secrets.token_hex(13)[:25]
+                await agent.create(cid, "minimal", None, None)
+                r = await agent.exec(cid, "/bin/sh", ["-c", "echo ok"])
+                assert r.stdout == b"ok\n", r
+                return cid, (time.perf_counter() - start) * 1000
+            done = await asyncio.gather(*(one() for _ in range(size)))
+            burst_ms[size] = [ms for _, ms in done]
+            await asyncio.gather(*(agent.destroy(cid) for cid, _ in done))
+            await asyncio.sleep(2.0)
     finally:
         await agent.close()
         shutil.rmtree(data, ignore_errors=True)
-    return total, create, first
+    return total, create, first, burst_ms
 
 
 def run_driver(python: Path | str, server, n: int, gap: float, bursts: list[int], src: Path | None,
@@ -168,13 +185,15 @@ def line(name: str, values: list[float], ref: float | None = None, ref_name: str
 def main(args: argparse.Namespace) -> None:
     bursts = [int(b) for b in args.bursts.split(",") if b]
     pub = published_python() if not args.skip_published else None
-    total, create, first = asyncio.run(floor(args.n, args.gap))
+    total, create, first, floor_bursts = asyncio.run(floor(args.n, args.gap, bursts))
     print(f"gap between sequential creates: {args.gap} s; spare VMs per shape: {SparePool(None, None).per_key}; "
           f"load average {os.getloadavg()[0]:.1f}")
     fl = statistics.median(total)
     print(line("floor: host create + first exec", total))
     print(line("  host create", create))
     print(line("  host first exec (sh -c 'echo ok')", first))
+    for size, values in floor_bursts.items():
+        print(line(f"floor: burst of {size} (host alone)", values, fl, "floor"))
 
     server = start_server()
     ids: list[str] = []

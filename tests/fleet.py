@@ -25,6 +25,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -289,6 +290,24 @@ class Fleet:
 
     def client(self, timeout: float = 180) -> httpx.Client:
         return httpx.Client(base_url=self.url, headers={"X-API-Key": self.api_key}, timeout=timeout)
+
+    def agreed(self, path: str, key=lambda body: body, timeout: float = 10) -> Any:  # type: ignore[no-untyped-def]
+        """GET `path` from each live replica directly until they all answer the same (`key` of
+        the body): replicas learn what another one wrote (a host gone offline or back) at their
+        watcher's next pass, about a second."""
+        deadline = time.monotonic() + timeout
+        seen: list = []
+        while time.monotonic() < deadline:
+            seen = []
+            for cp in self.replicas:
+                if cp.alive():
+                    with contextlib.suppress(httpx.HTTPError, ValueError):
+                        r = httpx.get(cp.url + path, headers={"X-API-Key": self.api_key}, timeout=30)
+                        seen.append(key(r.json()) if r.status_code == 200 else ("status", r.status_code))
+            if seen and all(s == seen[0] for s in seen):
+                return seen[0]
+            time.sleep(0.1)
+        raise RuntimeError(f"replicas disagree on {path} after {timeout}s: {seen}")
 
     def host(self, host_id: str) -> HostNode:
         return next(n for n in self.hosts if n.host_id == host_id)

@@ -144,8 +144,9 @@ def test_a_killed_host_agent_shows_missing_and_comes_back(fleet: Fleet, api: htt
     other = next(c["id"] for h, c in spread.items() if h != victim.host_id)
     victim.kill9()
     fleet.wait_hosts("offline", [victim.host_id], timeout=60)
-    # (each replica re-reads the hosts table every second: both say so within a moment)
     fleet.wait_capsule(mine, "missing", timeout=10)
+    # each replica re-reads the hosts table every second: both say so within a moment
+    assert fleet.agreed(f"/v1/capsules/{mine}", lambda b: b["status"], timeout=5) == "missing"
     assert all(api.get(f"/v1/capsules/{mine}").json()["status"] == "missing" for _ in range(4))
     # the rest of the fleet keeps working
     assert run(api, other, "echo still here")["stdout"] == "still here\n"
@@ -161,18 +162,20 @@ def test_a_killed_host_agent_shows_missing_and_comes_back(fleet: Fleet, api: htt
 
 
 def test_a_killed_replica_loses_nothing(fleet: Fleet, api: httpx.Client):
-    before = sorted((c["id"], c["status"]) for c in api.get("/v1/capsules").json())
+    listing = lambda body: sorted((c["id"], c["status"]) for c in body)  # noqa: E731
+    before = fleet.agreed("/v1/capsules", listing)  # (a host back a moment ago: both replicas know)
     fleet.replicas[0].kill9()
-    time.sleep(0.5)  # (requests in flight at the crash may fail; the load balancer drops its connections)
-    # every request now lands on the other replica, through the same URL
-    after = sorted((c["id"], c["status"]) for c in api.get("/v1/capsules").json())
-    assert after == before
-    cap = create(api)
-    assert run(api, cap["id"], "echo ok")["stdout"] == "ok\n"
-    assert api.delete(f"/v1/capsules/{cap['id']}").status_code == 204
-    fleet.wait_hosts("online", [n.host_id for n in fleet.hosts], timeout=30)  # heartbeats still land
-    fleet.replicas[0].start()
-    fleet.replicas[0].wait_healthy()
+    try:
+        time.sleep(0.5)  # (requests in flight at the crash may fail; the load balancer drops its connections)
+        # every request now lands on the other replica, through the same URL
+        assert listing(api.get("/v1/capsules").json()) == before
+        cap = create(api)
+        assert run(api, cap["id"], "echo ok")["stdout"] == "ok\n"
+        assert api.delete(f"/v1/capsules/{cap['id']}").status_code == 204
+        fleet.wait_hosts("online", [n.host_id for n in fleet.hosts], timeout=30)  # heartbeats still land
+    finally:  # (the next tests need both replicas)
+        fleet.replicas[0].start()
+        fleet.replicas[0].wait_healthy()
 
 
 def test_drain_moves_a_paused_capsule_with_its_memory(fleet: Fleet, api: httpx.Client):

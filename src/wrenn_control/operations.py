@@ -30,6 +30,7 @@ from wrenn_control import ids
 from wrenn_control.clock import utcnow
 from wrenn_control.db.models import Capsule
 from wrenn_control.db.session import Database
+from wrenn_control.disk_figures import DiskFigures
 from wrenn_control.errors import APIError, agent_error, invalid_state, not_found
 from wrenn_control.events import EventBus
 from wrenn_control.hosts import HostDirectory
@@ -48,10 +49,6 @@ from wrenn_host.api import (
 
 log = logging.getLogger(__name__)
 S = Status
-
-# A GET of one capsule shows disk figures at most this old (s): known ones are reused instead of
-# asking the guest on every poll (a spare's, given at create, and the sampler's).
-DISK_FRESH_SEC = 5.0
 
 
 @contextlib.contextmanager
@@ -89,8 +86,7 @@ class CapsuleOps:
         self.lease_sec = 30.0
         # Latency of create/pause/resume, for /metrics (observability: a prometheus Histogram).
         self.latency: Any = None
-        # Last known guest disk figures per capsule: (loop time, used bytes, size bytes).
-        self._disk: dict[str, tuple[float, int, int]] = {}
+        self.disk = DiskFigures(host)  # for GET of one capsule
 
     # ---- reads ----------------------------------------------------------------------------
 
@@ -284,7 +280,7 @@ class CapsuleOps:
         # If this fails, a destroy took the capsule over while it booted; that destroy waits for
         # this task and then removes the VM, so nothing leaks.
         if runtime.disk_used_bytes is not None and runtime.disk_size_bytes is not None:
-            self.note_disk(capsule_id, runtime.disk_used_bytes, runtime.disk_size_bytes)
+            self.disk.note(capsule_id, runtime.disk_used_bytes, runtime.disk_size_bytes)
         if await self._set_running(capsule_id, runtime, from_={S.STARTING}):
             self._observe("create", started)
             await self._finished(capsule_id, ev.CAPSULE_CREATE)
@@ -397,7 +393,7 @@ class CapsuleOps:
         if await self.transition(capsule_id, S.STOPPED, from_={S.STOPPING}):
             await self._finished(capsule_id, ev.CAPSULE_DESTROY)
         self._locks.pop(capsule_id, None)
-        self._disk.pop(capsule_id, None)
+        self.disk.forget(capsule_id)
 
     async def update_network(self, row: Capsule, policy: EgressPolicy) -> Capsule:
         """New egress rules for a running or paused capsule, in force without a restart."""
@@ -468,32 +464,6 @@ class CapsuleOps:
         """A host lifecycle call (create, pause, resume, snapshot, destroy) is under way for it."""
         lock = self._locks.get(capsule_id)
         return lock is not None and lock.locked()
-
-    def note_disk(self, capsule_id: str, used_bytes: int | float | None, size_bytes: int | float | None) -> None:
-        """Disk figures learnt without a GET asking (create, the sampler): reused for a while."""
-        if isinstance(used_bytes, (int, float)) and isinstance(size_bytes, (int, float)):
-            self._disk[capsule_id] = (asyncio.get_running_loop().time(), int(used_bytes), int(size_bytes))
-
-    async def disk_info(self, row: Capsule, timeout: float = 0.25) -> dict[str, int | None]:
-        """disk_size_mb / disk_used_mb for GET of one capsule: best effort, at most
-        `DISK_FRESH_SEC` old, never slows a poll by more than `timeout`, null when the host
-        cannot tell."""
-        if row.status != S.RUNNING.value:
-            return {}
-        mib = 1024 * 1024
-        known = self._disk.get(row.id)
-        if known is not None and asyncio.get_running_loop().time() - known[0] < DISK_FRESH_SEC:
-            return {"disk_used_mb": known[1] // mib, "disk_size_mb": known[2] // mib}
-        try:
-            metrics = await asyncio.wait_for(self.host.metrics(row.id), timeout)
-        except (HostAgentError, asyncio.TimeoutError):
-            return {}
-        used, size = metrics.disk_bytes, metrics.disk_size_bytes
-        self.note_disk(row.id, used, size)
-        return {
-            "disk_used_mb": int(used) // mib if isinstance(used, (int, float)) else None,
-            "disk_size_mb": int(size) // mib if isinstance(size, (int, float)) else None,
-        }
 
     # ---- shutdown -------------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from wrenn_control import operations
+from wrenn_control import disk_figures
 from wrenn_host.api import HostAgentError, VMMError
 
 from .fake_host_agent import TS_RE, assert_error, make_settings, running_app
@@ -187,7 +187,7 @@ async def test_get_reuses_disk_figures_for_a_few_seconds(h, monkeypatch):
     assert again["disk_used_mb"] == first["disk_used_mb"] == 3
     assert h.fake.ops("metrics").count(c["id"]) == 1
     # ...but only for a while: then the guest is asked again and the new file shows.
-    monkeypatch.setattr(operations, "DISK_FRESH_SEC", 0.0)
+    monkeypatch.setattr(disk_figures, "FRESH_SEC", 0.0)
     later = (await h.client.get(f"/v1/capsules/{c['id']}")).json()
     assert later["disk_used_mb"] == 8 and later["disk_size_mb"] == 2048
     assert h.fake.ops("metrics").count(c["id"]) == 2

@@ -123,7 +123,7 @@ class Sampler(PeriodicWorker):
         except Exception:  # a bug in one capsule's answer must not lose the others'
             log.exception("metrics of %s", capsule_id)
             return None
-        self.ops.note_disk(capsule_id, point.disk_bytes, point.disk_size_bytes)  # a GET reuses them
+        self.ops.disk.note(capsule_id, point.disk_bytes, point.disk_size_bytes)  # a GET reuses them
         return point
 
     def _insert_ignore(self, model: type[CapsuleMetric] | type[TeamStatsSample]) -> Any:

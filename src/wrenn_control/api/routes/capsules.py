@@ -91,7 +91,7 @@ async def list_capsules(team: CurrentTeam, db: DatabaseDep, response: Response,
 
 @router.get("/capsules/{capsule_id}", response_model=CapsuleDetail, responses={404: {"model": ErrorBody}})
 async def get_capsule(capsule: TeamCapsule, ops: OpsDep) -> CapsuleDetail:
-    disk = await ops.disk_info(capsule)
+    disk = await ops.disk.of(capsule)
     return CapsuleDetail.of(capsule, **disk)  # type: ignore[return-value]
 
 

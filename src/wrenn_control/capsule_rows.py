@@ -47,13 +47,6 @@ def touch(s: Session, capsule_id: str) -> bool:
     return done
 
 
-def execute(s: Session, stmt: Any) -> int:
-    """One UPDATE, committed: how many rows it changed."""
-    count = s.execute(stmt).rowcount  # type: ignore[attr-defined]
-    s.commit()
-    return int(count)
-
-
 def set_running(s: Session, capsule_id: str, runtime_meta: dict[str, str],
                  from_: Iterable[Status]) -> tuple[str | None, Capsule | None]:
     """The row to `running` with the runtime's metadata merged into its labels, in one

@@ -29,7 +29,7 @@ from wrenn_control import events as ev
 from wrenn_control import ids
 from wrenn_control.clock import utcnow
 from wrenn_control.db.models import Capsule
-from wrenn_control.db.session import Database
+from wrenn_control.db.session import Database, execute_committed
 from wrenn_control.disk_figures import DiskFigures
 from wrenn_control.errors import APIError, agent_error, invalid_state, not_found
 from wrenn_control.events import EventBus
@@ -171,7 +171,7 @@ class CapsuleOps:
         else:
             stmt = stmt.where(or_(Capsule.claimed_by.is_(None), mine, Capsule.claimed_until < now)).values(
                 claimed_by=self.replica_id, claimed_until=now + timedelta(seconds=self.lease_sec))
-        return await self.db.run(rows.execute, stmt) == 1
+        return await self.db.run(execute_committed, stmt) == 1
 
     async def _claim(self, capsule_id: str) -> None:
         deadline = asyncio.get_running_loop().time() + self.lease_sec + 5
@@ -279,8 +279,7 @@ class CapsuleOps:
             return
         # If this fails, a destroy took the capsule over while it booted; that destroy waits for
         # this task and then removes the VM, so nothing leaks.
-        if runtime.disk_used_bytes is not None and runtime.disk_size_bytes is not None:
-            self.disk.note(capsule_id, runtime.disk_used_bytes, runtime.disk_size_bytes)
+        self.disk.note(capsule_id, runtime.disk_used_bytes, runtime.disk_size_bytes)  # (if it gave them)
         if await self._set_running(capsule_id, runtime, from_={S.STARTING}):
             self._observe("create", started)
             await self._finished(capsule_id, ev.CAPSULE_CREATE)

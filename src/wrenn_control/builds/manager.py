@@ -26,7 +26,7 @@ from wrenn_control.builds.executor import Execution, Job, NoCache, Sink, StepFai
 from wrenn_control.builds.spec import SpecError, layer_keys, parse_recipe, summary
 from wrenn_control.clock import utcnow
 from wrenn_control.db.models import Build, BuildLayer, Template
-from wrenn_control.db.session import Database
+from wrenn_control.db.session import Database, add_committed, execute_committed
 from wrenn_control.events import TEMPLATE_SNAPSHOT_CREATE, EventBus, payload
 from wrenn_host.api import HostAgent, HostAgentError, TemplateNotFound
 
@@ -105,17 +105,6 @@ class LiveLog:
                 return
 
 
-def _execute(s: Session, stmt: Any) -> int:
-    count = s.execute(stmt).rowcount  # type: ignore[attr-defined]
-    s.commit()
-    return int(count)
-
-
-def _add(s: Session, row: Any) -> None:
-    s.add(row)
-    s.commit()
-
-
 def _expire(s: Session, lapsed_before: Any, why: str) -> int:
     """Pending and running builds end as failed: all of them (`lapsed_before` None: one
     process, it restarted) or those whose lease lapsed before then."""
@@ -185,7 +174,7 @@ class DBLayerCache:
         return best.step, best.template_id
 
     async def forget(self, key: str) -> None:
-        await self.m.db.run(_execute, delete(BuildLayer).where(BuildLayer.key == key))
+        await self.m.db.run(execute_committed, delete(BuildLayer).where(BuildLayer.key == key))
 
     async def store(self, key: str, template_id: str, steps: int) -> None:
         replaced, gone = await self.m.db.run(self._store, key, template_id, steps)
@@ -263,7 +252,7 @@ class Builds:
         return await self.db.run(_name_in_use, team_id, name)
 
     async def _move(self, build_id: str, to: BuildStatus, from_: Iterable[BuildStatus], **values: Any) -> bool:
-        return await self.db.run(_execute, update(Build).where(
+        return await self.db.run(execute_committed, update(Build).where(
             Build.id == build_id, Build.status.in_([f.value for f in from_])).values(status=to.value, **values)
             .execution_options(synchronize_session=False)) == 1
 
@@ -271,7 +260,7 @@ class Builds:
         live = self._logs.get(build_id)
         if live is not None and live.dirty:
             live.dirty = False
-            await self.db.run(_execute, update(Build).where(Build.id == build_id).values(logs=live.text))
+            await self.db.run(execute_committed, update(Build).where(Build.id == build_id).values(logs=live.text))
 
     # ---- submit / cancel ----------------------------------------------------------------------
 
@@ -284,7 +273,7 @@ class Builds:
                     vcpus=shape[0], memory_mb=shape[1], logs="", error=None, template_id=None, cached_steps=0,
                     created_at=now, started_at=None, completed_at=None, claimed_by=self.replica_id,
                     claimed_until=now + timedelta(seconds=self.lease_sec) if self.replica_id else None)
-        await self.db.run(_add, row)
+        await self.db.run(add_committed, row)
         job = Job(build_id=row.id, spec=spec, base_template_id=base_template_id, base_version=base_version,
                   vcpus=vcpus, memory_mb=memory_mb, target_template_id=ids.template_id(), context=context,
                   cache_scope=team_id)
@@ -324,7 +313,7 @@ class Builds:
 
         async def on_step(i: int, n: int) -> None:
             live.step(i, n)
-            await self.db.run(_execute, update(Build).where(Build.id == job.build_id).values(current_step=i))
+            await self.db.run(execute_committed, update(Build).where(Build.id == job.build_id).values(current_step=i))
 
         flusher = asyncio.create_task(self._keeper(job.build_id, asyncio.current_task()))
         execution = Execution(self.host, job, Sink(on_step, live.write), DBLayerCache(self, team_id))

@@ -75,6 +75,21 @@ def _retrieve(fut: asyncio.Future[Any]) -> None:
         fut.exception()
 
 
+
+# Jobs for `Database.run` that many callers need.
+
+def execute_committed(session: Session, stmt: Any) -> int:
+    """One statement (UPDATE, DELETE), committed: how many rows it changed."""
+    count = session.execute(stmt).rowcount  # type: ignore[attr-defined]
+    session.commit()
+    return int(count)
+
+
+def add_committed(session: Session, row: Any) -> None:
+    """One new row, committed."""
+    session.add(row)
+    session.commit()
+
 class Database:
     def __init__(self, url: str, *, threads: int = DEFAULT_THREADS):
         parsed = normalize_url(url)

@@ -88,7 +88,6 @@ def _nic_args(tap_fd: int | None) -> list[str]:
             "-device", f"virtio-net-device,netdev=net0,mac={GUEST_MAC}"]
 
 
-
 # Migration state changes come as MIGRATION events (the `events` capability), so a restore or a
 # pause is noticed the moment it ends instead of by polling QEMU every few ms (a poll is a QMP
 # round trip; ten restores at once spent their CPU on it).
@@ -116,6 +115,7 @@ class _QMP(QMPClient):
 
     def _cb_inbound(self, msg):  # type: ignore[no-untyped-def]
         return super()._cb_inbound(msg) if self.logger.isEnabledFor(logging.DEBUG) else msg
+
 
 class QemuMachine:
     """One QEMU process. `__init__` records; boot()/restore() spawn; save()/kill() end it.

@@ -21,6 +21,7 @@ from wrenn_control.auth import burn_password_check, encode_jwt, hash_password, v
 from wrenn_control.bootstrap import add_team
 from wrenn_control.clock import utcnow
 from wrenn_control.db.models import ApiKey, Team, TeamMember, User
+from wrenn_control.db.session import add_committed
 from wrenn_control.errors import APIError, invalid, not_found
 from wrenn_control.schemas import (
     ApiKeyCreate,
@@ -73,11 +74,6 @@ def _role(session: Session, team_id: str, user_id: str) -> str:
     if role is None:
         raise not_found("team")
     return role
-
-
-def _add(s: Session, row: object) -> None:
-    s.add(row)
-    s.commit()
 
 
 # ---- signup / login / me -----------------------------------------------------------------
@@ -162,7 +158,7 @@ async def create_api_key(team: KeyManagerTeam, db: DatabaseDep, body: ApiKeyCrea
     key = ids.new_api_key()
     row = ApiKey(id=ids.api_key_id(), team_id=team.id, name=(body.name if body and body.name else "default"),
                  key_hash=ids.hash_api_key(key), prefix=ids.key_prefix(key), created_at=utcnow())
-    await db.run(_add, row)
+    await db.run(add_committed, row)
     return ApiKeyCreated(**_key_out(row).model_dump(), key=key)
 
 

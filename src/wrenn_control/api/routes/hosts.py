@@ -218,7 +218,7 @@ def _record_heartbeat(db: Database, host_id: str, credential: str, beat: Heartbe
                       ) -> tuple[str, bool, list[tuple[str, Status, Status | None, datetime]], list[str]]:
     """Store the heartbeat; returns (status, was offline, [(capsule, its status, what the host
     says: None if gone, the cutoff)] for the capsules whose row disagrees with their host, and
-    the capsules the host still has that were destroyed here meanwhile)."""
+    the capsules the host still has that were destroyed here meanwhile or whose build ended)."""
     now = utcnow()
     with db.session() as s:
         host = s.get(Host, host_id)
@@ -281,8 +281,9 @@ async def heartbeat(request: Request, host_id: str, body: Heartbeat, creds: Host
 
 
 async def _destroy_leftovers(request: Request, host_id: str, capsule_ids: list[str]) -> None:
-    """Capsules destroyed while their host was offline: the host removes them now (in the
-    background; destroy is idempotent, so a second replica doing the same is harmless)."""
+    """Capsules destroyed while their host was offline, and build capsules left by a replica
+    that stopped: the host removes them now (in the background; destroy is idempotent, so a
+    second replica doing the same is harmless)."""
     directory = getattr(request.app.state, "fleet", None)
     if directory is None or not capsule_ids:
         return

@@ -87,8 +87,9 @@ def test_shell_in_a_terminal(cap: Capsule, cli_env: dict[str, str]) -> None:
         prompt = tmux.wait_for(r"root@[\w-]+:~# ?$")
         assert cap.id in prompt  # the capsule's hostname is its id
         tmux.type("echo $((6*7)) from $(hostname); tty")
-        screen = tmux.wait_for(r"^42 from cl-")
-        assert re.search(r"^/dev/pts/\d+$", screen, re.MULTILINE)
+        # (the two lines may reach the screen in two updates: wait for the last one)
+        screen = tmux.wait_for(r"^/dev/pts/\d+$")
+        assert re.search(r"^42 from cl-", screen, re.MULTILINE)
         tmux.type("stty size")
         tmux.wait_for(r"^30 120$")  # the remote terminal has the local size
         tmux.run("resize-window", "-t", "t", "-x", "100", "-y", "25")

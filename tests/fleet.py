@@ -226,7 +226,8 @@ class Fleet:
         self.env = dict(os.environ, WRENN_BOOTSTRAP_API_KEY=self.api_key,
                         WRENN_JWT_SECRET=secrets.token_hex(32),  # replicas must share it (tickets)
                         # quick to notice a dead host, few idle VMs: this machine holds the whole fleet
-                        WRENN_HOST_OFFLINE_SEC="6", WRENN_HEARTBEAT_INTERVAL_SEC="1", WRENN_SPARE_VMS="0",
+                        # (offline after ten missed beats: an agent busy on two TCG cores may skip a few)
+                        WRENN_HOST_OFFLINE_SEC="10", WRENN_HEARTBEAT_INTERVAL_SEC="1", WRENN_SPARE_VMS="0",
                         WRENN_NET_READY_SLOTS="1", WRENN_SAMPLER_INTERVAL_SEC="5", **(env or {}))
         self.replicas: list[ControlPlane] = []
         self.hosts: list[HostNode] = []

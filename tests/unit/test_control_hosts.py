@@ -12,6 +12,7 @@ from sqlalchemy import update
 
 from wrenn_control.clock import utcnow
 from wrenn_control.db.models import Capsule
+from wrenn_host.api import HostAgentError
 from wrenn_host.service import tls
 
 from .fake_host_agent import assert_error, make_settings, running_app
@@ -177,6 +178,47 @@ async def test_offline_host_shows_missing_then_real_state_again(tmp_path):
         assert (await beat(h, a)).json() == {"status": "online"}
         assert (await h.client.get(f"/v1/capsules/{on_a}")).json()["status"] == "running"
         assert (await h.client.post(f"/v1/capsules/{on_a}/exec", json={"cmd": "true"})).status_code == 200
+
+
+async def test_a_host_back_through_one_replica_is_served_by_the_other_at_once(tmp_path):
+    """A host's heartbeat lands on one replica; a request through the other, which still read the
+    host as offline, is served at once, not refused until that replica's next pass."""
+    fleet = FakeFleet()
+    settings = make_settings(tmp_path)
+    other = make_settings(tmp_path / "replica-2", database_url=settings.database_url,
+                          bootstrap_api_key=settings.bootstrap_api_key)
+    async with fleet_app(settings, fleet) as one, fleet_app(other, fleet) as two:
+        host = await add_host(one, fleet, 1)
+        cid = (await one.running_capsule())["id"]
+        await asyncio.to_thread(one.app.state.heartbeats.run_once, utcnow() + timedelta(seconds=16))
+        await asyncio.to_thread(two.app.state.fleet.refresh)
+        assert (await two.client.get(f"/v1/capsules/{cid}")).json()["status"] == "missing"
+        assert_error(await two.client.post(f"/v1/capsules/{cid}/exec", json={"cmd": "true"}), 503, "host_unavailable")
+        assert (await beat(one, host)).json() == {"status": "online"}
+        ran = await two.client.post(f"/v1/capsules/{cid}/exec", json={"cmd": "true"})
+        assert ran.status_code == 200, ran.text
+
+
+async def test_a_create_no_host_answers_says_which_hosts_failed(tmp_path):
+    """Hosts online but none answering: the 503 names them and why, not "no host is online"."""
+    fleet = FakeFleet()
+    async with fleet_app(make_settings(tmp_path), fleet) as h:
+        a, b = await add_host(h, fleet, 1), await add_host(h, fleet, 2)
+        answers = {a.address: a.agent.builtin_templates, b.address: b.agent.builtin_templates}
+
+        async def restarting() -> list:
+            raise HostAgentError("agent is restarting")
+        for host in (a, b):
+            host.agent.builtin_templates = restarting  # type: ignore[method-assign]
+        refused = await h.client.post("/v1/capsules", json={"template": "minimal"})
+        assert_error(refused, 503, "host_unavailable")
+        message = refused.json()["error"]["message"]
+        assert "no host answered" in message and a.id in message and b.id in message
+        assert "agent is restarting" in message
+        assert not a.agent.capsules and not b.agent.capsules
+        for host in (a, b):  # the hosts answer again: the next create is placed
+            host.agent.builtin_templates = answers[host.address]  # type: ignore[method-assign]
+        assert (await h.client.post("/v1/capsules", json={"template": "minimal"})).status_code == 201
 
 
 async def test_capsule_its_host_no_longer_has_becomes_error(tmp_path):

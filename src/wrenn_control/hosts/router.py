@@ -146,16 +146,19 @@ class RoutingHostAgent(HostAgent):
     async def builtin_templates(self) -> list[TemplateRuntime]:
         """Those of the hosts online (the last ones known while none is; none ever: 503)."""
         seen: dict[str, TemplateRuntime] = {}
-        for hid, agent in await self._online_or_none():
+        failed: list[str] = []
+        online = await self._online_or_none()
+        for hid, agent in online:
             try:
                 for t in await agent.builtin_templates():
                     seen.setdefault(t.template_id, t)
             except HostAgentError as exc:
                 log.warning("built-in templates of host %s: %s", hid, exc)
+                failed.append(f"{hid}: {exc.message}")
         if seen:
             self._builtins = list(seen.values())
         elif self._builtins is None:
-            raise HostUnreachable("no host is online")
+            raise HostUnreachable(f"no host answered ({'; '.join(failed)})" if online else "no host is online")
         return list(self._builtins)
 
     async def delete_template(self, template_id: str) -> None:

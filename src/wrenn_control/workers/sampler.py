@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 from wrenn_control.clock import utcnow
 from wrenn_control.db.models import Capsule, CapsuleMetric, TeamStatsSample
 from wrenn_control.db.session import Database
+from wrenn_control.hosts import liveness
 from wrenn_control.lifecycle import Status
 from wrenn_control.observability import to_ms
 from wrenn_control.operations import CapsuleOps
@@ -81,14 +82,16 @@ class Sampler(PeriodicWorker):
         now = now or utcnow()
         ts = to_ms(now)
         rows = await self.db.run(lambda s: s.execute(
-            select(Capsule.id, Capsule.team_id, Capsule.vcpus, Capsule.memory_mb)
+            select(Capsule.id, Capsule.team_id, Capsule.vcpus, Capsule.memory_mb, Capsule.host_id)
             .where(Capsule.status == Status.RUNNING.value)).all())
         teams: dict[str, tuple[int, int, int]] = {}
-        for _, team_id, vcpus, memory_mb in rows:
+        for _, team_id, vcpus, memory_mb, _host in rows:
             count, v, m = teams.get(team_id, (0, 0, 0))
             teams[team_id] = (count + 1, v + vcpus, m + memory_mb)
 
-        asked = [cid for cid, *_ in rows if not self.ops.in_lifecycle_call(cid)]
+        # (a capsule of a host this process reads as offline is not asked: it cannot answer)
+        asked = [cid for cid, *_, host_id in rows
+                 if not self.ops.in_lifecycle_call(cid) and not liveness.is_offline(host_id)]
         answers = await asyncio.gather(*(self._metrics(cid) for cid in asked))
         got = {cid: m for cid, m in zip(asked, answers) if m is not None}
 

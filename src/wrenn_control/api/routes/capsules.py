@@ -12,9 +12,9 @@ from sqlalchemy import select
 from wrenn_control.api import listing
 from wrenn_control.api.deps import CurrentTeam, DatabaseDep, HostDep, OpsDep, SettingsDep, TeamCapsule
 from wrenn_control.builds.builtin import builtin_build_shape
-from wrenn_control.limits import host_room
-from wrenn_control.db.models import Capsule, Template
+from wrenn_control.db.models import Template
 from wrenn_control.errors import invalid, invalid_state, short
+from wrenn_control.limits import host_room
 from wrenn_control.schemas import CapsuleCreate, CapsuleDetail, CapsuleOut, ErrorBody, NetworkUpdate
 from wrenn_host.api import InvalidShape
 from wrenn_host.network.policy import EgressPolicy, InvalidPolicy

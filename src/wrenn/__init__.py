@@ -10,7 +10,8 @@ Quick start::
 ``WrennClient`` / ``AsyncWrennClient`` give direct access to every API call.
 """
 
-from wrenn._client import AsyncWrennClient, WrennClient
+from wrenn._async_client import AsyncWrennClient
+from wrenn._client import WrennClient
 from wrenn._exceptions import (
     WrennAgentError,
     WrennAPIError,
@@ -40,7 +41,8 @@ from wrenn._models import (
     Template,
     TemplateType,
 )
-from wrenn.capsule import AsyncCapsule, Capsule
+from wrenn.async_capsule import AsyncCapsule
+from wrenn.capsule import Capsule
 from wrenn.commands import (
     AsyncCommands,
     Commands,

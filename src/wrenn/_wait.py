@@ -22,7 +22,8 @@ from wrenn._exceptions import (
 from wrenn._models import CapsuleInfo, Status
 
 if TYPE_CHECKING:
-    from wrenn._client import AsyncWrennClient, WrennClient
+    from wrenn._async_client import AsyncWrennClient
+    from wrenn._client import WrennClient
 
 DEFAULT_WAIT_TIMEOUT = 60.0  # seconds; generous because a cold boot under TCG takes seconds
 # A create or resume usually completes in a few hundred ms: poll briskly for the first seconds (a

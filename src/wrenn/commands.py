@@ -12,11 +12,12 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 import httpx
 
 from wrenn import _ws
-from wrenn._client import _Call, _path, parse_none
+from wrenn._calls import _Call, _path, parse_none
 from wrenn._models import BackgroundProcess, ExecResult, ProcessInfo
 
 if TYPE_CHECKING:
-    from wrenn._client import AsyncWrennClient, WrennClient
+    from wrenn._async_client import AsyncWrennClient
+    from wrenn._client import WrennClient
 
 __all__ = [
     "AsyncCommands",

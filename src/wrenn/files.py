@@ -10,12 +10,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 
-from wrenn._client import _Call, _path, parse_bytes, parse_none
+from wrenn._calls import _Call, _path, parse_bytes, parse_none
 from wrenn._exceptions import WrennConflictError, WrennNotFoundError, error_from_transport
 from wrenn._models import FileEntry
 
 if TYPE_CHECKING:
-    from wrenn._client import AsyncWrennClient, WrennClient
+    from wrenn._async_client import AsyncWrennClient
+    from wrenn._client import WrennClient
 
 __all__ = ["AsyncFiles", "Files"]
 

@@ -31,11 +31,12 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict
 
 from wrenn import _ws
-from wrenn._client import _path
+from wrenn._calls import _path
 from wrenn._exceptions import WrennConnectionError, WrennError
 
 if TYPE_CHECKING:
-    from wrenn._client import AsyncWrennClient, WrennClient
+    from wrenn._async_client import AsyncWrennClient
+    from wrenn._client import WrennClient
 
 __all__ = ["AsyncPtySession", "PtyEvent", "PtyEventType", "PtySession"]
 

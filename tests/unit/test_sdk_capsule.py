@@ -222,7 +222,7 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeWrenn]:
         wrenn.capsule, "WrennClient", functools.partial(WrennClient, transport=transport)
     )
     monkeypatch.setattr(
-        wrenn.capsule, "AsyncWrennClient", functools.partial(AsyncWrennClient, transport=transport)
+        wrenn.async_capsule, "AsyncWrennClient", functools.partial(AsyncWrennClient, transport=transport)
     )
     monkeypatch.setattr(wrenn._wait, "_FIRST_POLL", 0.0)
     monkeypatch.setattr(wrenn._wait, "_MAX_POLL", 0.0)
@@ -573,7 +573,7 @@ async def test_async_commands_and_files(fake: FakeWrenn) -> None:
 
 async def test_client_wait_helper(fake: FakeWrenn) -> None:
     fake.boot = ["starting", "running"]
-    async with wrenn.capsule.AsyncWrennClient() as client:
+    async with wrenn.async_capsule.AsyncWrennClient() as client:
         info = await client.capsules.create()
         assert (await client.capsules.wait(info.id)).status == "running"
         await client.capsules.pause(info.id)

@@ -15,6 +15,7 @@ from websockets.asyncio.client import connect as aconnect
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as sconnect
 
+from wrenn import async_capsule as async_base
 from wrenn import capsule as base
 from wrenn.code_runner._jupyter import JUPYTER_PORT, KERNEL_RETRY_S, Collector, check_language, execute_request, pick_kernel
 from wrenn.code_runner.models import Execution, ExecutionError, Result
@@ -159,7 +160,7 @@ class Capsule(base.Capsule):
         super()._discard()
 
 
-class AsyncCapsule(base.AsyncCapsule):
+class AsyncCapsule(async_base.AsyncCapsule):
     """The async twin: ``await capsule.run_code(...)``."""
 
     def __init__(self, template: str | None = None, vcpus: int | None = None, memory_mb: int | None = None,

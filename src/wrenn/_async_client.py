@@ -1,7 +1,7 @@
 """The asynchronous client: :class:`AsyncWrennClient` and its resources.
 
 It sends the same calls as :class:`~wrenn.WrennClient` (built in :mod:`wrenn._calls`) and shares
-its configuration and retry rules through :class:`wrenn._client._BaseClient`.
+its configuration and retry rules through :class:`wrenn._base_client._BaseClient`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from wrenn._calls import (
     ping_capsule_call,
     update_network_call,
 )
-from wrenn._client import _BaseClient
+from wrenn._base_client import _BaseClient
 from wrenn._exceptions import error_from_response, error_from_transport
 from wrenn._models import CapsuleInfo, CapsuleMetrics, CapsuleStats, SSEEvent, Template, UsageResponse
 from wrenn._wait import DEFAULT_WAIT_TIMEOUT, adrive, wait_flow

@@ -22,7 +22,7 @@ from websockets.sync.client import connect as sconnect
 from wrenn._exceptions import WrennConnectionError, WrennTimeoutError, error_from_response
 
 if TYPE_CHECKING:
-    from wrenn._client import _BaseClient
+    from wrenn._base_client import _BaseClient
 
 __all__ = ["AsyncConnection", "ConnectionClosed", "SyncConnection", "aopen", "decode", "open_sync", "ws_url"]
 

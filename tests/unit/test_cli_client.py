@@ -76,7 +76,7 @@ def api(monkeypatch: pytest.MonkeyPatch) -> Api:
     )
     monkeypatch.setattr(wrenn._wait, "_FIRST_POLL", 0.0)
     monkeypatch.setattr(wrenn._wait, "_MAX_POLL", 0.0)
-    monkeypatch.setattr(wrenn._client._BaseClient, "_RETRY_BACKOFF", 0.0)
+    monkeypatch.setattr(wrenn._base_client._BaseClient, "_RETRY_BACKOFF", 0.0)
     return fake
 
 

@@ -104,7 +104,7 @@ def _no_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("WRENN_API_KEY", "WRENN_BASE_URL", "WRENN_PROXY_DOMAIN"):
         monkeypatch.delenv(name, raising=False)
     # Retries sleep between attempts; tests must not.
-    monkeypatch.setattr(wrenn._client._BaseClient, "_RETRY_BACKOFF", 0.0)
+    monkeypatch.setattr(wrenn._base_client._BaseClient, "_RETRY_BACKOFF", 0.0)
 
 
 # --- configuration -------------------------------------------------------------------------

@@ -9,7 +9,12 @@ import tarfile
 import time
 
 import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
+from wrenn_control.builds.manager import DBLayerCache
+from wrenn_control.clock import utcnow
+from wrenn_control.db.models import BuildLayer, Team
 from wrenn_host.api import StreamEvent
 
 from .fake_host_agent import TS_RE, assert_error, make_settings, running_app
@@ -94,6 +99,32 @@ async def test_step_cache_reuses_the_longest_prefix(h):
         assert time.monotonic() < deadline
         await asyncio.sleep(0.02)
     assert body["status"] == "success" and body["cached_steps"] == 0
+
+
+async def test_a_layer_two_builds_store_at_once_is_kept_once(h, monkeypatch):
+    """Two replicas' builds reach the same step at once: the second insert of the layer's key
+    loses the race. The layer already stored stays in the cache; the loser's copy is deleted
+    from the host, and its build goes on (no error)."""
+    db = h.app.state.db
+    team_id = await db.run(lambda s: s.scalar(select(Team.id)))
+    cache = DBLayerCache(h.app.state.builds, team_id)
+    key = "k" * 64
+    read = Session.get
+
+    def read_then_other_stores(self, model, ident, **kw):
+        found = read(self, model, ident, **kw)
+        if model is BuildLayer:  # the other replica's insert lands between our read and ours
+            monkeypatch.setattr(Session, "get", read)
+            with db.session() as other:
+                other.add(BuildLayer(key=ident, team_id=team_id, template_id="tpl-theirs", step=2,
+                                     created_at=utcnow(), last_used_at=utcnow()))
+                other.commit()
+        return found
+
+    monkeypatch.setattr(Session, "get", read_then_other_stores)
+    await cache.store(key, "tpl-ours", 2)
+    assert await cache.lookup([key]) == (2, "tpl-theirs")
+    assert h.fake.ops("delete_template") == ["tpl-ours"]
 
 
 async def test_failing_step_fails_the_build_with_exit_code_and_output(h):

@@ -177,7 +177,14 @@ class DBLayerCache:
         await self.m.db.run(execute_committed, delete(BuildLayer).where(BuildLayer.key == key))
 
     async def store(self, key: str, template_id: str, steps: int) -> None:
-        replaced, gone = await self.m.db.run(self._store, key, template_id, steps)
+        try:
+            replaced, gone = await self.m.db.run(self._store, key, template_id, steps)
+        except IntegrityError:
+            # Another replica's build stored this key between our read and our insert: the same
+            # state, already in the cache (a build going on from it may be using it). Ours is
+            # the spare copy; the build that made it goes on in its own capsule.
+            log.info("step cache: layer %s was stored by another build meanwhile; dropping %s", key, template_id)
+            replaced, gone = template_id, []
         for tid in ([replaced] if replaced else []) + gone:
             await self.m.drop_host_template(tid)
 

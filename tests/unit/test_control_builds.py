@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from wrenn_control.builds.manager import DBLayerCache
 from wrenn_control.clock import utcnow
 from wrenn_control.db.models import BuildLayer, Team
-from wrenn_host.api import StreamEvent
+from wrenn_host.api import HostAgentError, StreamEvent
 
 from .fake_host_agent import TS_RE, assert_error, make_settings, running_app
 
@@ -222,3 +222,38 @@ async def test_a_build_under_way_at_a_restart_ends_failed(tmp_path):
         body = (await h2.client.get(f"/v1/builds/{b['id']}")).json()
         assert body["status"] == "failed" and "interrupted" in body["error"]
         assert [c for c in fake.capsules if c.startswith("bld-")] == []
+
+
+async def test_a_builtin_another_replica_published_first_is_used(h, monkeypatch):
+    """Replicas may build a built-in template (code-runner-beta, made on first use) at the same
+    time, each in a build capsule of its own. The one whose publish is refused because the other's
+    landed first uses that template: the user's create still succeeds."""
+    publish = h.fake.snapshot
+
+    async def other_published_first(capsule_id, template_id):
+        await publish(capsule_id, template_id)  # the other replica's (the same state)
+        raise HostAgentError(f"template {template_id} exists")
+
+    monkeypatch.setattr(h.fake, "snapshot", other_published_first)
+    made = await h.client.post("/v1/capsules", json={"template": "code-runner-beta"})
+    assert made.status_code == 201, made.text
+    assert made.json()["status"] == "running"
+    builders = [c for c in h.fake.ops("create") if c.startswith("bld-")]
+    assert len(builders) == 1 and builders[0] not in h.fake.capsules  # its build capsule is gone
+    # the next build of it (its template gone) runs in a capsule of another id
+    monkeypatch.setattr(h.fake, "snapshot", publish)
+    for template_id in [t for t in h.fake.templates if t.startswith("builtin-code-runner-beta")]:
+        await h.fake.delete_template(template_id)
+    assert (await h.client.post("/v1/capsules", json={"template": "code-runner-beta"})).status_code == 201
+    again = [c for c in h.fake.ops("create") if c.startswith("bld-")]
+    assert len(again) == 2 and again[0] != again[1]
+
+
+async def test_a_builtin_whose_build_fails_says_why(h, monkeypatch):
+    async def refused(capsule_id, template_id):
+        raise HostAgentError("disk full")
+
+    monkeypatch.setattr(h.fake, "snapshot", refused)
+    made = await h.client.post("/v1/capsules", json={"template": "code-runner-beta"})
+    assert made.status_code == 502 and "disk full" in made.json()["error"]["message"], made.text
+    assert not [c for c in h.fake.capsules if c.startswith("bld-")]

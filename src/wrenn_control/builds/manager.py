@@ -409,7 +409,16 @@ class Builds:
         if task is None or task.done():
             task = asyncio.create_task(build_builtin(self.host, name, template_id), name=f"build {name}")
             self._builtin_tasks[name] = task
-        return await asyncio.shield(task)
+        try:
+            return await asyncio.shield(task)
+        except HostAgentError as failed:
+            # Another replica's build of it may have finished first (its publish then refused
+            # ours): the template is there all the same.
+            try:
+                await self.host.template_info(template_id)
+            except HostAgentError:
+                raise failed from None
+            return template_id
 
 
 async def builtin_template_id(host: HostAgent, name: str) -> str:
@@ -427,7 +436,8 @@ async def build_builtin(host: HostAgent, name: str, template_id: str,
     """Run a built-in template's build (no team, no record, no step cache)."""
     b = builtin.BUILTIN_BUILDS[name]
     spec = parse_recipe(list(b.recipe), b.healthcheck)
-    job = Job(build_id="bld-" + name.replace("-", ""), spec=spec, base_template_id=b.base, base_version="",
+    # (an id of its own per run: replicas may build the same built-in at the same time)
+    job = Job(build_id=f"bld-{name.replace('-', '')}{secrets.token_hex(4)}", spec=spec, base_template_id=b.base, base_version="",
               vcpus=b.vcpus, memory_mb=b.memory_mb, target_template_id=template_id, context=BuildContext(None),
               cache_scope="builtin")
     async def no_step(i: int, n: int) -> None:

@@ -66,11 +66,11 @@ def write_durable(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Write `data` to `path` atomically: temp file, fsync, rename, fsync the directory."""
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(fd, mode)  # a temp file left by a crash keeps the mode it was made with
+        f.write(data)  # (all of it: os.write may write less)
+        f.flush()
         os.fsync(fd)
-    finally:
-        os.close(fd)
     tmp.rename(path)
     fsync_dir(path.parent)
 

@@ -48,6 +48,12 @@ def test_durable_write_is_private_and_atomic(tmp_path: Path) -> None:
     write_durable(p, b"two")
     assert p.read_bytes() == b"two" and stat.S_IMODE(p.stat().st_mode) == 0o600
     assert sorted(x.name for x in tmp_path.iterdir()) == ["meta.json"]
+    # a temp file a crash left behind, readable by all, does not pass its mode on
+    leftover = tmp_path / "meta.json.tmp"
+    leftover.write_bytes(b"half")
+    leftover.chmod(0o644)
+    write_durable(p, b"three" * 100_000)
+    assert p.read_bytes() == b"three" * 100_000 and stat.S_IMODE(p.stat().st_mode) == 0o600
 
 
 def test_crash_point_kills_only_at_its_step() -> None:

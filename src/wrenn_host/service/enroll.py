@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 
 from wrenn_host.api import HostLimits
+from wrenn_host.durable import write_durable
 from wrenn_host.service.book import Book
 from wrenn_host.service.tls import fingerprint
 
@@ -54,14 +55,7 @@ class Registration:
     def save(self, data_dir: Path) -> Path:
         """Written 0600 and renamed into place: it holds both secrets."""
         path = data_dir / REGISTRATION
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(dataclasses.asdict(self), f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
+        write_durable(path, json.dumps(dataclasses.asdict(self), indent=2).encode(), 0o600)
         return path
 
 

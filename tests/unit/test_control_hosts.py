@@ -11,7 +11,7 @@ from datetime import timedelta
 from sqlalchemy import update
 
 from wrenn_control.clock import utcnow
-from wrenn_control.db.models import Capsule
+from wrenn_control.db.models import Capsule, Host
 from wrenn_host.api import HostAgentError
 from wrenn_host.service import tls
 
@@ -181,8 +181,8 @@ async def test_offline_host_shows_missing_then_real_state_again(tmp_path):
 
 
 async def test_a_host_back_through_one_replica_is_served_by_the_other_at_once(tmp_path):
-    """A host's heartbeat lands on one replica; a request through the other, which still read the
-    host as offline, is served at once, not refused until that replica's next pass."""
+    """A host's heartbeat lands on one replica; the other, which still read the host as offline,
+    shows its capsules' real status and serves requests to them at once, not after its next pass."""
     fleet = FakeFleet()
     settings = make_settings(tmp_path)
     other = make_settings(tmp_path / "replica-2", database_url=settings.database_url,
@@ -195,8 +195,23 @@ async def test_a_host_back_through_one_replica_is_served_by_the_other_at_once(tm
         assert (await two.client.get(f"/v1/capsules/{cid}")).json()["status"] == "missing"
         assert_error(await two.client.post(f"/v1/capsules/{cid}/exec", json={"cmd": "true"}), 503, "host_unavailable")
         assert (await beat(one, host)).json() == {"status": "online"}
+        assert (await two.client.get(f"/v1/capsules/{cid}")).json()["status"] == "running"
         ran = await two.client.post(f"/v1/capsules/{cid}/exec", json={"cmd": "true"})
         assert ran.status_code == 200, ran.text
+        # Offline and back once more, the heartbeat written by another process (both replicas
+        # here share this process's reading of the hosts table): GET and the list show it.
+        for read in ("one", "list"):
+            await asyncio.to_thread(one.app.state.heartbeats.run_once, utcnow() + timedelta(seconds=16))
+            await asyncio.to_thread(two.app.state.fleet.refresh)
+            assert (await two.client.get(f"/v1/capsules/{cid}")).json()["status"] == "missing"
+            with two.app.state.db.session() as s:
+                s.execute(update(Host).where(Host.id == host.id).values(status="online", last_heartbeat_at=utcnow()))
+                s.commit()
+            if read == "one":
+                assert (await two.client.get(f"/v1/capsules/{cid}")).json()["status"] == "running"
+            else:
+                assert [c["status"] for c in (await two.client.get("/v1/capsules")).json()] == ["running"]
+                assert (await two.client.get("/v1/capsules", params={"status": "missing"})).json() == []
 
 
 async def test_a_create_no_host_answers_says_which_hosts_failed(tmp_path):

@@ -55,6 +55,7 @@ def page(session: Session, team_id: str, statuses: list[str] | None, metadata: l
          limit: int | None, cursor: str | None) -> tuple[list[CapsuleOut], str | None]:
     """One page (every match when `limit` is None) and the next page's cursor (None: no more)."""
     labels = _labels(metadata)
+    liveness.confirm(session)  # (so `missing` is what the hosts table says now)
     query = select(Capsule).where(Capsule.team_id == team_id)
     if statuses:
         stored = set(statuses) | (set(liveness.ON_HOST) if liveness.MISSING in statuses else set())

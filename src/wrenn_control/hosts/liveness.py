@@ -7,6 +7,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from wrenn_control.db.models import Host
+
 MISSING = "missing"
 # Statuses in which a capsule lives on its host (lifecycle.ALIVE, by value).
 ON_HOST = frozenset({"pending", "starting", "running", "pausing", "paused", "resuming", "snapshotting"})
@@ -21,6 +26,18 @@ def set_offline(host_ids: Iterable[str]) -> None:
 
 def mark(host_id: str, offline: bool) -> None:
     set_offline(_offline | {host_id} if offline else _offline - {host_id})
+
+
+def confirm(session: Session, host_ids: Iterable[str | None] | None = None) -> None:
+    """Re-read the status of the hosts this process reads as offline (those of `host_ids`; None:
+    all), one query: a host back through another replica's heartbeat shows its capsules' real
+    status at once, not after this process's next refresh. A no-op while none is offline."""
+    asked = _offline if host_ids is None else _offline & {h for h in host_ids if h is not None}
+    if not asked:
+        return
+    back = set(session.scalars(select(Host.id).where(Host.id.in_(sorted(asked)), Host.status != "offline")))
+    if back:
+        set_offline(_offline - back)
 
 
 def is_offline(host_id: str | None) -> bool:

@@ -14,6 +14,7 @@ from wrenn_control.api.deps import CurrentTeam, DatabaseDep, HostDep, OpsDep, Se
 from wrenn_control.builds.builtin import builtin_build_shape
 from wrenn_control.db.models import Template
 from wrenn_control.errors import invalid, invalid_state, short
+from wrenn_control.hosts import liveness
 from wrenn_control.limits import host_room
 from wrenn_control.schemas import CapsuleCreate, CapsuleDetail, CapsuleOut, ErrorBody, NetworkUpdate
 from wrenn_host.api import InvalidShape
@@ -90,7 +91,9 @@ async def list_capsules(team: CurrentTeam, db: DatabaseDep, response: Response,
 
 
 @router.get("/capsules/{capsule_id}", response_model=CapsuleDetail, responses={404: {"model": ErrorBody}})
-async def get_capsule(capsule: TeamCapsule, ops: OpsDep) -> CapsuleDetail:
+async def get_capsule(capsule: TeamCapsule, ops: OpsDep, db: DatabaseDep) -> CapsuleDetail:
+    if liveness.is_offline(capsule.host_id):  # (shown `missing`: is its host still offline?)
+        await db.run(liveness.confirm, [capsule.host_id])
     disk = await ops.disk.of(capsule)
     return CapsuleDetail.of(capsule, **disk)  # type: ignore[return-value]
 

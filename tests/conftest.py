@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -62,7 +63,10 @@ def reclaim_host_leftovers(data_dir: Path) -> None:
     import hashlib
     import time as _time
 
-    tag = hashlib.sha256(str((data_dir / "host").resolve()).encode()).hexdigest()[:6]
+    full_tag = hashlib.sha256(str((data_dir / "host").resolve()).encode()).hexdigest()
+    tag = full_tag[:6]
+    for base in ("/run", "/tmp"):  # its socket directory (wrenn_host/paths.py)
+        shutil.rmtree(Path(base, "wrenn", full_tag[:10]), ignore_errors=True)
     for ns in Path("/run/netns").glob(f"wrenn-{tag}-*") if Path("/run/netns").is_dir() else ():
         subprocess.run(["ip", "netns", "del", ns.name], capture_output=True)
     out = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout

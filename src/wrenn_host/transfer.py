@@ -340,7 +340,6 @@ async def _install_capsule(agent: LocalHostAgent, capsule_id: str, data: AsyncIt
         fsync_dir(work)
         if capsule_id in agent._capsules or final.exists():
             raise HostAgentError(f"capsule {capsule_id} already exists on this host", code="exists")
-        agent.paths.capsule_run_dir(capsule_id).mkdir(parents=True, exist_ok=True)  # its sockets, as _build makes
         work.rename(final)
         fsync_dir(final.parent)
         agent._register(LocalCapsule(capsule_id, agent.host, meta, snap))

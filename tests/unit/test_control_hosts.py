@@ -16,7 +16,7 @@ from wrenn_host.api import HostAgentError
 from wrenn_host.service import tls
 
 from .fake_host_agent import assert_error, make_settings, running_app
-from .fleet_harness import FakeFleet, add_host, agent_client, beat, fleet_app
+from .fleet_harness import FakeFleet, FleetHost, add_host, agent_client, beat, fleet_app
 
 
 async def test_registration_token_is_spent_by_its_first_use(tmp_path):
@@ -46,8 +46,15 @@ async def test_registration_token_is_spent_by_its_first_use(tmp_path):
         async with agent_client(h) as nobody:
             assert_error(await nobody.post("/v1/hosts/register", json=reg), 401, "unauthorized")
 
+        # registered, but not placed on before its first heartbeat: the agent sends that once it serves
         shown = (await h.client.get(f"/v1/hosts/{body['id']}")).json()
-        assert shown["status"] == "online" and shown["address"] == "http://10.0.0.7:8081"
+        assert shown["status"] == "pending" and shown["address"] == "http://10.0.0.7:8081"
+        assert_error(await h.client.post("/v1/capsules", json={"template": "minimal"}), 503, "host_unavailable")
+        assert fleet.agents["http://10.0.0.7:8081"].ops("create") == []
+        host = FleetHost(body["id"], "http://10.0.0.7:8081", answer["credential"], fleet.agents["http://10.0.0.7:8081"])
+        assert (await beat(h, host)).json() == {"status": "online"}
+        shown = (await h.client.get(f"/v1/hosts/{body['id']}")).json()
+        assert shown["status"] == "online"
         assert shown["capacity"] == {"vcpus": 4, "memory_mb": 8192, "disk_mb": 50_000}
         assert shown["accelerator"] == "kvm" and shown["version"] == "0.1.0" and shown["capsule_count"] == 0
         # the control plane reaches the agent with the control token it handed out

@@ -24,6 +24,7 @@ from wrenn_host.api import HostAgent, HostAgentError
 log = logging.getLogger(__name__)
 AgentFactory = Callable[[str, str, "str | None"], HostAgent]  # (address, control_token, tls_cert) -> a client
 OFFLINE = "offline"
+SERVING = ("online", "draining")
 
 
 class HostNotServing(HostUnavailable):
@@ -121,9 +122,10 @@ class FleetDirectory(HostDirectory):
         return self._status.get(host_id) == OFFLINE
 
     def all(self) -> list[tuple[str, HostAgent]]:
-        """Every registered host that is not offline."""
+        """Every host heard from and not offline (online or draining; a `pending` one has
+        registered but not beaten yet: it may not serve yet)."""
         return [(hid, agent) for hid, (_, agent) in sorted(self._agents.items())
-                if self._status.get(hid) != OFFLINE]
+                if self._status.get(hid) in SERVING]
 
     async def close(self) -> None:
         for agent in [a for _, a in self._agents.values()] + self._retired:

@@ -72,7 +72,7 @@ class HostOut(BaseModel):
     id: str
     name: str
     address: str | None
-    status: str  # pending (not registered yet) | online | offline | draining
+    status: str  # pending (not heard from yet: its first heartbeat comes once it serves) | online | offline | draining
     draining: bool
     capacity: dict[str, int | None]
     usage: dict[str, Any]

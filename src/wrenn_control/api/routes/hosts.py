@@ -176,7 +176,8 @@ def delete_host(host_id: str, _: Operators, db: DatabaseDep) -> Response:
 def register_host(request: Request, body: HostRegister, creds: HostBearer, db: DatabaseDep,
                   settings: SettingsDep) -> HostRegistered:
     """Spends the registration token (a second use: 401) and hands out the agent's credential
-    and the control token the control plane will present to it."""
+    and the control token the control plane will present to it. The host stays `pending` until
+    its first heartbeat, which the agent sends once it serves: only then is it placed on."""
     token = _token(creds)
     tls_cert = _tls_cert(body)
     credential = "wrnh_" + secrets.token_hex(32)
@@ -188,7 +189,7 @@ def register_host(request: Request, body: HostRegister, creds: HostBearer, db: D
         won = host_id is not None and s.execute(
             update(Host).where(Host.id == host_id, Host.token_hash == ids.hash_api_key(token)).values(
                 token_hash=None, credential_hash=ids.hash_api_key(credential), control_token=control,
-                address=body.address.rstrip("/"), name=body.name or Host.name, status=ONLINE,
+                address=body.address.rstrip("/"), name=body.name or Host.name,
                 vcpus=body.capacity.vcpus, memory_mb=body.capacity.memory_mb, disk_mb=body.capacity.disk_mb,
                 accelerator=body.accelerator, version=body.version, tls_cert=tls_cert, last_heartbeat_at=now)
             .execution_options(synchronize_session=False)).rowcount == 1

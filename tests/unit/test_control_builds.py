@@ -12,9 +12,9 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from wrenn_control.builds.manager import DBLayerCache
+from wrenn_control.builds.manager import Builds, DBLayerCache
 from wrenn_control.clock import utcnow
-from wrenn_control.db.models import BuildLayer, Team
+from wrenn_control.db.models import Build, BuildLayer, Team
 from wrenn_host.api import HostAgentError, StreamEvent
 
 from .fake_host_agent import TS_RE, assert_error, make_settings, running_app
@@ -137,6 +137,28 @@ async def test_failing_step_fails_the_build_with_exit_code_and_output(h):
     assert "error: no such thing" in done["error"]
     assert [c for c in h.fake.capsules if c.startswith("bld-")] == []
     assert "bad" not in {t["name"] for t in (await h.client.get("/v1/snapshots")).json()}
+
+
+async def test_a_finished_build_is_stored_with_its_whole_log(h, monkeypatch):
+    """The status and the whole log are written together: a build read as finished (through
+    another replica, or before the last periodic flush) never shows a log short of its end."""
+    monkeypatch.setattr(Builds, "_flush_log", lambda self, build_id: asyncio.sleep(0))  # no periodic flush
+
+    async def stored(build_id: str) -> Build:
+        deadline = time.monotonic() + 10
+        while (row := await h.app.state.db.run(lambda s: s.get(Build, build_id))).status in ("pending", "running"):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        return row
+
+    ok = (await h.client.post("/v1/builds", json={"name": "logged", "recipe": RECIPE})).json()
+    row = await stored(ok["id"])
+    assert row.status == "success" and "step 6/6: RUN echo last" in row.logs and "template logged ready" in row.logs
+    h.fake.attach_events[h.fake._next_pid + 1] = [StreamEvent("stdout", b"error: no such thing\n"),
+                                                  StreamEvent("exit", exit_code=3)]
+    bad = (await h.client.post("/v1/builds", json={"name": "bad", "recipe": ["RUN make"]})).json()
+    row = await stored(bad["id"])
+    assert row.status == "failed" and "error: no such thing" in row.logs and "==> failed:" in row.logs
 
 
 async def test_bad_input(h):

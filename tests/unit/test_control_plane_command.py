@@ -86,6 +86,13 @@ def test_control_plane_hosts_cli_and_json_logs(control_plane):
     assert reg.status_code == 200, reg.text
     again = httpx.post(f"{base}/api/v1/hosts/register", json=body, headers={"Authorization": f"Bearer {token}"})
     assert again.status_code == 401
+    # registered: pending until its first heartbeat (which an agent sends once it serves)
+    assert "pending" in _wrenn(base, key, "hosts", "show", host_id).stdout
+    beat = httpx.post(f"{base}/api/v1/hosts/{host_id}/heartbeat", headers={
+        "Authorization": f"Bearer {reg.json()['credential']}"}, json={
+        "usage": {"capsules_running": 0, "free_memory_mb": 2000, "free_disk_mb": 9000}, "capsules": {},
+        "templates": []})
+    assert beat.status_code == 200 and beat.json() == {"status": "online"}, beat.text
     shown = _wrenn(base, key, "hosts", "show", host_id)
     assert shown.returncode == 0 and "online" in shown.stdout and "http://127.0.0.1:9" in shown.stdout
     table = _wrenn(base, key, "hosts", "list")

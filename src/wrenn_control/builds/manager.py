@@ -135,14 +135,15 @@ def _name_in_use(s: Session, team_id: str, name: str) -> bool:
         [B.PENDING.value, B.RUNNING.value]))) is not None
 
 
-def _succeed(s: Session, tpl: Template, build_id: str, cached: int, steps: int) -> bool:
+def _succeed(s: Session, tpl: Template, build_id: str, cached: int, steps: int, logs: str) -> bool:
     """The template row and running -> success in one transaction: neither without the other
-    (a cancel that won meanwhile leaves no template)."""
+    (a cancel that won meanwhile leaves no template). The whole log goes with the status: a
+    build read as finished never shows a log short of its last lines."""
     s.add(tpl)
     s.flush()
     done = s.execute(update(Build).where(Build.id == build_id, Build.status == B.RUNNING.value)
                      .values(status=B.SUCCESS.value, template_id=tpl.id, cached_steps=cached,
-                             current_step=steps, completed_at=utcnow())
+                             current_step=steps, completed_at=utcnow(), logs=logs)
                      ).rowcount == 1  # type: ignore[attr-defined]
     if done:
         s.commit()
@@ -353,7 +354,8 @@ class Builds:
 
     async def _fail(self, build_id: str, error: str, live: LiveLog) -> None:
         live.write(f"==> failed: {error}\n")
-        await self._move(build_id, B.FAILED, {B.RUNNING}, error=error, completed_at=utcnow())
+        # (the whole log with the status, as `_succeed` does)
+        await self._move(build_id, B.FAILED, {B.RUNNING}, error=error, completed_at=utcnow(), logs=live.text)
 
     async def _publish(self, team_id: str, name: str, job: Job, runtime, cached: int, live: LiveLog) -> None:
         """The template becomes the team's, unless the build was cancelled or the name was taken
@@ -361,8 +363,9 @@ class Builds:
         tpl = Template(id=job.target_template_id, team_id=team_id, name=name, vcpus=runtime.vcpus,
                        memory_mb=runtime.memory_mb, size_bytes=runtime.size_bytes, source_capsule_id=None,
                        created_at=utcnow())
+        ready = f"==> template {name} ready\n"
         try:
-            done = await self.db.run(_succeed, tpl, job.build_id, cached, len(job.spec.steps))
+            done = await self.db.run(_succeed, tpl, job.build_id, cached, len(job.spec.steps), live.text + ready)
         except IntegrityError:
             done = False
             await self._fail(job.build_id, f"template_name_taken: a template named {name!r} was created during the build",
@@ -370,7 +373,7 @@ class Builds:
         if not done:
             await self.drop_host_template(job.target_template_id)
             return
-        live.write(f"==> template {name} ready\n")
+        live.write(ready)
         self.events.publish(TEMPLATE_SNAPSHOT_CREATE, team_id, payload(
             name, "template", outcome="success", metadata={"build_id": job.build_id}))
 
@@ -437,9 +440,9 @@ async def build_builtin(host: HostAgent, name: str, template_id: str,
     b = builtin.BUILTIN_BUILDS[name]
     spec = parse_recipe(list(b.recipe), b.healthcheck)
     # (an id of its own per run: replicas may build the same built-in at the same time)
-    job = Job(build_id=f"bld-{name.replace('-', '')}{secrets.token_hex(4)}", spec=spec, base_template_id=b.base, base_version="",
-              vcpus=b.vcpus, memory_mb=b.memory_mb, target_template_id=template_id, context=BuildContext(None),
-              cache_scope="builtin")
+    job = Job(build_id=f"bld-{name.replace('-', '')}{secrets.token_hex(4)}", spec=spec, base_template_id=b.base,
+              base_version="", vcpus=b.vcpus, memory_mb=b.memory_mb, target_template_id=template_id,
+              context=BuildContext(None), cache_scope="builtin")
     async def no_step(i: int, n: int) -> None:
         pass
 

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 from wrenn_control.db.models import Host
 
 MISSING = "missing"
+OFFLINE = "offline"  # a host's status
 # Statuses in which a capsule lives on its host (lifecycle.ALIVE, by value).
 ON_HOST = frozenset({"pending", "starting", "running", "pausing", "paused", "resuming", "snapshotting"})
 
@@ -28,6 +29,12 @@ def mark(host_id: str, offline: bool) -> None:
     set_offline(_offline | {host_id} if offline else _offline - {host_id})
 
 
+def back_online(session: Session, host_ids: Iterable[str]) -> dict[str, str]:
+    """Those of `host_ids` the hosts table no longer says are offline: host id -> status."""
+    return {hid: status for hid, status in session.execute(
+        select(Host.id, Host.status).where(Host.id.in_(sorted(host_ids)), Host.status != OFFLINE))}
+
+
 def confirm(session: Session, host_ids: Iterable[str | None] | None = None) -> None:
     """Re-read the status of the hosts this process reads as offline (those of `host_ids`; None:
     all), one query: a host back through another replica's heartbeat shows its capsules' real
@@ -35,9 +42,9 @@ def confirm(session: Session, host_ids: Iterable[str | None] | None = None) -> N
     asked = _offline if host_ids is None else _offline & {h for h in host_ids if h is not None}
     if not asked:
         return
-    back = set(session.scalars(select(Host.id).where(Host.id.in_(sorted(asked)), Host.status != "offline")))
+    back = back_online(session, asked)
     if back:
-        set_offline(_offline - back)
+        set_offline(_offline - set(back))
 
 
 def is_offline(host_id: str | None) -> bool:

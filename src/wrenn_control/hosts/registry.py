@@ -23,7 +23,7 @@ from wrenn_host.api import HostAgent, HostAgentError
 
 log = logging.getLogger(__name__)
 AgentFactory = Callable[[str, str, "str | None"], HostAgent]  # (address, control_token, tls_cert) -> a client
-OFFLINE = "offline"
+OFFLINE = liveness.OFFLINE
 SERVING = ("online", "draining")
 
 
@@ -116,9 +116,8 @@ class FleetDirectory(HostDirectory):
         """Asks the database, one primary-key read: a host back through another replica's
         heartbeat is served at once, not refused until this replica's next refresh. (Background
         passes skip capsules of hosts read as offline, so only requests pay it.)"""
-        status = await self.db.run(lambda s: s.scalar(select(Host.status).where(Host.id == host_id)))
-        if status is not None and status != OFFLINE:
-            self.mark(host_id, status)
+        for hid, status in (await self.db.run(liveness.back_online, [host_id])).items():
+            self.mark(hid, status)
         return self._status.get(host_id) == OFFLINE
 
     def all(self) -> list[tuple[str, HostAgent]]:
